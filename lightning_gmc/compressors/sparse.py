@@ -1,0 +1,280 @@
+"""Identity and sparsifying compressors: ``none``, ``topk``, ``topk_approx``, ``randk``, ``rbgs``.
+
+All sparsifiers keep ``k = max(1, floor(density * n))`` coordinates of every segment (parameter) and
+send them as fp32 values, plus int32 segment-global indices when the support is private to the rank.
+Indices are bucket-local (offset into the flat vector), so 32 bits always suffice.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_gmc.compressors.base import (
+    CompressionPlan,
+    Compressor,
+    Payload,
+    RandomStreams,
+    Segment,
+    TensorSpec,
+    mix_seed,
+    selected_count,
+)
+
+__all__ = ["Identity", "RandomBlock", "RandomK", "SparseCompressor", "TopK", "TopKApprox"]
+
+
+def _check_density(density: float) -> float:
+    density = float(density)
+    if not (0.0 < density <= 1.0) or math.isnan(density):
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return density
+
+
+def _workspace(plan: CompressionPlan, name: str, like: Tensor, numel: int, dtype: torch.dtype | None = None) -> Tensor:
+    """A plan-owned buffer, allocated once per device and reused every step."""
+    key = f"{name}:{like.device}"
+    buf = plan.cache.get(key)
+    if buf is None:
+        buf = torch.empty(numel, dtype=dtype or like.dtype, device=like.device)
+        plan.cache[key] = buf
+    return buf
+
+
+class Identity(Compressor):
+    """``C(x) = x``: dense fp32 all-reduce. With it every method reduces to its uncompressed form."""
+
+    name = "none"
+    shared_support = True
+    sparse = False
+    unbiased = True
+
+    def plan(self, segments: Sequence[Segment]) -> CompressionPlan:
+        numel = sum(s.numel for s in segments)
+        return CompressionPlan(tuple(segments), numel, (TensorSpec("values", torch.float32, numel),))
+
+    def compress(self, x: Tensor, plan: CompressionPlan, rng: RandomStreams, step: int) -> Payload:
+        values = _workspace(plan, "values", x, plan.numel)
+        values.copy_(x)
+        return Payload({"values": values})
+
+    def decompress_add(self, payload: Payload, plan: CompressionPlan, out: Tensor) -> None:
+        out.add_(payload.tensors["values"])
+
+    def subtract_own(self, x: Tensor, payload: Payload, plan: CompressionPlan, workspace: Tensor) -> None:
+        x.zero_()
+
+    def broadcast_bits(self, payloads: Sequence[Payload], plan: CompressionPlan) -> int:
+        return 32 * plan.numel
+
+
+@dataclass
+class SparsePlan(CompressionPlan):
+    """Selected count per segment, and their total."""
+
+    counts: tuple[int, ...] = ()
+    total: int = 0
+
+
+class SparseCompressor(Compressor):
+    """Common code of the sparsifiers: per-segment counts, index payloads, exact residual zeroing.
+
+    Args:
+        density: fraction of each parameter's coordinates that is sent, in (0, 1].
+    """
+
+    sparse = True
+
+    def __init__(self, density: float = 0.01) -> None:
+        self.density = _check_density(density)
+
+    def describe(self) -> str:
+        return f"{self.name}, density={self.density:g}"
+
+    def plan(self, segments: Sequence[Segment]) -> SparsePlan:
+        counts = tuple(selected_count(self.density, s.numel) for s in segments)
+        total = sum(counts)
+        numel = sum(s.numel for s in segments)
+        specs = [TensorSpec("values", torch.float32, total)]
+        if not self.shared_support:
+            specs.append(TensorSpec("indices", torch.int32, total))
+        return SparsePlan(tuple(segments), numel, tuple(specs), counts=counts, total=total)
+
+    @abstractmethod
+    def select(self, x: Tensor, plan: SparsePlan, rng: RandomStreams, step: int) -> Tensor:
+        """Flat int64 indices (``plan.total`` of them, unique) of the coordinates to send."""
+
+    def compress(self, x: Tensor, plan: CompressionPlan, rng: RandomStreams, step: int) -> Payload:
+        assert isinstance(plan, SparsePlan)
+        index = self.select(x, plan, rng, step)
+        values = x.index_select(0, index)
+        if self.shared_support:
+            return Payload({"values": values}, {"index": index})
+        return Payload({"values": values, "indices": index.to(torch.int32)}, {"index": index})
+
+    def decompress_add(self, payload: Payload, plan: CompressionPlan, out: Tensor) -> None:
+        index = payload.context.get("index")
+        if index is None:  # a payload received from another rank
+            index = payload.tensors["indices"].long()
+        # Indices within one payload are unique, so index_add_ is deterministic even on CUDA.
+        out.index_add_(0, index, payload.tensors["values"])
+
+    def subtract_own(self, x: Tensor, payload: Payload, plan: CompressionPlan, workspace: Tensor) -> None:
+        # x - C(x) is exactly x with the sent coordinates zeroed (no rounding).
+        x.index_fill_(0, payload.context["index"], 0.0)
+
+    def nnz(self, plan: CompressionPlan) -> int:
+        assert isinstance(plan, SparsePlan)
+        return plan.total
+
+    def broadcast_bits(self, payloads: Sequence[Payload], plan: CompressionPlan) -> int:
+        assert isinstance(plan, SparsePlan)
+        if self.shared_support:  # all ranks share one support: the sum has the same k coordinates
+            return 32 * plan.total
+        union = torch.unique(torch.cat([p.tensors["indices"] for p in payloads])).numel()
+        return 64 * union  # value + index per coordinate of the union, as the paper counts
+
+
+class TopK(SparseCompressor):
+    """Exact top-k by magnitude, per parameter (``torch.topk``). Contractive with ``delta = density``.
+
+    Exact selection is the accuracy reference but slow on large tensors (``spec/performance.md``
+    §3.2: ~58x a memory copy at 25M floats on CPU); prefer ``topk_approx`` for big models.
+    """
+
+    name = "topk"
+    shared_support = False
+
+    def select(self, x: Tensor, plan: SparsePlan, rng: RandomStreams, step: int) -> Tensor:
+        magnitude = _workspace(plan, "abs", x, plan.numel)
+        torch.abs(x, out=magnitude)
+        parts = []
+        for seg, k in zip(plan.segments, plan.counts, strict=True):
+            chunk = magnitude[seg.offset : seg.offset + seg.numel]
+            if k == seg.numel:
+                parts.append(torch.arange(seg.offset, seg.offset + k, device=x.device))
+            else:
+                parts.append(torch.topk(chunk, k, sorted=False).indices.add_(seg.offset))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class TopKApprox(SparseCompressor):
+    """Sampled-threshold top-k (DGC / GMC paper §6.2), then exactly ``k`` per parameter.
+
+    For each parameter: take a strided sample of ``|x|`` (size ``max(ceil(sample_ratio * n),
+    ceil(2 / density))``, random offset), use the smallest of the sample's top ``density`` fraction as
+    threshold, keep the candidates ``|x| >= threshold`` and, when there are more than ``k``, the ``k``
+    largest among them (DGC's hierarchical re-selection). When the threshold overshoots and fewer than
+    ``k`` candidates pass, the parameter falls back to exact top-k. The count is therefore always
+    exactly ``k``, which keeps the all-gather fixed-size (spec trap T7).
+
+    Args:
+        density: fraction kept per parameter.
+        sample_ratio: sampled fraction of each parameter (DGC clamps it to >= 1%).
+    """
+
+    name = "topk_approx"
+    shared_support = False
+
+    def __init__(self, density: float = 0.01, sample_ratio: float = 0.01) -> None:
+        super().__init__(density)
+        if not 0.0 < sample_ratio <= 1.0:
+            raise ValueError(f"sample_ratio must be in (0, 1], got {sample_ratio}")
+        self.sample_ratio = float(sample_ratio)
+
+    def describe(self) -> str:
+        return f"{super().describe()}, sample_ratio={self.sample_ratio:g}"
+
+    def select(self, x: Tensor, plan: SparsePlan, rng: RandomStreams, step: int) -> Tensor:
+        magnitude = _workspace(plan, "abs", x, plan.numel)
+        torch.abs(x, out=magnitude)
+        parts = []
+        for seg, k in zip(plan.segments, plan.counts, strict=True):
+            chunk = magnitude[seg.offset : seg.offset + seg.numel]
+            parts.append(self._select_segment(chunk, k, rng, step, seg).add_(seg.offset))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _select_segment(self, chunk: Tensor, k: int, rng: RandomStreams, step: int, seg: Segment) -> Tensor:
+        n = chunk.numel()
+        num_samples = max(math.ceil(self.sample_ratio * n), math.ceil(2.0 / self.density))
+        if k == n or num_samples >= n // 2:
+            # Sampling buys nothing on small parameters: select exactly.
+            return torch.topk(chunk, k, sorted=False).indices
+        stride = n // num_samples
+        start = mix_seed(rng.seed, step, seg.param_index, rng.rank) % stride
+        samples = chunk[start::stride]
+        top_samples = max(1, math.ceil(samples.numel() * k / n))
+        threshold = torch.topk(samples, top_samples, sorted=False).values.min()
+        candidates = torch.nonzero(chunk >= threshold).squeeze(1)
+        if candidates.numel() < k:
+            return torch.topk(chunk, k, sorted=False).indices
+        if candidates.numel() > k:
+            candidates = candidates[torch.topk(chunk[candidates], k, sorted=False).indices]
+        return candidates
+
+
+class RandomK(SparseCompressor):
+    """Uniform random-k per parameter from a seed shared by all ranks (all-reduce compatible).
+
+    Every rank draws the same ``k`` indices, so only values are sent. Biased as used here (no
+    ``d/k`` rescaling), contractive with ``delta = density`` in expectation.
+    """
+
+    name = "randk"
+    shared_support = True
+
+    def select(self, x: Tensor, plan: SparsePlan, rng: RandomStreams, step: int) -> Tensor:
+        parts = []
+        for seg, k in zip(plan.segments, plan.counts, strict=True):
+            if k == seg.numel:
+                parts.append(torch.arange(seg.offset, seg.offset + k, device=x.device))
+                continue
+            gen = rng.shared(x.device, step, self.name, seg.param_index)
+            parts.append(torch.randperm(seg.numel, generator=gen, device=x.device)[:k].add_(seg.offset))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class RandomBlock(SparseCompressor):
+    """RBGS: one contiguous block of ``k`` coordinates per parameter, random start, wrap-around.
+
+    The start of each parameter's block is drawn from a seed shared by all ranks (spec §6.4), so no
+    indices are sent and the values are summed with one all-reduce. Selection is O(k). Every
+    coordinate is in the block with probability ``k / n``: contractive with ``delta = density`` in
+    expectation.
+    """
+
+    name = "rbgs"
+    shared_support = True
+
+    def block_starts(self, plan: SparsePlan, rng: RandomStreams, step: int) -> list[int]:
+        """Start of every segment's block at ``step`` (a counter-based hash of seed, step, parameter)."""
+        stream = mix_seed(*self.name.encode())
+        return [mix_seed(rng.seed, step, stream, seg.param_index) % seg.numel for seg in plan.segments]
+
+    def select(self, x: Tensor, plan: SparsePlan, rng: RandomStreams, step: int) -> Tensor:
+        key = f"template:{x.device}"
+        template = plan.cache.get(key)
+        if template is None:
+            # Per selected element: position inside its block, segment length, segment offset, and
+            # which segment it belongs to. Built once per plan.
+            counts = torch.tensor(plan.counts, device=x.device)
+            position = torch.cat([torch.arange(k, device=x.device) for k in plan.counts])
+            lengths = torch.tensor([s.numel for s in plan.segments], device=x.device)
+            offsets = torch.tensor([s.offset for s in plan.segments], device=x.device)
+            template = torch.stack(
+                [
+                    position,
+                    lengths.repeat_interleave(counts),
+                    offsets.repeat_interleave(counts),
+                    torch.arange(len(plan.counts), device=x.device).repeat_interleave(counts),
+                ]
+            )
+            plan.cache[key] = template
+        position, lengths, offsets, owner = template
+        starts = torch.tensor(self.block_starts(plan, rng, step), dtype=torch.int64).to(x.device, non_blocking=True)
+        return (position + starts[owner]).remainder_(lengths).add_(offsets)
