@@ -1,0 +1,36 @@
+"""lightning-gmc: communication-compressed data-parallel training for PyTorch Lightning.
+
+``Trainer(strategy=GMCStrategy(compressor="rbgs", detach=0.5))`` replaces DDP's dense gradient
+all-reduce with compression, error feedback and global momentum (GMC; GMC+ when ``detach > 0``).
+Importing this package registers the strategy names (``"gmc"``, ``"gmc_plus"``, one per method).
+
+Layers (each imports only those below it): ``compressors`` -> ``methods`` -> ``transport`` ->
+``hook`` / ``simulator`` -> ``strategy``.
+"""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_gmc.compressors import COMPRESSORS, Compressor, build_compressor, register_compressor
+from lightning_gmc.hook import GMCHookState, gmc_hook
+from lightning_gmc.methods import METHODS, Method, build_method, register_method
+from lightning_gmc.simulator import Simulator
+from lightning_gmc.strategy import GMCStrategy
+
+__version__ = "0.1.0"
+
+GMCStrategy.register_strategies(StrategyRegistry)
+
+__all__ = [
+    "COMPRESSORS",
+    "METHODS",
+    "Compressor",
+    "GMCHookState",
+    "GMCStrategy",
+    "Method",
+    "Simulator",
+    "build_compressor",
+    "build_method",
+    "gmc_hook",
+    "register_compressor",
+    "register_method",
+]

@@ -12,7 +12,14 @@ from lightning_gmc.compressors.base import (
     selected_count,
 )
 from lightning_gmc.compressors.registry import COMPRESSORS, build_compressor, register_compressor
-from lightning_gmc.compressors.sparse import Identity, RandomBlock, RandomK, SparseCompressor, TopK, TopKApprox
+from lightning_gmc.compressors.sparse import (
+    Identity,
+    RandomBlock,
+    RandomK,
+    SparseCompressor,
+    TopK,
+    TopKApprox,
+)
 
 for _cls in (Identity, TopK, TopKApprox, RandomK, RandomBlock):
     register_compressor(_cls)

@@ -238,7 +238,9 @@ class Compressor(ABC):
         return f"{type(self).__name__}({self.describe()})"
 
 
-def segments_from_numels(numels: Sequence[int], param_indices: Sequence[int] | None = None) -> tuple[Segment, ...]:
+def segments_from_numels(
+    numels: Sequence[int], param_indices: Sequence[int] | None = None
+) -> tuple[Segment, ...]:
     """Lay segments of the given sizes back to back (helper for tests and the simulator)."""
     out: list[Segment] = []
     offset = 0

@@ -36,7 +36,9 @@ def _check_density(density: float) -> float:
     return density
 
 
-def _workspace(plan: CompressionPlan, name: str, like: Tensor, numel: int, dtype: torch.dtype | None = None) -> Tensor:
+def _workspace(
+    plan: CompressionPlan, name: str, like: Tensor, numel: int, dtype: torch.dtype | None = None
+) -> Tensor:
     """A plan-owned buffer, allocated once per device and reused every step."""
     key = f"{name}:{like.device}"
     buf = plan.cache.get(key)
@@ -276,5 +278,7 @@ class RandomBlock(SparseCompressor):
             )
             plan.cache[key] = template
         position, lengths, offsets, owner = template
-        starts = torch.tensor(self.block_starts(plan, rng, step), dtype=torch.int64).to(x.device, non_blocking=True)
+        starts = torch.tensor(self.block_starts(plan, rng, step), dtype=torch.int64).to(
+            x.device, non_blocking=True
+        )
         return (position + starts[owner]).remainder_(lengths).add_(offsets)

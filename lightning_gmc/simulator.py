@@ -1,0 +1,174 @@
+"""K virtual workers in one process, running the same method and compressor code as the DDP hook.
+
+For research on one CPU: the caller computes each worker's gradient (at the point
+:meth:`Simulator.gradient_points` gives, for GMC+ / DEF-A) and :meth:`Simulator.step` returns the
+update direction ``m`` with which the (momentum-free) SGD step ``w <- w - lr * m`` is taken.
+
+Example::
+
+    sim = Simulator({"w": torch.zeros(10)}, num_workers=4, method="gmc", compressor="topk",
+                    density=0.1, momentum=0.9)
+    w = {"w": torch.zeros(10)}
+    for t in range(100):
+        points = sim.gradient_points(w, lr=0.1)
+        grads = [{"w": grad_fn(k, points[k]["w"])} for k in range(4)]
+        direction = sim.step(grads, points, lr=0.1)[0]   # the same on every worker for GMC
+        w = {name: w[name] - 0.1 * direction[name] for name in w}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_gmc.compressors import Compressor, build_compressor
+from lightning_gmc.methods import BucketStep, GroupHyper, Method, ParameterTable, WorkerState, build_method
+from lightning_gmc.transport import CommStats, SimulatedTransport
+
+__all__ = ["Simulator"]
+
+
+class Simulator:
+    """Simulate K workers of a method.
+
+    Args:
+        params: parameter names and tensors (only shapes, dtype-independent) or shapes, in the order
+            that defines the global parameter order (use ``model.named_parameters()`` order to match a
+            real run).
+        num_workers: K.
+        method: a method name (``"gmc"``, ...) or a :class:`Method` instance.
+        compressor: a compressor name or instance (ignored when ``method`` is an instance).
+        density: compressor density.
+        momentum: ``beta``.
+        weight_decay: coupled L2 coefficient.
+        seed: seed of the shared and per-rank random streams (equal to the strategy's ``seed`` to
+            reproduce a real run).
+        method_options: passed to the method (e.g. ``detach=0.5``).
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, Tensor | torch.Size | Sequence[int]],
+        num_workers: int,
+        method: str | Method = "gmc",
+        compressor: str | Compressor = "topk",
+        density: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        **method_options: Any,
+    ) -> None:
+        if isinstance(method, Method):
+            self.method = method
+        else:
+            self.method = build_method(
+                method, build_compressor(compressor, density=density), **method_options
+            )
+        names = tuple(params)
+        shapes = tuple(torch.Size(v.shape if isinstance(v, Tensor) else v) for v in params.values())
+        self.table = ParameterTable(names, shapes, tuple(0 for _ in names))
+        self.num_workers = num_workers
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self.stats = CommStats()
+        self.transport = SimulatedTransport(num_workers, self.stats)
+        device = torch.device("cpu")
+        self.workers = [
+            WorkerState(self.method, self.table, device, rank, seed) for rank in range(num_workers)
+        ]
+        self.step_index = 0
+        self._prev_lr: float | None = None
+        self._key = tuple(range(len(names)))
+
+    def _hyper(self, lr: float) -> GroupHyper:
+        prev = self._prev_lr if self._prev_lr is not None else lr
+        return GroupHyper(float(lr), float(prev), self.momentum, self.weight_decay)
+
+    def gradient_points(self, params: Mapping[str, Tensor], lr: float) -> list[dict[str, Tensor]]:
+        """Where each worker evaluates its gradient this step: ``w - s * residual_k`` (``s`` from the
+        method, 0 for GMC)."""
+        scale = self.method.detach_scale(self._hyper(lr))
+        points = []
+        for worker in self.workers:
+            point = {}
+            for index, name in enumerate(self.table.names):
+                w = params[name].detach().to(torch.float32)
+                if scale:
+                    w = w - scale * worker.tensors["residual"][index].view_as(w)
+                point[name] = w.clone()
+            points.append(point)
+        return points
+
+    def _flat(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        return torch.cat([tensors[name].detach().reshape(-1).to(torch.float32) for name in self.table.names])
+
+    def step(
+        self,
+        grads: Sequence[Mapping[str, Tensor]],
+        points: Sequence[Mapping[str, Tensor]],
+        lr: float,
+    ) -> list[dict[str, Tensor]]:
+        """Run one step of every worker and return each worker's update direction per parameter.
+
+        For methods with a single global model (GMC, DGC, ...) every worker's direction is the same
+        tensor values; methods with per-worker models (CSER) return different ones.
+
+        Args:
+            grads: per worker, the gradient of its local loss at ``points[k]``.
+            points: per worker, the parameter values its gradient was evaluated at (for weight decay;
+                what :meth:`gradient_points` returned).
+            lr: this step's learning rate.
+        """
+        if len(grads) != self.num_workers or len(points) != self.num_workers:
+            raise ValueError(f"expected {self.num_workers} gradients and points")
+        hyper = self._hyper(lr)
+        steps = []
+        messages = []
+        for worker, grad, point in zip(self.workers, grads, points, strict=True):
+            bucket = worker.bucket(self._key)
+            flat_grad = self._flat(grad)
+            flat_point = self._flat(point)
+            step = BucketStep(
+                bucket=bucket,
+                grad=flat_grad,
+                out=flat_grad,
+                hypers=[hyper],
+                step=self.step_index,
+                rng=worker.rng,
+                world_size=self.num_workers,
+                read_params=_copier(flat_point),
+            )
+            messages.append(self.method.encode(step))
+            steps.append(step)
+        self.stats.record_bucket(self.table.numel, self.num_workers)  # as rank 0 sees it
+        means = self.transport.exchange(messages, self.workers[0].bucket(self._key))
+        # Each worker decodes from its own copy of the means, exactly as every rank would.
+        for step in steps:
+            self.method.decode(step, [m.clone() for m in means])
+        self._prev_lr = float(lr)
+        self.step_index += 1
+        return [self._unflatten(step.out) for step in steps]
+
+    def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        result = {}
+        offset = 0
+        for name, shape in zip(self.table.names, self.table.shapes, strict=True):
+            n = shape.numel()
+            result[name] = flat[offset : offset + n].view(shape).clone()
+            offset += n
+        return result
+
+    def residual(self, worker: int) -> dict[str, Tensor]:
+        """Worker ``worker``'s residual per parameter (methods with error feedback)."""
+        state = self.workers[worker].state_dict("local")
+        return state.get("residual", {})
+
+
+def _copier(source: Tensor) -> Callable[[Tensor], None]:
+    def read(out: Tensor) -> None:
+        out.copy_(source)
+
+    return read

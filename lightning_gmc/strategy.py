@@ -1,0 +1,339 @@
+"""Layer 5: the Lightning adapter. Validation, hook registration, detached points, checkpoint state and
+metrics; the algorithms live in the layers below."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_gmc.compressors import Compressor, build_compressor
+from lightning_gmc.hook import GMCHookState, NonFinitePolicy, gmc_hook
+from lightning_gmc.methods import METHODS, Method, build_method, method_option_names
+
+__all__ = ["GMCStrategy", "WorldSizeChangePolicy"]
+
+log = logging.getLogger(__name__)
+
+WorldSizeChangePolicy = Literal["error", "reset_residuals"]
+
+# DDP options that would install a second comm hook or bypass ours.
+_CONFLICTING_DDP_ARGS = {
+    "ddp_comm_hook": "GMCStrategy installs its own DDP communication hook",
+    "ddp_comm_state": "GMCStrategy owns the hook state",
+    "ddp_comm_wrapper": "wrapping the hook (e.g. fp16_compress_wrapper) would keep residuals in low "
+    "precision; the hook already keeps state in fp32",
+    "model_averaging_period": "post-local SGD model averaging replaces the gradient all-reduce GMC relies on",
+    "mixed_precision": "DDP's native mixed_precision registers its own comm hook; use Trainer(precision="
+    "'bf16-mixed') instead",
+}
+
+CHECKPOINT_KEY = "lightning_gmc"
+
+
+class GMCStrategy(DDPStrategy):
+    """DDP with compressed gradient communication, error feedback and global momentum.
+
+    ``Trainer(strategy=GMCStrategy(compressor="rbgs", detach=0.5))`` is GMC+; the default is GMC with
+    exact top-k at 1 % density. The LightningModule stays unchanged: its ``torch.optim.SGD(lr,
+    momentum, weight_decay)`` (per param group, any LR scheduler) is honoured, with momentum and coupled
+    weight decay applied inside the method and the optimizer's own step reduced to plain SGD.
+
+    Args:
+        compressor: compressor name (see ``lightning_gmc.COMPRESSORS``) or a :class:`Compressor`.
+        density: fraction of each parameter sent per step, in (0, 1] (sparsifiers).
+        detach: GMC+'s detach coefficient (``> 0`` evaluates gradients at ``w - detach * lr *
+            residual``); None takes the method's default (0 for GMC).
+        method: method name (see ``lightning_gmc.METHODS``).
+        momentum: overrides the optimizer's momentum when not None.
+        seed: seed of the shared random streams (RBGS blocks, random-k); equal on all ranks.
+        method_options: further options of the method (e.g. ``{"momentum_lr_convention": "cur"}``).
+        compressor_options: further options of the compressor (e.g. ``{"sample_ratio": 0.01}``).
+        nonfinite: ``"skip"`` (a rank's non-finite bucket gradient counts as zero that step) or
+            ``"raise"``; see :class:`~lightning_gmc.hook.GMCHookState`.
+        on_world_size_change: resuming a checkpoint written by a different number of ranks:
+            ``"error"`` (default) or ``"reset_residuals"`` (keep the step, learning-rate history and
+            global momentum; start every rank's residual from zero).
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
+            process_group_backend, timeout, start_method: as in
+            :class:`~lightning.pytorch.strategies.DDPStrategy`.
+        **ddp_kwargs: forwarded to :class:`torch.nn.parallel.DistributedDataParallel`
+            (``bucket_cap_mb``, ``find_unused_parameters``, ``static_graph``, ...).
+
+    Raises:
+        ValueError: unknown compressor or method (the valid names are listed), density outside
+            (0, 1], negative detach, momentum outside [0, 1), or a DDP argument that conflicts with the
+            hook.
+    """
+
+    strategy_name = "gmc"
+
+    def __init__(
+        self,
+        compressor: str | Compressor | None = "topk",
+        density: float = 0.01,
+        detach: float | None = None,
+        method: str = "gmc",
+        momentum: float | None = None,
+        seed: int = 0,
+        method_options: dict[str, Any] | None = None,
+        compressor_options: dict[str, Any] | None = None,
+        nonfinite: NonFinitePolicy = "skip",
+        on_world_size_change: WorldSizeChangePolicy = "error",
+        accelerator: Any = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        **ddp_kwargs: Any,
+    ) -> None:
+        for key, reason in _CONFLICTING_DDP_ARGS.items():
+            if key in ddp_kwargs:
+                raise ValueError(f"GMCStrategy does not accept `{key}`: {reason}. Remove the argument.")
+        if on_world_size_change not in ("error", "reset_residuals"):
+            raise ValueError(
+                f"on_world_size_change must be 'error' or 'reset_residuals', got {on_world_size_change!r}"
+            )
+        self.gmc_method: Method = _build_method(
+            method, compressor, density, detach, method_options or {}, compressor_options or {}
+        )
+        self.gmc_state = GMCHookState(
+            self.gmc_method,
+            process_group=ddp_kwargs.get("process_group"),
+            seed=seed,
+            momentum=momentum,
+            nonfinite=nonfinite,
+        )
+        self.on_world_size_change: WorldSizeChangePolicy = on_world_size_change
+        self._pending_checkpoint_state: dict[str, Any] | None = None
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+            **ddp_kwargs,
+        )
+
+    # ------------------------------------------------------------------------------ lifecycle
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        self._check_precision()
+        super().setup(trainer)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        module = self.lightning_module
+        if not module.automatic_optimization:
+            raise ValueError(
+                "GMCStrategy needs automatic optimization: its detached point and metrics run around "
+                "Lightning's optimizer step. Set `self.automatic_optimization = True`."
+            )
+        if len(self.optimizers) != 1:
+            raise ValueError(
+                f"GMCStrategy supports exactly one optimizer (torch.optim.SGD); configure_optimizers "
+                f"returned {len(self.optimizers)}"
+            )
+        self.gmc_state.attach(module, self.optimizers[0])
+        if self._pending_checkpoint_state is not None:
+            self._restore_gmc_state(self._pending_checkpoint_state)
+            self._pending_checkpoint_state = None
+
+    def _check_precision(self) -> None:
+        plugin = self.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
+            raise ValueError(
+                "precision='16-mixed' scales the loss with a GradScaler, so the hook would accumulate "
+                "loss-scaled gradients (and overflow steps) into the residual. Use precision='bf16-mixed' "
+                "or '32-true' with GMCStrategy."
+            )
+
+    @override
+    def _register_ddp_hooks(self) -> None:
+        # DDPStrategy registers hooks on CUDA only (a torch 1.8 limitation that no longer holds); the
+        # hook works on every backend, so register it unconditionally.
+        assert isinstance(self.model, DistributedDataParallel)
+        self.model.register_comm_hook(state=self.gmc_state, hook=gmc_hook)
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        # GMC+ / DEF-A: every micro-batch of a step sees the detached point; restored in optimizer_step.
+        self.gmc_state.enter_detached_point()
+        return super().training_step(*args, **kwargs)
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: LightningModule | torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        state = self.gmc_state
+
+        def closure_then_restore() -> Any:
+            try:
+                return closure()
+            finally:
+                # The optimizer must update w_t, not the detached point.
+                state.exit_detached_point()
+
+        output = super().optimizer_step(optimizer, closure_then_restore, model, **kwargs)
+        self._log_metrics()
+        return output
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        super().load_optimizer_state_dict(checkpoint)
+        if self.gmc_state.optimizer is not None:
+            # A checkpoint of a plain-DDP run carries momentum and weight decay in its param groups.
+            self.gmc_state.release_optimizer_hyperparameters()
+
+    # ---------------------------------------------------------------------------------- metrics
+    def _log_metrics(self) -> None:
+        metrics = self.gmc_state.stats.take_step()
+        metrics["residual_norm"] = self.gmc_state.residual_norm()
+        module = self.lightning_module
+        if module is None or module._trainer is None:
+            return
+        module.log_dict(
+            {f"gmc/{key}": value for key, value in metrics.items() if key in _LOGGED_METRICS},
+            on_step=True,
+            on_epoch=False,
+            logger=True,
+            prog_bar=False,
+        )
+        self.last_metrics = metrics
+
+    # ------------------------------------------------------------------------------ checkpoints
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        # Every rank runs this (Lightning's ModelCheckpoint calls it on all ranks), so it is a safe
+        # point for a collective that brings every rank's residual into rank 0's file.
+        if self.gmc_state.worker is not None and "optimizer_states" in checkpoint:
+            state = self.gmc_state.state_dict()
+            world_size = self.world_size
+            local = state.pop("local")
+            if world_size > 1:
+                gathered: list[Any] = [None] * world_size
+                dist.all_gather_object(gathered, local, group=self.gmc_state.process_group)
+            else:
+                gathered = [local]
+            state["world_size"] = world_size
+            state["per_rank_local"] = gathered
+            checkpoint[CHECKPOINT_KEY] = state
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        self._pending_checkpoint_state = checkpoint.get(CHECKPOINT_KEY)
+        if self._pending_checkpoint_state is None and "optimizer_states" in checkpoint:
+            log.warning(
+                "lightning_gmc: the checkpoint has no GMC state (written by another strategy?); residuals "
+                "and momentum start from zero"
+            )
+        return checkpoint
+
+    def _restore_gmc_state(self, block: dict[str, Any]) -> None:
+        saved_world = int(block["world_size"])
+        rank = self.global_rank
+        load_local = True
+        if saved_world != self.world_size:
+            if self.on_world_size_change == "error":
+                raise RuntimeError(
+                    f"the checkpoint was written by {saved_world} ranks, this run has {self.world_size}. "
+                    f"Residuals are per rank and cannot be re-assigned; pass "
+                    f"GMCStrategy(on_world_size_change='reset_residuals') to resume with zero residuals."
+                )
+            log.warning(
+                "lightning_gmc: world size changed from %d to %d; residuals reset to zero",
+                saved_world,
+                self.world_size,
+            )
+            load_local = False
+        local = block["per_rank_local"][rank] if load_local else {}
+        self.gmc_state.load_state_dict({**block, "local": local}, load_local=load_local)
+
+    # --------------------------------------------------------------------------------- registry
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        # Not DDPStrategy's names: registering "ddp" again would raise.
+        strategy_registry.register(
+            "gmc", cls, description="GMC: top-k compression with error feedback and global momentum"
+        )
+        strategy_registry.register(
+            "gmc_plus",
+            cls,
+            description="GMC+: RBGS compression, gradients at the detached point (detach=0.5)",
+            compressor="rbgs",
+            detach=0.5,
+        )
+        for name in sorted(METHODS):
+            if name != "gmc":
+                strategy_registry.register(
+                    name, cls, description=f"lightning_gmc method {name!r}", method=name, override=True
+                )
+
+    @override
+    def teardown(self) -> None:
+        self.gmc_state.exit_detached_point()
+        super().teardown()
+
+
+_LOGGED_METRICS = (
+    "bytes_sent",
+    "dense_bytes",
+    "bytes_sent_total",
+    "dense_bytes_total",
+    "rcc",
+    "density",
+    "residual_norm",
+    "nonfinite_skips",
+)
+
+
+def _build_method(
+    method: str,
+    compressor: str | Compressor | None,
+    density: float,
+    detach: float | None,
+    method_options: dict[str, Any],
+    compressor_options: dict[str, Any],
+) -> Method:
+    if not isinstance(density, int | float) or not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    if detach is not None and detach < 0:
+        raise ValueError(f"detach must be >= 0 (0 = GMC, > 0 = GMC+), got {detach}")
+    if not isinstance(method, str) or method.lower() not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(sorted(METHODS))}")
+    options = dict(method_options)
+    if detach is not None:
+        if "detach" not in method_option_names(method.lower()):
+            raise ValueError(f"method {method!r} has no detach coefficient; leave `detach` unset")
+        options["detach"] = detach
+    built = build_compressor(
+        compressor if compressor is not None else "topk", density=density, **compressor_options
+    )
+    return build_method(method, built, **options)
