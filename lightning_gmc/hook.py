@@ -102,6 +102,7 @@ class GMCHookState:
         self._step_hypers: list[GroupHyper] | None = None
         self._detached_backup: list[Tensor] | None = None
         self._detached_active = False
+        self._evaluation_backup: list[Tensor] | None = None
 
     # ----------------------------------------------------------------------------------- setup
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -255,6 +256,69 @@ class GMCHookState:
             for p, backup in zip(self._params, self._detached_backup, strict=True):
                 p.copy_(backup)
         self._detached_active = False
+
+    # ------------------------------------------------------------------------ evaluation point
+    @property
+    def evaluation_differs(self) -> bool:
+        """True when the method evaluates a model other than the training parameters."""
+        return self.worker is not None and self.method.evaluation_point != "params"
+
+    def enter_evaluation_point(self) -> None:
+        """Swap the parameters for the method's evaluation model (a collective: call on every rank).
+
+        No-op for methods that evaluate the training parameters (GMC, GMC+, DGC, ...).
+        """
+        if not self.evaluation_differs or self._evaluation_backup is not None:
+            return
+        world_size = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
+        hypers = self.current_hypers()
+        self._evaluation_backup = [p.detach().clone() for p in self._params]
+        with torch.no_grad():
+            if self.method.evaluation_point == "mean_params":
+                flat = torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self._params])
+            else:  # params_minus_mean_residual
+                assert self.worker is not None and self.table is not None
+                residuals = self.worker.tensors["residual"]
+                flat = torch.cat(
+                    [
+                        r * self.method.evaluation_residual_scale(hypers[group])
+                        for r, group in zip(residuals, self.table.groups, strict=True)
+                    ]
+                )
+            if world_size > 1:
+                dist.all_reduce(flat, group=self.process_group)
+            flat.div_(world_size)
+            offset = 0
+            for p in self._params:
+                chunk = flat[offset : offset + p.numel()].view_as(p)
+                if self.method.evaluation_point == "mean_params":
+                    p.copy_(chunk)
+                else:
+                    p.sub_(chunk.to(p.dtype))
+                offset += p.numel()
+
+    def exit_evaluation_point(self) -> None:
+        """Restore the training parameters saved by :meth:`enter_evaluation_point`."""
+        if self._evaluation_backup is None:
+            return
+        with torch.no_grad():
+            for p, saved in zip(self._params, self._evaluation_backup, strict=True):
+                p.copy_(saved)
+        self._evaluation_backup = None
+
+    def training_parameters(self) -> dict[str, Tensor]:
+        """This rank's training parameters by name (CPU copies), for checkpoints of methods whose
+        evaluation model differs from them."""
+        assert self.table is not None
+        pairs = zip(self.table.names, self._params, strict=True)
+        return {name: p.detach().cpu().clone() for name, p in pairs}
+
+    def load_training_parameters(self, saved: dict[str, Tensor]) -> None:
+        """Copy parameters saved by :meth:`training_parameters` back into the model."""
+        assert self.table is not None
+        with torch.no_grad():
+            for name, p in zip(self.table.names, self._params, strict=True):
+                p.copy_(saved[name])
 
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

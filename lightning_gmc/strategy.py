@@ -122,6 +122,7 @@ class GMCStrategy(DDPStrategy):
         )
         self.on_world_size_change: WorldSizeChangePolicy = on_world_size_change
         self._pending_checkpoint_state: dict[str, Any] | None = None
+        self._epoch_seen: int | None = None
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -230,19 +231,30 @@ class GMCStrategy(DDPStrategy):
     ) -> None:
         # Every rank runs this (Lightning's ModelCheckpoint calls it on all ranks), so it is a safe
         # point for a collective that brings every rank's residual into rank 0's file.
-        if self.gmc_state.worker is not None and "optimizer_states" in checkpoint:
-            state = self.gmc_state.state_dict()
-            world_size = self.world_size
+        gmc = self.gmc_state
+        if gmc.worker is not None and "optimizer_states" in checkpoint:
+            state = gmc.state_dict()
             local = state.pop("local")
-            if world_size > 1:
-                gathered: list[Any] = [None] * world_size
-                dist.all_gather_object(gathered, local, group=self.gmc_state.process_group)
+            if gmc.evaluation_differs:
+                # The checkpoint's weights are the evaluation model (e.g. CSER's average); every
+                # rank's own training parameters travel in the GMC block so training resumes from them.
+                local = {"buffers": local, "training_parameters": gmc.training_parameters()}
+                gmc.enter_evaluation_point()
+                checkpoint["state_dict"] = self.lightning_module_state_dict()
+                gmc.exit_evaluation_point()
             else:
-                gathered = [local]
-            state["world_size"] = world_size
-            state["per_rank_local"] = gathered
+                local = {"buffers": local}
+            state["world_size"] = self.world_size
+            state["per_rank_local"] = self._gather_objects(local)
             checkpoint[CHECKPOINT_KEY] = state
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def _gather_objects(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj, group=self.gmc_state.process_group)
+        return gathered
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -272,8 +284,10 @@ class GMCStrategy(DDPStrategy):
                 self.world_size,
             )
             load_local = False
-        local = block["per_rank_local"][rank] if load_local else {}
-        self.gmc_state.load_state_dict({**block, "local": local}, load_local=load_local)
+        local = block["per_rank_local"][rank] if load_local else {"buffers": {}}
+        self.gmc_state.load_state_dict({**block, "local": local["buffers"]}, load_local=load_local)
+        if load_local and "training_parameters" in local:
+            self.gmc_state.load_training_parameters(local["training_parameters"])
 
     # --------------------------------------------------------------------------------- registry
     @classmethod
@@ -295,6 +309,45 @@ class GMCStrategy(DDPStrategy):
                 strategy_registry.register(
                     name, cls, description=f"lightning_gmc method {name!r}", method=name, override=True
                 )
+
+    # ------------------------------------------------------------------------ evaluation point
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        epoch = self.lightning_module.trainer.current_epoch
+        if epoch != self._epoch_seen:
+            self._epoch_seen = epoch
+            self.gmc_method.on_epoch_start(epoch)
+        super().on_train_batch_start(batch, batch_idx)
+
+    @override
+    def on_validation_start(self) -> None:
+        self.gmc_state.enter_evaluation_point()
+        super().on_validation_start()
+
+    @override
+    def on_validation_end(self) -> None:
+        self.gmc_state.exit_evaluation_point()
+        super().on_validation_end()
+
+    @override
+    def on_test_start(self) -> None:
+        self.gmc_state.enter_evaluation_point()
+        super().on_test_start()
+
+    @override
+    def on_test_end(self) -> None:
+        self.gmc_state.exit_evaluation_point()
+        super().on_test_end()
+
+    @override
+    def on_predict_start(self) -> None:
+        self.gmc_state.enter_evaluation_point()
+        super().on_predict_start()
+
+    @override
+    def on_predict_end(self) -> None:
+        self.gmc_state.exit_evaluation_point()
+        super().on_predict_end()
 
     @override
     def teardown(self) -> None:

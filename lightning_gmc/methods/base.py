@@ -26,6 +26,7 @@ from lightning_gmc.compressors import CompressionPlan, Compressor, Payload, Rand
 
 __all__ = [
     "BucketState",
+    "EvaluationPoint",
     "BucketStep",
     "GroupHyper",
     "Message",
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 BufferScope = Literal["local", "shared"]
+EvaluationPoint = Literal["params", "mean_params", "params_minus_mean_residual"]
 
 
 @dataclass(frozen=True)
@@ -313,6 +315,13 @@ class Method(ABC):
     buffers: ClassVar[dict[str, BufferScope]] = {}
     error_feedback: ClassVar[bool] = True
     requires_shared_support: ClassVar[bool] = False
+    #: Which model validation, testing, prediction and checkpoints use. ``"params"``: the training
+    #: parameters (identical on every rank). ``"mean_params"``: the average of the ranks' parameters
+    #: (methods with per-rank models, e.g. CSER). ``"params_minus_mean_residual"``: ``w - (1/K) sum_k
+    #: s * residual_k`` with ``s = evaluation_residual_scale`` (DEF's virtual iterate). When it is not
+    #: ``"params"``, checkpoints also keep every rank's training parameters so training resumes from
+    #: them. Methods may override it per instance.
+    evaluation_point: EvaluationPoint = "params"
 
     def __init__(self, compressor: Compressor) -> None:
         self.compressor = compressor
@@ -338,6 +347,15 @@ class Method(ABC):
     def detach_scale(self, hyper: GroupHyper) -> float:
         """Coefficient ``s`` of the detached gradient point ``w - s * residual`` (0: plain ``w``)."""
         return 0.0
+
+    def evaluation_residual_scale(self, hyper: GroupHyper) -> float:
+        """Scale of the mean residual subtracted for ``evaluation_point ==
+        "params_minus_mean_residual"`` (1 for residuals in parameter units, ``lr`` in gradient units)."""
+        return 1.0
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called by the strategy when a training epoch starts (sparsity warm-up schedules)."""
+        return None
 
     def describe(self) -> str:
         return f"{self.name} with {self.compressor.describe()}"
