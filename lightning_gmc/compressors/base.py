@@ -157,6 +157,10 @@ class RandomStreams:
         """A generator whose draws differ per rank (dithering, threshold sampling)."""
         return self._generator(device, mix_seed(self.seed, step, _stream_id(stream), param_index, self.rank))
 
+    def salted(self, salt: int) -> RandomStreams:
+        """Independent streams for a second compressor used in the same step (salt 0 is ``self``)."""
+        return self if salt == 0 else RandomStreams(mix_seed(self.seed, salt), self.rank)
+
     def for_rank(self, rank: int) -> RandomStreams:
         """Streams of another rank with the same seed (used by the in-process simulator)."""
         return RandomStreams(self.seed, rank)

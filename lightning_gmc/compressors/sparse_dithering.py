@@ -44,9 +44,10 @@ Wire format per bucket (bits are counted exactly; ``payload_bits`` is their sum)
 
   ``m`` minimises the capacity ``S (m + 1) + floor((numel - 1) / 2^m)``; about
   ``log2(numel / S)``. At ``S << numel`` this costs about ``log2(d/s) + 2`` bits per quantum against
-  ``log2(d/s) + 1.44`` for the ideal enumerative code of spec §4.1 (:func:`sd_ideal_bits`); at
-  ``S >= numel`` it becomes the stars-and-bars code ``S + numel - 1``, which is within
-  ``O(log d)`` bits of ideal.
+  ``log2(d/s) + 1.44`` for the ideal enumerative code of spec §4.1 (:func:`sd_ideal_bits`). At
+  ``S = numel`` (``m = 0``, stars and bars) it is ideal to within ``O(log d)`` bits, but for
+  ``S >> numel`` it is wasteful (``density=16``: 18 bits/coordinate against the ideal 6.49): use
+  ``density <= 1``; a per-coordinate Rice code of ``xi_i`` would be needed for the high-rate end.
 
 Encode and decode are O(d + S) with no loop over elements (one cumulative sum per parameter).
 """
@@ -192,41 +193,89 @@ class SparseDithering(BitBudgetCompressor):
         assert isinstance(plan, SparseDitheringPlan)
         return plan.sign_bits
 
+    def _layout(self, plan: SparseDitheringPlan, device: torch.device) -> dict[str, Tensor]:
+        """Per-segment index tensors, built once per device."""
+        key = f"layout:{device}"
+        layout = plan.cache.get(key)
+        if layout is None:
+            starts = torch.tensor([s.offset for s in plan.segments], dtype=torch.int64, device=device)
+            lengths = torch.tensor([s.numel for s in plan.segments], dtype=torch.int64, device=device)
+            quanta = torch.tensor(plan.quanta, dtype=torch.int64, device=device)
+            layout = {"starts": starts, "lengths": lengths, "ends": starts + lengths, "quanta": quanta}
+            plan.cache[key] = layout
+        return layout
+
+    def _segment_uniforms(
+        self,
+        plan: SparseDitheringPlan,
+        counts: Sequence[int],
+        rng: RandomStreams,
+        step: int,
+        device: torch.device,
+    ) -> Tensor:
+        """``counts[j]`` U[0,1) draws (float64) from segment ``j``'s private stream, concatenated.
+
+        One generator per parameter keeps the draws independent of the bucket layout.
+        """
+        out = torch.empty(sum(counts), dtype=torch.float64, device=device)
+        start = 0
+        for seg, n in zip(plan.segments, counts, strict=True):
+            gen = rng.private(device, step, self.name, seg.param_index)
+            torch.rand(n, generator=gen, device=device, dtype=torch.float64, out=out[start : start + n])
+            start += n
+        return out
+
     def _positions(self, x: Tensor, plan: SparseDitheringPlan, rng: RandomStreams, step: int) -> Tensor:
-        """Sorted flat positions of all quanta (``plan.total_quanta`` of them, int64)."""
-        parts = []
-        for seg, s in zip(plan.segments, plan.quanta, strict=True):
-            a = x[seg.offset : seg.offset + seg.numel].abs().to(torch.float64)
-            n1 = float(a.sum())
-            if not n1 > 0 or not math.isfinite(n1):
-                # Zero (or non-finite) parameter: the quanta still fill the fixed-size message, spread
-                # evenly; they decode to 0 because the sent norm is 0.
-                a.fill_(1.0)
-                n1 = float(seg.numel)
-            cum = torch.cumsum(a.mul_(s / n1), 0)
-            gen = rng.private(x.device, step, self.name, seg.param_index)
-            if self.sampling == "systematic":
-                u = float(torch.rand((), generator=gen, device=x.device))
-                # The last partial sum is s up to rounding; pin it (and clamp the rest) so exactly s
-                # integers lie in (U, s + U]: floor(s + U) - floor(U) = s.
-                cum.clamp_(max=float(s))
-                cum[-1] = float(s)
-                counts = torch.floor(cum.add_(u)).to(torch.int64)
-                counts = torch.diff(counts, prepend=counts.new_zeros(1))
-                index = torch.arange(seg.numel, device=x.device).add_(seg.offset)
-                parts.append(torch.repeat_interleave(index, counts, output_size=s))
-            else:
-                targets = torch.rand(s, generator=gen, device=x.device, dtype=torch.float64).mul_(s)
-                targets = torch.sort(targets).values
-                pos = torch.searchsorted(cum, targets, right=True).clamp_(max=seg.numel - 1)
-                parts.append(pos.add_(seg.offset))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        """Sorted flat positions of all quanta (``plan.total_quanta`` of them, int64).
+
+        Vectorised over segments: per-segment constants are expanded to coordinates by
+        ``repeat_interleave``; the only Python loop is over segments, to seed their generators.
+        """
+        layout = self._layout(plan, x.device)
+        lengths, starts, ends = layout["lengths"], layout["starts"], layout["ends"]
+        quanta = layout["quanta"].to(torch.float64)
+        a = x.abs().to(torch.float64)
+        n1 = torch.segment_reduce(a, "sum", lengths=lengths)
+        empty = ~(n1 > 0) | ~torch.isfinite(n1)
+        if bool(empty.any()):
+            # Zero (or non-finite) parameter: its quanta still fill the fixed-size message, spread
+            # evenly; they decode to 0 because the sent norm is 0.
+            for j in torch.nonzero(empty).flatten().tolist():
+                seg = plan.segments[j]
+                a[seg.offset : seg.offset + seg.numel] = 1.0
+            n1 = torch.where(empty, lengths.to(torch.float64), n1)
+        owner = torch.repeat_interleave(torch.arange(len(plan.segments), device=x.device), lengths)
+        # y_i = s |x_i| / ||x||_1 in quanta; the running sum over the whole bucket is in quanta too, so
+        # its rounding error (~1e-16 * total quanta) is negligible for every segment.
+        y = a.mul_((quanta / n1)[owner])
+        cum = torch.cumsum(y, 0)
+        base = torch.cat([cum.new_zeros(1), cum[ends[:-1] - 1]])  # running sum before each segment
+        local = cum.sub_(base[owner])  # within-segment partial sums Y_i, from y_i up to ~s
+        if self.sampling == "systematic":
+            u = self._segment_uniforms(plan, [1] * len(plan.segments), rng, step, x.device)
+            # floor(Y_i + U) - floor(Y_{i-1} + U) quanta at i. Pin the last partial sum of each segment
+            # to s (clamp the others) so exactly s integers lie in (U, s + U]: floor(s + U) - floor(U) = s.
+            local = torch.minimum(local, quanta[owner])
+            local[ends - 1] = quanta
+            floors = torch.floor(local.add_(u[owner])).to(torch.int64)
+            counts = torch.diff(floors, prepend=floors.new_zeros(1))
+            counts[starts] = floors[starts]  # floor(0 + U) = 0 before the first coordinate
+            index = torch.arange(plan.numel, device=x.device)
+            return torch.repeat_interleave(index, counts, output_size=plan.total_quanta)
+        # multinomial: s i.i.d. draws with P(i) = |x_i| / ||x||_1, by inverse CDF on sorted uniforms
+        u = self._segment_uniforms(plan, plan.quanta, rng, step, x.device)
+        q_owner = torch.repeat_interleave(torch.arange(len(plan.segments), device=x.device), layout["quanta"])
+        targets = u.mul_(quanta[q_owner]).add_(base[q_owner])
+        targets = torch.sort(targets).values  # segments occupy disjoint, increasing ranges
+        # search the bucket-wide running sum; clamp into the owning segment against rounding
+        pos = torch.searchsorted(cum.add_(base[owner]), targets, right=True)
+        return torch.minimum(torch.maximum(pos, starts[q_owner]), ends[q_owner] - 1)
 
     def compress(self, x: Tensor, plan: CompressionPlan, rng: RandomStreams, step: int) -> Payload:
         assert isinstance(plan, SparseDitheringPlan)
-        norms = torch.stack(
-            [x[s.offset : s.offset + s.numel].abs().sum(dtype=torch.float64) for s in plan.segments]
-        ).to(torch.float32)
+        layout = self._layout(plan, x.device)
+        norms = torch.segment_reduce(x.abs().to(torch.float64), "sum", lengths=layout["lengths"])
+        norms = norms.to(torch.float32)
         positions = self._positions(x, plan, rng, step)
         gaps = torch.diff(positions, prepend=positions.new_zeros(1))
         m = plan.rice_m

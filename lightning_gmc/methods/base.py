@@ -287,7 +287,7 @@ class BucketStep:
         """Compress ``x`` with this bucket's plan. ``stream_offset`` separates a second compressor's
         random draws from the first's within one step."""
         plan = self.bucket.plan(compressor)
-        payload = compressor.compress(x, plan, self.rng, self.step * 4 + stream_offset)
+        payload = compressor.compress(x, plan, self.rng.salted(stream_offset), self.step)
         return Message(compressor, plan, payload)
 
     def subtract_own(self, message: Message, x: Tensor) -> None:
@@ -322,6 +322,9 @@ class Method(ABC):
     #: ``"params"``, checkpoints also keep every rank's training parameters so training resumes from
     #: them. Methods may override it per instance.
     evaluation_point: EvaluationPoint = "params"
+    #: Compressor name the strategy and the simulator build when the user names none (``"none"`` for
+    #: the dense reference ``dmsgd``).
+    default_compressor: ClassVar[str] = "topk"
 
     def __init__(self, compressor: Compressor) -> None:
         self.compressor = compressor

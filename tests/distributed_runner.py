@@ -1,0 +1,203 @@
+"""Entry point of the multi-process tests: ``python distributed_runner.py config.json``.
+
+Lightning launches the second rank by re-running this script (``start_method="popen"``, as a user's
+training script would be). Each rank writes ``rank{r}.pt`` with its final parameters, GMC state and
+what it observed; see ``helpers.run_distributed`` for the config keys' meaning.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies import DDPStrategy
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import loss_fn, make_dataset, make_model  # noqa: E402
+
+import lightning_gmc  # noqa: E402
+from lightning_gmc import transport as gmc_transport  # noqa: E402
+from lightning_gmc.transport import distributed as gmc_distributed  # noqa: E402
+
+
+class MemoryLogger(Logger):
+    """Keeps every logged metric dict (rank 0 only, like every Lightning logger)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[dict[str, float]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.records.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
+
+
+class Module(L.LightningModule):
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.net = make_model(cfg.get("model", "small"), cfg.get("model_seed", 0))
+        self.lrs: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.cfg.get("nan_at_step") is not None and self.trainer.global_step == self.cfg["nan_at_step"]:
+            if self.global_rank == self.cfg.get("nan_rank", 0):
+                x = x * float("nan")
+        loss = loss_fn(self.net, x, y)
+        self.log("train_loss", loss)
+        return loss
+
+    def train_dataloader(self) -> DataLoader:
+        # Each rank takes indices rank::world in order (no shuffling), the layout helpers.rank_batch
+        # reproduces; Lightning's own DistributedSampler would shuffle.
+        x, y = make_dataset(self.cfg.get("num_samples", 256), self.cfg.get("data_seed", 1))
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        subset = TensorDataset(x[rank::world], y[rank::world])
+        return DataLoader(subset, batch_size=self.cfg.get("batch_size", 16), shuffle=False)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", loss_fn(self.net, x, y), sync_dist=True)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        opt = self.trainer.optimizers[0]
+        self.lrs.append(float(opt.param_groups[0]["lr"]))
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.cfg
+        lr, momentum, wd = cfg.get("lr", 0.1), cfg.get("momentum", 0.9), cfg.get("weight_decay", 0.0)
+        if cfg.get("optimizer") == "adam":
+            return torch.optim.Adam(self.parameters(), lr=lr)
+        if cfg.get("two_groups"):
+            first = list(self.net[0].parameters())
+            rest = [p for p in self.net.parameters() if all(p is not q for q in first)]
+            groups = [
+                {"params": first, "lr": lr * 0.5, "momentum": momentum, "weight_decay": wd * 2},
+                {"params": rest},
+            ]
+            optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=wd)
+        else:
+            optimizer = torch.optim.SGD(self.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+        if cfg.get("schedule", "constant") == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["total_steps"])
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer
+
+
+class CollectiveCounter:
+    """Wraps the collectives the transport uses and records the bytes handed to them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.active = False
+        self._all_reduce = torch.distributed.all_reduce
+        self._gather = gmc_distributed._all_gather_single
+
+        def all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self.active:
+                self.calls.append(("all_reduce", tensor.numel() * tensor.element_size()))
+            return self._all_reduce(tensor, *args, **kwargs)
+
+        def all_gather(output: torch.Tensor, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self.active:
+                self.calls.append(("all_gather", tensor.numel() * tensor.element_size()))
+            return self._gather(output, tensor, *args, **kwargs)
+
+        torch.distributed.all_reduce = all_reduce  # type: ignore[assignment]
+        gmc_distributed.dist.all_reduce = all_reduce  # type: ignore[attr-defined]
+        gmc_distributed._all_gather_single = all_gather
+
+
+class CounterSwitch(L.Callback):
+    def __init__(self, counter: CollectiveCounter) -> None:
+        self.counter = counter
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.counter.active = True
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.counter.active = False
+
+
+def main() -> None:
+    cfg = json.loads(Path(sys.argv[1]).read_text())
+    out_dir = Path(cfg["out_dir"])
+    counter = CollectiveCounter() if cfg.get("count_collectives") else None
+    kwargs = dict(cfg.get("strategy_kwargs", {}))
+    kwargs.setdefault("bucket_cap_mb", cfg.get("bucket_cap_mb", 0.25))
+    if cfg.get("strategy", "gmc") == "gmc":
+        strategy: DDPStrategy = lightning_gmc.GMCStrategy(**kwargs)
+    else:
+        strategy = DDPStrategy(**kwargs)
+    x, y = make_dataset(cfg.get("num_samples", 256), cfg.get("data_seed", 1))
+    val_loader = DataLoader(TensorDataset(x, y), batch_size=cfg.get("batch_size", 16), shuffle=False)
+    logger = MemoryLogger()
+    callbacks = [CounterSwitch(counter)] if counter else []
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=cfg.get("devices", 2),
+        num_nodes=cfg.get("num_nodes", 1),
+        strategy=strategy,
+        max_steps=cfg.get("max_steps", 10),
+        max_epochs=cfg.get("max_epochs", -1),
+        accumulate_grad_batches=cfg.get("accumulate_grad_batches", 1),
+        logger=logger,
+        log_every_n_steps=1,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=cfg.get("limit_val_batches", 0),
+        precision=cfg.get("precision", "32-true"),
+        use_distributed_sampler=False,
+    )
+    module = Module(cfg)
+    trainer.fit(module, val_dataloaders=val_loader, ckpt_path=cfg.get("resume_from"))
+    if cfg.get("save_checkpoint"):
+        trainer.save_checkpoint(cfg["save_checkpoint"])
+    result: dict[str, Any] = {
+        "rank": trainer.global_rank,
+        "global_step": trainer.global_step,
+        "params": {name: p.detach().clone() for name, p in module.net.named_parameters()},
+        "lrs": module.lrs,
+        "metrics": logger.records,
+    }
+    if isinstance(strategy, lightning_gmc.GMCStrategy):
+        state = strategy.gmc_state
+        result["gmc_state"] = state.state_dict()
+        result["hook_calls"] = state.hook_calls
+        result["gmc_step"] = state.step
+        result["bucket_numels"] = sorted(b.numel for b in state.worker._buckets.values())
+        result["optimizer_groups"] = [
+            {k: v for k, v in g.items() if k != "params"} for g in trainer.optimizers[0].param_groups
+        ]
+    if counter is not None:
+        result["collective_calls"] = counter.calls
+    torch.save(result, out_dir / f"rank{trainer.global_rank}.pt")
+
+
+assert gmc_transport  # imported for the side effect of making the module importable early
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Shared pieces of the multi-process tests: deterministic models, data, LR schedule, and a launcher.
+
+A distributed test writes a JSON config, runs ``tests/distributed_runner.py`` in a subprocess (which
+starts Lightning with ``devices=2`` on gloo, the way a user script would), and reads back each rank's
+results. The same model/data/schedule functions let a test rebuild the run in-process to compare it
+with an independent reference (``torch.optim.SGD``, the simulator, a hand-written formula).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+RUNNER = Path(__file__).resolve().parent / "distributed_runner.py"
+
+NUM_FEATURES = 24
+NUM_CLASSES = 6
+
+
+def make_model(name: str = "small", seed: int = 0) -> nn.Module:
+    """Deterministic test models.
+
+    ``small``: a 2-layer MLP (one DDP bucket). ``two_buckets``: an MLP of ~280k parameters, a bit more
+    than DDP's 1 MiB first-bucket cap, so that with ``bucket_cap_mb=0.25`` the rebuilt layout has at
+    least two buckets (the tests assert how many they saw).
+    """
+    torch.manual_seed(seed)
+    if name == "small":
+        return nn.Sequential(nn.Linear(NUM_FEATURES, 32), nn.Tanh(), nn.Linear(32, NUM_CLASSES))
+    if name == "two_buckets":
+        return nn.Sequential(
+            nn.Linear(NUM_FEATURES, 512),
+            nn.Tanh(),
+            nn.Linear(512, 512),
+            nn.Tanh(),
+            nn.Linear(512, NUM_CLASSES),
+        )
+    raise ValueError(name)
+
+
+def make_dataset(num_samples: int = 256, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_samples, NUM_FEATURES, generator=gen)
+    w = torch.randn(NUM_FEATURES, NUM_CLASSES, generator=gen)
+    y = (x @ w + 0.5 * torch.randn(num_samples, NUM_CLASSES, generator=gen)).argmax(dim=1)
+    return x, y
+
+
+def rank_batch(
+    data: tuple[torch.Tensor, torch.Tensor], rank: int, world_size: int, batch_size: int, batch_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch ``batch_index`` (counted across epochs) that rank ``rank`` sees in the runner, whose
+    ranks read indices ``rank::world_size`` in order."""
+    x, y = data
+    n = x.shape[0]
+    assert n % world_size == 0, "keep the dataset divisible so the sampler does not pad"
+    indices = torch.arange(rank, n, world_size)
+    per_epoch = math.ceil(indices.numel() / batch_size)
+    b = batch_index % per_epoch
+    chosen = indices[b * batch_size : (b + 1) * batch_size]
+    return x[chosen], y[chosen]
+
+
+def lr_at(step: int, base_lr: float, schedule: str, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` under the runner's per-step schedules."""
+    if schedule == "constant":
+        return base_lr
+    if schedule == "cosine":  # CosineAnnealingLR(T_max=total_steps), stepped every optimizer step
+        return 0.5 * base_lr * (1 + math.cos(math.pi * step / total_steps))
+    raise ValueError(schedule)
+
+
+def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def run_distributed(tmp_path: Path, config: dict[str, Any], timeout: float = 240.0) -> list[dict[str, Any]]:
+    """Run ``distributed_runner.py`` with ``config`` and return each rank's result dict.
+
+    Raises:
+        AssertionError: the run failed; the message carries its output tail.
+    """
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    out_dir = tmp_path / f"run_{len(list(tmp_path.glob('run_*')))}"
+    out_dir.mkdir()
+    config = {**config, "out_dir": str(out_dir)}
+    config_path = out_dir / "config.json"
+    config_path.write_text(json.dumps(config))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port())}
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), str(config_path)],
+        cwd=out_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"distributed run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
+    devices = int(config.get("devices", 2))
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(devices)]
+
+
+def run_distributed_error(tmp_path: Path, config: dict[str, Any], timeout: float = 240.0) -> str:
+    """Run a config that is expected to fail; return its combined output."""
+    try:
+        run_distributed(tmp_path, config, timeout)
+    except AssertionError as err:
+        return str(err)
+    raise AssertionError("the run was expected to fail but succeeded")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

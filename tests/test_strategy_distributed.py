@@ -1,0 +1,223 @@
+"""GMCStrategy on 2 gloo ranks (CPU), against independent references.
+
+Every run uses the ``two_buckets`` model with ``bucket_cap_mb=0.25``, and asserts that DDP really
+used two buckets after its rebuild, so state keyed by parameter (not bucket) is exercised.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import loss_fn, make_dataset, make_model, rank_batch, run_distributed, run_distributed_error
+
+from lightning_gmc import Simulator
+from lightning_gmc.transport import ring_allreduce_bytes
+
+STEPS = 8
+BASE = {"model": "two_buckets", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "batch_size": 16}
+
+
+def _assert_two_buckets(results: list[dict[str, Any]], steps: int) -> None:
+    for r in results:
+        assert len(r["bucket_numels"]) >= 2, r["bucket_numels"]
+        # step 0 runs with DDP's single bucket, later steps with the rebuilt layout: the hook ran for
+        # every bucket of every step (on CPU too, where Lightning would skip registering it).
+        assert r["hook_calls"] == 1 + (steps - 1) * len(r["bucket_numels"])
+        assert r["gmc_step"] == steps
+
+
+def _assert_replicas_identical(results: list[dict[str, Any]]) -> None:
+    for name, tensor in results[0]["params"].items():
+        assert torch.equal(tensor, results[1]["params"][name]), name
+
+
+def _simulate(cfg: dict[str, Any], lrs: list[float]) -> dict[str, torch.Tensor]:
+    """Replay a 2-rank run in the simulator: same init, same per-rank batches, same LRs."""
+    torch.set_num_threads(1)  # the runner's ranks use one thread: same matmul rounding
+    model = make_model(cfg["model"], cfg.get("model_seed", 0))
+    data = make_dataset(cfg.get("num_samples", 256), cfg.get("data_seed", 1))
+    strategy = cfg["strategy_kwargs"]
+    sim = Simulator(
+        dict(model.named_parameters()),
+        num_workers=2,
+        method=strategy.get("method", "gmc"),
+        compressor=strategy["compressor"],
+        density=strategy["density"],
+        momentum=cfg["momentum"],
+        weight_decay=cfg["weight_decay"],
+        seed=strategy.get("seed", 0),
+        **({"detach": strategy["detach"]} if "detach" in strategy else {}),
+    )
+    acc = cfg.get("accumulate_grad_batches", 1)
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for step, lr in enumerate(lrs):
+        points = sim.gradient_points(params, lr)
+        grads = []
+        for rank in range(2):
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(points[rank][name])
+            model.zero_grad()
+            for micro in range(acc):
+                x, y = rank_batch(data, rank, 2, cfg["batch_size"], step * acc + micro)
+                (loss_fn(model, x, y) / acc).backward()
+            grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        direction = sim.step(grads, points, lr)[0]
+        for name in params:
+            params[name].add_(direction[name], alpha=-lr)
+    return params
+
+
+def _lrs_per_step(result: dict[str, Any], acc: int = 1) -> list[float]:
+    return result["lrs"][::acc]
+
+
+def test_identity_compressor_equals_ddp_with_sgd_momentum(tmp_path: Path) -> None:
+    steps = 20
+    cfg = {**BASE, "model": "two_buckets", "schedule": "cosine", "total_steps": steps, "max_steps": steps}
+    cfg["two_groups"] = True  # per-group lr / momentum / weight decay must be honoured
+    gmc = run_distributed(tmp_path, {**cfg, "strategy_kwargs": {"compressor": "none"}})
+    ddp = run_distributed(tmp_path, {**cfg, "strategy": "ddp"})
+    _assert_two_buckets(gmc, steps)
+    _assert_replicas_identical(gmc)
+    for name, expected in ddp[0]["params"].items():
+        torch.testing.assert_close(gmc[0]["params"][name], expected, rtol=0, atol=1e-6)
+    # the optimizer's own momentum and weight decay were handed to the method
+    assert all(g["momentum"] == 0 and g["weight_decay"] == 0 for g in gmc[0]["optimizer_groups"])
+    metrics = gmc[0]["metrics"][-1]
+    assert metrics["gmc/rcc"] == pytest.approx(1.0)
+    assert metrics["gmc/bytes_sent"] == pytest.approx(metrics["gmc/dense_bytes"])
+
+
+@pytest.mark.parametrize(
+    "strategy_kwargs",
+    [
+        {"compressor": "topk", "density": 0.02},
+        {"compressor": "rbgs", "density": 0.05, "detach": 0.5, "seed": 3},
+    ],
+    ids=["gmc-topk", "gmcplus-rbgs"],
+)
+def test_two_ranks_equal_the_simulator(tmp_path: Path, strategy_kwargs: dict[str, Any]) -> None:
+    cfg = {
+        **BASE,
+        "strategy_kwargs": strategy_kwargs,
+        "schedule": "cosine",
+        "total_steps": STEPS,
+        "max_steps": STEPS,
+        "count_collectives": True,
+    }
+    results = run_distributed(tmp_path, cfg)
+    _assert_two_buckets(results, STEPS)
+    _assert_replicas_identical(results)
+    expected = _simulate(cfg, _lrs_per_step(results[0]))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(results[0]["params"][name], tensor, rtol=1e-5, atol=1e-6)
+
+    # Bytes handed to collectives per step are within 1.05x of spec/performance.md §2.2: top-k sends
+    # (value, int32 index) pairs by all-gather, RBGS only values by all-reduce; one collective per
+    # bucket.
+    numels = [p.numel() for p in expected.values()]
+    density = strategy_kwargs["density"]
+    k_total = sum(max(1, math.floor(density * n + 1e-9)) for n in numels)
+    per_pair = 8 if strategy_kwargs["compressor"] == "topk" else 4
+    formula = per_pair * k_total
+    calls = results[0]["collective_calls"]
+    assert len(calls) == 1 + (STEPS - 1) * len(results[0]["bucket_numels"])
+    handed = sum(nbytes for _, nbytes in calls) / STEPS
+    assert handed <= 1.05 * formula
+    assert {kind for kind, _ in calls} == ({"all_gather"} if per_pair == 8 else {"all_reduce"})
+    last = results[0]["metrics"][-1]
+    dense = ring_allreduce_bytes(4 * sum(numels), 2)
+    assert last["gmc/dense_bytes"] == pytest.approx(dense)
+    assert last["gmc/bytes_sent"] <= 1.05 * formula  # (K-1) * B = B for all-gather; 2(K-1)/K B for all-reduce
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path: Path) -> None:
+    # 2 epochs of 4 steps straight, versus 1 epoch, checkpoint, and a new pair of processes resuming
+    # for the second epoch (Lightning resumes cleanly at epoch boundaries).
+    cfg = {
+        **BASE,
+        "strategy_kwargs": {"compressor": "topk", "density": 0.05, "detach": 0.5},
+        "schedule": "cosine",
+        "total_steps": STEPS,
+        "num_samples": 128,  # 4 batches per rank and epoch
+        "max_steps": -1,
+    }
+    straight = run_distributed(tmp_path, {**cfg, "max_epochs": 2})
+    ckpt = str(tmp_path / "half.ckpt")
+    first = run_distributed(tmp_path, {**cfg, "max_epochs": 1, "save_checkpoint": ckpt})
+    resumed = run_distributed(tmp_path, {**cfg, "max_epochs": 2, "resume_from": ckpt})
+    _assert_two_buckets(straight, STEPS)
+    assert first[0]["gmc_step"] == STEPS // 2 and resumed[0]["gmc_step"] == STEPS
+    for rank in range(2):
+        for name, tensor in straight[rank]["params"].items():
+            assert torch.equal(resumed[rank]["params"][name], tensor), (rank, name)
+        for scope in ("local", "shared"):
+            for buffer, by_name in straight[rank]["gmc_state"][scope].items():
+                for name, tensor in by_name.items():
+                    assert torch.equal(resumed[rank]["gmc_state"][scope][buffer][name], tensor)
+        # the two ranks' residuals differ, so each rank really got its own back
+    assert not torch.equal(
+        straight[0]["gmc_state"]["local"]["residual"]["net.0.weight"],
+        straight[1]["gmc_state"]["local"]["residual"]["net.0.weight"],
+    )
+    # cumulative traffic continues across the resume
+    assert resumed[0]["metrics"][-1]["gmc/bytes_sent_total"] == pytest.approx(
+        straight[0]["metrics"][-1]["gmc/bytes_sent_total"]
+    )
+
+
+def test_world_size_change_errors_or_resets_residuals(tmp_path: Path) -> None:
+    cfg = {**BASE, "strategy_kwargs": {"compressor": "topk", "density": 0.05}, "num_samples": 128}
+    ckpt = str(tmp_path / "two_ranks.ckpt")
+    run_distributed(tmp_path, {**cfg, "max_steps": 4, "save_checkpoint": ckpt})
+    output = run_distributed_error(tmp_path, {**cfg, "devices": 1, "max_steps": 6, "resume_from": ckpt})
+    assert "written by 2 ranks" in output and "reset_residuals" in output
+    reset = {**cfg["strategy_kwargs"], "on_world_size_change": "reset_residuals"}
+    (single,) = run_distributed(
+        tmp_path, {**cfg, "strategy_kwargs": reset, "devices": 1, "max_steps": 6, "resume_from": ckpt}
+    )
+    assert single["gmc_step"] == 6
+    assert all(torch.isfinite(t).all() for t in single["params"].values())
+
+
+def test_gradient_accumulation_steps_the_method_once_per_optimizer_step(tmp_path: Path) -> None:
+    cfg = {
+        **BASE,
+        "strategy_kwargs": {"compressor": "topk", "density": 0.05, "detach": 0.5},
+        "accumulate_grad_batches": 2,
+        "max_steps": 4,
+    }
+    results = run_distributed(tmp_path, cfg)
+    _assert_two_buckets(results, 4)
+    _assert_replicas_identical(results)
+    expected = _simulate(cfg, _lrs_per_step(results[0], acc=2))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(results[0]["params"][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_gradient_is_skipped_without_poisoning_state(tmp_path: Path) -> None:
+    cfg = {**BASE, "strategy_kwargs": {"compressor": "topk", "density": 0.05}, "max_steps": 6}
+    results = run_distributed(tmp_path, {**cfg, "nan_at_step": 2, "nan_rank": 0})
+    _assert_replicas_identical(results)
+    for r in results:
+        assert all(torch.isfinite(t).all() for t in r["params"].values())
+        for by_name in r["gmc_state"]["local"].values():
+            assert all(torch.isfinite(t).all() for t in by_name.values())
+    assert results[0]["metrics"][-1]["gmc/nonfinite_skips"] >= 1
+
+
+def test_nonfinite_gradient_raises_when_asked(tmp_path: Path) -> None:
+    cfg = {
+        **BASE,
+        "strategy_kwargs": {"compressor": "topk", "density": 0.05, "nonfinite": "raise"},
+        "max_steps": 4,
+        "nan_at_step": 1,
+        "nan_rank": 0,
+        "devices": 1,
+    }
+    assert "FloatingPointError" in run_distributed_error(tmp_path, cfg)
