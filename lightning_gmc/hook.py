@@ -103,6 +103,7 @@ class GMCHookState:
         self._detached_backup: list[Tensor] | None = None
         self._detached_active = False
         self._evaluation_backup: list[Tensor] | None = None
+        self._nonfinite_pending: Tensor | None = None
 
     # ----------------------------------------------------------------------------------- setup
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -354,6 +355,22 @@ class GMCHookState:
             self.worker.reset("local")
         self.stats.load_state_dict(state["stats"])
 
+    def count_nonfinite(self, skipped: Tensor) -> None:
+        """Accumulate skipped-bucket events on the device (read once per step by :meth:`take_metrics`)."""
+        pending = skipped.to(torch.int64)
+        self._nonfinite_pending = (
+            pending if self._nonfinite_pending is None else self._nonfinite_pending + pending
+        )
+
+    def take_metrics(self) -> dict[str, float]:
+        """This step's traffic metrics plus the residual norm; resets the per-step counters."""
+        if self._nonfinite_pending is not None:
+            self.stats.nonfinite_skips += int(self._nonfinite_pending)
+            self._nonfinite_pending = None
+        metrics = self.stats.take_step()
+        metrics["residual_norm"] = self.residual_norm()
+        return metrics
+
     def residual_norm(self) -> float:
         """L2 norm of this rank's residual (0 for methods without one)."""
         if self.worker is None or "residual" not in self.worker.tensors:
@@ -413,9 +430,9 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
                 f"{state.worker.rank}"
             )
     else:
-        finite = torch.isfinite(grad).all()
-        grad.masked_fill_(~finite, 0.0)  # drops the whole bucket contribution, no host sync
-        state.stats.nonfinite_skips += 0 if grad.device.type != "cpu" else int(not bool(finite))
+        skipped = torch.isfinite(grad).all().logical_not()
+        grad.masked_fill_(skipped, 0.0)  # drops the whole bucket contribution, no host sync
+        state.count_nonfinite(skipped)
     world_size = state.transport.world_size
     step = BucketStep(
         bucket=bucket_state,

@@ -25,7 +25,15 @@ import torch
 from torch import Tensor
 
 from lightning_gmc.compressors import Compressor, build_compressor
-from lightning_gmc.methods import BucketStep, GroupHyper, Method, ParameterTable, WorkerState, build_method
+from lightning_gmc.methods import (
+    METHODS,
+    BucketStep,
+    GroupHyper,
+    Method,
+    ParameterTable,
+    WorkerState,
+    build_method,
+)
 from lightning_gmc.transport import CommStats, SimulatedTransport
 
 __all__ = ["Simulator"]
@@ -40,12 +48,15 @@ class Simulator:
             real run).
         num_workers: K.
         method: a method name (``"gmc"``, ...) or a :class:`Method` instance.
-        compressor: a compressor name or instance (ignored when ``method`` is an instance).
+        compressor: a compressor name or instance (ignored when ``method`` is an instance); None takes
+            the method's default (``"topk"``; ``"none"`` for ``"dmsgd"``).
         density: compressor density.
         momentum: ``beta``.
         weight_decay: coupled L2 coefficient.
         seed: seed of the shared and per-rank random streams (equal to the strategy's ``seed`` to
             reproduce a real run).
+        ef_scaling: scale unbiased compressors by ``1/(1+omega)`` (None: for error-feedback methods), as
+            :class:`~lightning_gmc.GMCStrategy` does.
         method_options: passed to the method (e.g. ``detach=0.5``).
     """
 
@@ -54,18 +65,25 @@ class Simulator:
         params: Mapping[str, Tensor | torch.Size | Sequence[int]],
         num_workers: int,
         method: str | Method = "gmc",
-        compressor: str | Compressor = "topk",
+        compressor: str | Compressor | None = None,
         density: float = 0.01,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         seed: int = 0,
+        ef_scaling: bool | None = None,
         **method_options: Any,
     ) -> None:
         if isinstance(method, Method):
             self.method = method
         else:
+            if compressor is None:
+                cls = METHODS.get(method.lower())
+                compressor = cls.default_compressor if cls is not None else "topk"
             self.method = build_method(
-                method, build_compressor(compressor, density=density), **method_options
+                method,
+                build_compressor(compressor, density=density),
+                ef_scaling=ef_scaling,
+                **method_options,
             )
         names = tuple(params)
         shapes = tuple(torch.Size(v.shape if isinstance(v, Tensor) else v) for v in params.values())
@@ -160,6 +178,29 @@ class Simulator:
             result[name] = flat[offset : offset + n].view(shape).clone()
             offset += n
         return result
+
+    def evaluation_params(self, params: Sequence[Mapping[str, Tensor]], lr: float) -> dict[str, Tensor]:
+        """The model to evaluate, from every worker's parameters (as the strategy's evaluation point).
+
+        ``"params"`` methods (GMC, DGC, ...) evaluate worker 0's parameters (all are equal);
+        ``"mean_params"`` (CSER) their average; ``"params_minus_mean_residual"`` (DEF-A's option)
+        ``w - (1/K) sum_k s * residual_k``.
+        """
+        point = self.method.evaluation_point
+        names = self.table.names
+        if point == "params":
+            return {name: params[0][name].detach().clone() for name in names}
+        if point == "mean_params":
+            return {name: sum(p[name].detach() for p in params) / len(params) for name in names}
+        scale = self.method.evaluation_residual_scale(self._hyper(lr))
+        out = {}
+        for index, name in enumerate(names):
+            w = params[0][name].detach()
+            mean_residual = sum(worker.tensors["residual"][index] for worker in self.workers) / len(
+                self.workers
+            )
+            out[name] = w - scale * mean_residual.view_as(w)
+        return out
 
     def residual(self, worker: int) -> dict[str, Tensor]:
         """Worker ``worker``'s residual per parameter (methods with error feedback)."""

@@ -53,7 +53,8 @@ class GMCStrategy(DDPStrategy):
     weight decay applied inside the method and the optimizer's own step reduced to plain SGD.
 
     Args:
-        compressor: compressor name (see ``lightning_gmc.COMPRESSORS``) or a :class:`Compressor`.
+        compressor: compressor name (see ``lightning_gmc.COMPRESSORS``) or a :class:`Compressor`; None
+            takes the method's default (``"topk"``; ``"none"`` for the dense ``method="dmsgd"``).
         density: fraction of each parameter sent per step, in (0, 1] (sparsifiers).
         detach: GMC+'s detach coefficient (``> 0`` evaluates gradients at ``w - detach * lr *
             residual``); None takes the method's default (0 for GMC).
@@ -62,6 +63,9 @@ class GMCStrategy(DDPStrategy):
         seed: seed of the shared random streams (RBGS blocks, random-k); equal on all ranks.
         method_options: further options of the method (e.g. ``{"momentum_lr_convention": "cur"}``).
         compressor_options: further options of the compressor (e.g. ``{"sample_ratio": 0.01}``).
+        ef_scaling: scale unbiased compressors (QSGD, natural, sparse dithering, ...) by
+            ``1/(1+omega)`` so that error feedback gets the contractive compressor its analysis assumes;
+            None (default) does so exactly for methods with error feedback (all but ``dmsgd``).
         nonfinite: ``"skip"`` (a rank's non-finite bucket gradient counts as zero that step) or
             ``"raise"``; see :class:`~lightning_gmc.hook.GMCHookState`.
         on_world_size_change: resuming a checkpoint written by a different number of ranks:
@@ -83,7 +87,7 @@ class GMCStrategy(DDPStrategy):
 
     def __init__(
         self,
-        compressor: str | Compressor | None = "topk",
+        compressor: str | Compressor | None = None,
         density: float = 0.01,
         detach: float | None = None,
         method: str = "gmc",
@@ -91,6 +95,7 @@ class GMCStrategy(DDPStrategy):
         seed: int = 0,
         method_options: dict[str, Any] | None = None,
         compressor_options: dict[str, Any] | None = None,
+        ef_scaling: bool | None = None,
         nonfinite: NonFinitePolicy = "skip",
         on_world_size_change: WorldSizeChangePolicy = "error",
         accelerator: Any = None,
@@ -104,14 +109,15 @@ class GMCStrategy(DDPStrategy):
         **ddp_kwargs: Any,
     ) -> None:
         for key, reason in _CONFLICTING_DDP_ARGS.items():
-            if key in ddp_kwargs:
+            # LightningCLI passes every DDP argument, with None for the unused ones.
+            if ddp_kwargs.pop(key, None) is not None:
                 raise ValueError(f"GMCStrategy does not accept `{key}`: {reason}. Remove the argument.")
         if on_world_size_change not in ("error", "reset_residuals"):
             raise ValueError(
                 f"on_world_size_change must be 'error' or 'reset_residuals', got {on_world_size_change!r}"
             )
         self.gmc_method: Method = _build_method(
-            method, compressor, density, detach, method_options or {}, compressor_options or {}
+            method, compressor, density, detach, method_options or {}, compressor_options or {}, ef_scaling
         )
         self.gmc_state = GMCHookState(
             self.gmc_method,
@@ -123,6 +129,7 @@ class GMCStrategy(DDPStrategy):
         self.on_world_size_change: WorldSizeChangePolicy = on_world_size_change
         self._pending_checkpoint_state: dict[str, Any] | None = None
         self._epoch_seen: int | None = None
+        self.last_metrics: dict[str, float] = {}
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -210,10 +217,10 @@ class GMCStrategy(DDPStrategy):
 
     # ---------------------------------------------------------------------------------- metrics
     def _log_metrics(self) -> None:
-        metrics = self.gmc_state.stats.take_step()
-        metrics["residual_norm"] = self.gmc_state.residual_norm()
+        metrics = self.gmc_state.take_metrics()
+        self.last_metrics = metrics
         module = self.lightning_module
-        if module is None or module._trainer is None:
+        if module is None or module._trainer is None or not module.trainer.loggers:
             return
         module.log_dict(
             {f"gmc/{key}": value for key, value in metrics.items() if key in _LOGGED_METRICS},
@@ -222,7 +229,6 @@ class GMCStrategy(DDPStrategy):
             logger=True,
             prog_bar=False,
         )
-        self.last_metrics = metrics
 
     # ------------------------------------------------------------------------------ checkpoints
     @override
@@ -240,7 +246,12 @@ class GMCStrategy(DDPStrategy):
                 # rank's own training parameters travel in the GMC block so training resumes from them.
                 local = {"buffers": local, "training_parameters": gmc.training_parameters()}
                 gmc.enter_evaluation_point()
-                checkpoint["state_dict"] = self.lightning_module_state_dict()
+                # state_dict() tensors share storage with the parameters, which exit_evaluation_point
+                # overwrites in place: clone, or the file would hold the training parameters.
+                checkpoint["state_dict"] = {
+                    key: value.detach().clone() if isinstance(value, torch.Tensor) else value
+                    for key, value in self.lightning_module_state_dict().items()
+                }
                 gmc.exit_evaluation_point()
             else:
                 local = {"buffers": local}
@@ -352,6 +363,7 @@ class GMCStrategy(DDPStrategy):
     @override
     def teardown(self) -> None:
         self.gmc_state.exit_detached_point()
+        self.gmc_state.exit_evaluation_point()
         super().teardown()
 
 
@@ -374,6 +386,7 @@ def _build_method(
     detach: float | None,
     method_options: dict[str, Any],
     compressor_options: dict[str, Any],
+    ef_scaling: bool | None,
 ) -> Method:
     if not isinstance(density, int | float) or not 0.0 < float(density) <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density!r}")
@@ -386,7 +399,7 @@ def _build_method(
         if "detach" not in method_option_names(method.lower()):
             raise ValueError(f"method {method!r} has no detach coefficient; leave `detach` unset")
         options["detach"] = detach
-    built = build_compressor(
-        compressor if compressor is not None else "topk", density=density, **compressor_options
-    )
-    return build_method(method, built, **options)
+    if compressor is None:
+        compressor = METHODS[method.lower()].default_compressor
+    built = build_compressor(compressor, density=density, **compressor_options)
+    return build_method(method, built, ef_scaling=ef_scaling, **options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from lightning_gmc.compressors import Compressor
+from lightning_gmc.compressors import Compressor, scale_for_error_feedback
 from lightning_gmc.methods.base import Method
 
 __all__ = ["METHODS", "build_method", "register_method"]
@@ -29,8 +29,17 @@ def method_option_names(name: str) -> list[str]:
     return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "compressor")]
 
 
-def build_method(name: str, compressor: Compressor, **options: Any) -> Method:
+def build_method(name: str, compressor: Compressor, ef_scaling: bool | None = None, **options: Any) -> Method:
     """Instantiate the registered method ``name``.
+
+    Args:
+        name: registered method name.
+        compressor: the method's (per-step) compressor.
+        ef_scaling: scale an unbiased compressor ``C`` to ``C / (1 + omega)`` (spec
+            ``compressors.md`` §2.3), which makes it contractive, the property error-feedback
+            convergence proofs assume. None (default) turns it on exactly for methods with error
+            feedback. Contractive compressors (top-k, RBGS, scaled sign) are never rescaled.
+        options: the method's own options.
 
     Raises:
         ValueError: unknown name (the message lists the valid ones) or an option it does not take.
@@ -44,4 +53,7 @@ def build_method(name: str, compressor: Compressor, **options: Any) -> Method:
         raise ValueError(
             f"method {name!r} does not take option(s) {unknown}; it accepts: {accepted or 'none'}"
         )
+    use_scaling = cls.error_feedback if ef_scaling is None else ef_scaling
+    if use_scaling:
+        compressor = scale_for_error_feedback(compressor)
     return cls(compressor, **options)

@@ -1,0 +1,157 @@
+"""Every bad input fails before training, with a message that says what to do; registered names."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_gmc
+from lightning_gmc import GMCHookState, GMCStrategy, build_compressor, build_method
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"compressor": "bogus"}, r"unknown compressor 'bogus'; valid names: .*rbgs.*topk"),
+        ({"method": "bogus"}, r"unknown method 'bogus'; valid methods: .*gmc"),
+        ({"density": 0.0}, r"density must be in \(0, 1\]"),
+        ({"density": 1.5}, r"density must be in \(0, 1\]"),
+        ({"detach": -0.1}, r"detach must be >= 0"),
+        ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+        ({"momentum": -0.5}, r"momentum must be in \[0, 1\)"),
+        ({"nonfinite": "ignore"}, r"nonfinite must be 'skip' or 'raise'"),
+        ({"on_world_size_change": "guess"}, r"on_world_size_change must be"),
+        ({"compressor_options": {"levels": 3}}, r"does not take option"),
+        ({"method_options": {"bogus": 1}}, r"does not take option"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs: dict, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        GMCStrategy(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period", "mixed_precision"],
+)
+def test_conflicting_ddp_arguments_are_rejected(key: str) -> None:
+    with pytest.raises(ValueError, match=f"does not accept `{key}`"):
+        GMCStrategy(**{key: object()})
+    GMCStrategy(**{key: None})  # LightningCLI passes every DDP argument, None when unused
+
+
+def _state() -> GMCHookState:
+    return GMCHookState(build_method("gmc", build_compressor("topk", density=0.1)))
+
+
+def test_only_sgd_is_supported() -> None:
+    model = nn.Linear(3, 2)
+    with pytest.raises(TypeError, match="supports torch.optim.SGD.*got Adam"):
+        _state().attach(model, torch.optim.Adam(model.parameters()))
+    with pytest.raises(ValueError, match="nesterov=False"):
+        _state().attach(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True))
+
+
+def test_sparse_gradients_and_unoptimized_parameters_are_rejected() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="sparse gradients"):
+        _state().attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"not in the optimizer.*requires_grad_\(False\)"):
+        _state().attach(model, torch.optim.SGD(model[0].parameters(), lr=0.1))
+
+
+def test_attach_takes_over_momentum_and_weight_decay_per_group() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    optimizer = torch.optim.SGD(
+        [
+            {"params": model[0].parameters(), "momentum": 0.5, "weight_decay": 0.1},
+            {"params": model[1].parameters()},
+        ],
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-4,
+    )
+    state = _state()
+    state.attach(model, optimizer)
+    hypers = state.current_hypers()
+    assert [(h.momentum, h.weight_decay) for h in hypers] == [(0.5, 0.1), (0.9, 1e-4)]
+    assert all(g["momentum"] == 0 and g["weight_decay"] == 0 for g in optimizer.param_groups)
+    # a scheduler (or a loaded state dict) putting momentum back is caught at the next step
+    optimizer.param_groups[0]["momentum"] = 0.9
+    with pytest.raises(RuntimeError, match="applies both itself"):
+        state._begin_step()
+
+
+def test_momentum_override() -> None:
+    model = nn.Linear(3, 2)
+    state = GMCHookState(build_method("gmc", build_compressor("topk")), momentum=0.3)
+    state.attach(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    assert state.current_hypers()[0].momentum == 0.3
+
+
+def test_loss_scaled_precision_is_rejected() -> None:
+    strategy = GMCStrategy()
+    strategy.precision_plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match="bf16-mixed"):
+        strategy._check_precision()
+
+
+class _ManualModule(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 2)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        return None
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_manual_optimization_is_rejected_before_training() -> None:
+    trainer = L.Trainer(
+        strategy=GMCStrategy(),
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
+    loader = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4)
+    with pytest.raises(ValueError, match="automatic optimization"):
+        trainer.fit(_ManualModule(), loader)
+
+
+def test_registered_strategy_names() -> None:
+    trainer = L.Trainer(strategy="gmc", accelerator="cpu", devices=2, logger=False)
+    assert isinstance(trainer.strategy, GMCStrategy)
+    assert trainer.strategy.gmc_method.compressor.name == "topk"
+    trainer = L.Trainer(strategy="gmc_plus", accelerator="cpu", devices=2, logger=False)
+    assert trainer.strategy.gmc_method.compressor.name == "rbgs"
+    assert trainer.strategy.gmc_method.detach == 0.5
+    for name in lightning_gmc.METHODS:
+        assert name in L.pytorch.strategies.StrategyRegistry
+
+
+def test_unbiased_compressors_are_scaled_for_error_feedback() -> None:
+    # natural compression has omega = 1/8: inside error feedback it is sent as C(x) / (1 + 1/8).
+    x = torch.randn(1000)
+    scaled = GMCStrategy(compressor="natural").gmc_method.compressor
+    plain = GMCStrategy(compressor="natural", ef_scaling=False).gmc_method.compressor
+    outs = []
+    for compressor in (scaled, plain):
+        from lightning_gmc.compressors import RandomStreams, segments_from_numels
+
+        plan = compressor.plan(segments_from_numels([1000]))
+        decoded = torch.zeros(1000)
+        compressor.decompress_add(compressor.compress(x, plan, RandomStreams(0, 0), 0), plan, decoded)
+        outs.append(decoded)
+    torch.testing.assert_close(outs[0], outs[1] / (1 + 1 / 8))
+    assert GMCStrategy(compressor="topk").gmc_method.compressor.name == "topk"  # contractive: unchanged
