@@ -1,5 +1,6 @@
 """Layer 2: per-worker error-feedback and momentum state machines (GMC, GMC+ and baselines)."""
 
+from lightning_gmc.methods.appendix_a import EFServerMomentum, GMCLRInside
 from lightning_gmc.methods.base import (
     BucketState,
     BucketStep,
@@ -9,14 +10,33 @@ from lightning_gmc.methods.base import (
     ParameterTable,
     WorkerState,
 )
+from lightning_gmc.methods.cser import CSER
+from lightning_gmc.methods.def_a import DEFA, DEFEvaluation
+from lightning_gmc.methods.dense import DMSGD
+from lightning_gmc.methods.dgc import DGC, PAPER_SPARSITY_WARMUP
 from lightning_gmc.methods.gmc import GMC, MomentumConvention
 from lightning_gmc.methods.registry import METHODS, build_method, method_option_names, register_method
 
 register_method(GMC)
+# Baselines of the GMC paper (issue 3).
+register_method(DMSGD)
+register_method(DGC)
+register_method(CSER)
+register_method(DEFA)
+register_method(EFServerMomentum)
+register_method(GMCLRInside)
 
 __all__ = [
+    "CSER",
+    "DEFA",
+    "DGC",
+    "DMSGD",
     "GMC",
     "METHODS",
+    "PAPER_SPARSITY_WARMUP",
+    "DEFEvaluation",
+    "EFServerMomentum",
+    "GMCLRInside",
     "BucketState",
     "BucketStep",
     "GroupHyper",

@@ -1,0 +1,69 @@
+"""Small helpers shared by the baseline methods (not part of the public API)."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import Tensor
+
+from lightning_gmc.compressors import Compressor, build_compressor
+from lightning_gmc.methods.base import BucketStep, GroupHyper
+
+__all__ = ["add_momentum", "apply_lr_inside_out", "check_lr", "resolve_compressor", "with_density"]
+
+
+def check_lr(method: str, hyper: GroupHyper) -> float:
+    """The step's learning rate, which a learning-rate-inside method divides its update by.
+
+    Raises:
+        ValueError: ``lr <= 0``. These methods compute the parameter change ``delta`` themselves and
+            hand the optimizer ``delta / lr``; with ``lr = 0`` that is undefined (and the optimizer
+            could not apply a non-zero model change such as CSER's reset anyway).
+    """
+    if not hyper.lr > 0.0:
+        raise ValueError(
+            f"method {method!r} keeps the learning rate inside its residual and needs lr > 0 at every "
+            f"step, got lr={hyper.lr}; use a schedule with a positive minimum (e.g. eta_min > 0)"
+        )
+    return hyper.lr
+
+
+def add_momentum(step: BucketStep, buffer: Tensor, increment: Tensor) -> None:
+    """``buffer <- beta * buffer + increment`` per param group (heavy-ball, no dampening)."""
+    for sl, hyper in step.runs():
+        buffer[sl].mul_(hyper.momentum).add_(increment[sl])
+
+
+def apply_lr_inside_out(method: str, step: BucketStep, delta: Tensor) -> None:
+    """``step.out = delta / lr`` per group, so the optimizer's ``w - lr * out`` applies ``w - delta``."""
+    for sl, hyper in step.runs():
+        step.out[sl].copy_(delta[sl]).div_(check_lr(method, hyper))
+
+
+def with_density(compressor: Compressor, density: float, what: str) -> Compressor:
+    """A distinct compressor of the same kind and options as ``compressor`` at another ``density``.
+
+    A shallow copy keeps every other option (sample ratio, ...). It is a new object on purpose: plans
+    are cached per bucket by ``id(compressor)``, so each density needs its own instance.
+
+    Raises:
+        ValueError: the compressor has no ``density`` (quantizers) or the density is outside (0, 1].
+    """
+    if not hasattr(compressor, "density"):
+        raise ValueError(
+            f"{what} needs a compressor with a density (a sparsifier such as 'topk', 'topk_approx', "
+            f"'randk', 'rbgs'); {compressor.describe()!r} has none"
+        )
+    density = float(density)
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"{what}: density must be in (0, 1], got {density}")
+    if density == compressor.density:  # type: ignore[attr-defined]
+        return compressor
+    clone = copy.copy(compressor)
+    clone.density = density  # type: ignore[attr-defined]
+    return clone
+
+
+def resolve_compressor(spec: str | Compressor, density: float | None) -> Compressor:
+    """Build a compressor from a name (with ``density`` when it takes one) or return an instance."""
+    return build_compressor(spec, density=density)

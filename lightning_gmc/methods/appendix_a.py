@@ -1,0 +1,98 @@
+"""The GMC paper's Appendix A alternatives to GMC (``spec/algorithms.md`` §5).
+
+Both satisfy GMC's rewritten update (7) at a constant learning rate; the paper's Fig. 7 shows both
+behind GMC, especially on non-IID data. They exist to reproduce that ablation.
+
+Algorithm 3, error feedback on gradients with momentum on the aggregate ("server momentum")::
+
+    p_k     = e_k + g_k + wd * w_t
+    send C(p_k);  e_k <- p_k - C(p_k)          # the residual holds no momentum
+    m_t     = beta * m_{t-1} + (1/K) sum_k C(p_k)
+    w_{t+1} = w_t - eta_t * m_t
+
+Algorithm 4, GMC with the learning rate inside the residual (parameter units)::
+
+    u'_k    = e'_k + eta_t (g_k + wd * w_t) + beta * (w_{t-1} - w_t)
+    send C(u'_k);  e'_k <- u'_k - C(u'_k)
+    w_{t+1} = w_t - (1/K) sum_k C(u'_k)        # (w_{t-1} - w_t) is this aggregate, kept for the next step
+
+At a constant learning rate ``e' = eta e`` and Algorithm 4 is GMC exactly (for positively homogeneous
+compressors such as top-k and RBGS). Under learning-rate decay its residual, accumulated at older,
+larger learning rates, enters the update with a larger coefficient than GMC's (§5.2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from lightning_gmc.methods._common import add_momentum, apply_lr_inside_out, check_lr
+from lightning_gmc.methods.base import BucketStep, Message, Method
+
+__all__ = ["EFServerMomentum", "GMCLRInside"]
+
+
+class EFServerMomentum(Method):
+    """Algorithm 3 of the GMC paper (``method="ef_server_momentum"``): EF-SGD + momentum on the aggregate.
+
+    When to use: as the "naive sparse update + momentum" baseline (DGC's motivating example; the GMC
+    paper's Fig. 7 ablation). With the identity compressor it is SGD momentum. The momentum buffer is
+    identical on every rank, since it only sees the aggregate.
+    """
+
+    name = "ef_server_momentum"
+    buffers = {"residual": "local", "momentum": "shared"}
+    error_feedback = True
+
+    def encode(self, step: BucketStep) -> list[Message]:
+        p = step.buffer("residual")  # becomes p_k = e_k + g_k + wd w in place
+        p.add_(step.grad)
+        step.add_weight_decay(p)
+        message = step.compress(self.compressor, p)
+        step.subtract_own(message, p)
+        return [message]
+
+    def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
+        (mean,) = means
+        momentum = step.buffer("momentum")
+        add_momentum(step, momentum, mean)  # m_t = beta m_{t-1} + mean
+        step.out.copy_(momentum)
+
+    def describe(self) -> str:
+        return f"ef_server_momentum (Alg. 3) with {self.compressor.describe()}"
+
+
+class GMCLRInside(Method):
+    """Algorithm 4 of the GMC paper (``method="gmc_lr_inside"``): GMC with the learning rate inside the
+    residual.
+
+    When to use: to reproduce the paper's Fig. 7 ablation of where the learning rate sits. It equals
+    GMC at a constant learning rate and differs at every learning-rate change; GMC is the better choice
+    under decay. The buffer ``last_update`` holds ``w_{t-1} - w_t`` (identical on every rank).
+    """
+
+    name = "gmc_lr_inside"
+    buffers = {"residual": "local", "last_update": "shared"}
+    error_feedback = True
+
+    def encode(self, step: BucketStep) -> list[Message]:
+        grad = step.grad
+        step.add_weight_decay(grad)
+        u = step.buffer("residual")  # becomes u'_k in place
+        last_update = step.buffer("last_update")
+        for sl, hyper in step.runs():
+            u[sl].add_(grad[sl], alpha=check_lr(self.name, hyper))
+            if hyper.momentum != 0.0:
+                u[sl].add_(last_update[sl], alpha=hyper.momentum)
+        message = step.compress(self.compressor, u)
+        step.subtract_own(message, u)
+        return [message]
+
+    def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
+        (mean,) = means
+        step.buffer("last_update").copy_(mean)  # w_t - w_{t+1} for the next step
+        apply_lr_inside_out(self.name, step, mean)
+
+    def describe(self) -> str:
+        return f"gmc_lr_inside (Alg. 4) with {self.compressor.describe()}"

@@ -1,0 +1,524 @@
+"""The baseline methods (issue 3) in the simulator against their update rules written out by hand.
+
+References: spec/algorithms.md §2 (DMSGD), §5.1-5.2 (Algorithms 3 and 4), §7 (DGC, Remark 2), §8.1
+(CSER / M-CSER), §9.1 (DEF-A), §6.5 (RCC) and Appendix S.1. Every reference below is an independent
+float64 loop over K = 2 workers (or ``torch.optim.SGD``); none calls the implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from lightning_gmc import Simulator
+
+SHAPES = {"a": (2, 3), "b": (4,)}
+K = 2
+BETA = 0.9
+WD = 0.01
+DENSITY = 0.34  # top-k keeps 2 of a's 6 and 1 of b's 4 coordinates
+LRS3 = [0.1, 0.07, 0.05]  # three steps with a changing learning rate
+COSINE = [0.1 * 0.5 * (1 + math.cos(math.pi * t / 12)) + 1e-3 for t in range(12)]
+
+Compress = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+# ------------------------------------------------------------------------------------ problem
+def _segments() -> list[tuple[int, int]]:
+    out, offset = [], 0
+    for shape in SHAPES.values():
+        n = math.prod(shape)
+        out.append((offset, n))
+        offset += n
+    return out
+
+
+D = sum(n for _, n in _segments())
+
+
+def _problem(seed: int = 0) -> Callable[[int, torch.Tensor, int], torch.Tensor]:
+    """Per-worker noisy quadratics (different optima: non-IID), float64."""
+    gen = torch.Generator().manual_seed(seed)
+    diag = [torch.rand(D, generator=gen, dtype=torch.float64) * 1.5 + 0.5 for _ in range(K)]
+    target = [torch.randn(D, generator=gen, dtype=torch.float64) * 2 for _ in range(K)]
+    noise = [[0.1 * torch.randn(D, generator=gen, dtype=torch.float64) for _ in range(K)] for _ in range(40)]
+
+    def grad(k: int, w: torch.Tensor, t: int) -> torch.Tensor:
+        return diag[k] * w.double() - target[k] + noise[t][k]
+
+    return grad
+
+
+GRAD = _problem()
+W0 = torch.linspace(-1.0, 1.0, D, dtype=torch.float64)
+
+
+def _split(flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    out, offset = {}, 0
+    for name, shape in SHAPES.items():
+        n = math.prod(shape)
+        out[name] = flat[offset : offset + n].view(shape).to(torch.float32).clone()
+        offset += n
+    return out
+
+
+def _flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([tensors[name].reshape(-1) for name in SHAPES]).double()
+
+
+# ------------------------------------------------------------------------ hand compressors
+def topk(x: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-parameter top-k by magnitude, k = max(1, floor(density * n)): (C(x), selection mask)."""
+    out, mask = torch.zeros_like(x), torch.zeros(x.numel(), dtype=torch.bool)
+    for offset, n in _segments():
+        k = max(1, math.floor(density * n + 1e-9))
+        chunk = x[offset : offset + n]
+        for i in sorted(range(n), key=lambda i: -abs(float(chunk[i])))[:k]:
+            out[offset + i] = chunk[i]
+            mask[offset + i] = True
+    return out, mask
+
+
+def identity(x: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.clone(), torch.ones(x.numel(), dtype=torch.bool)
+
+
+# ------------------------------------------------------------------------ hand references
+def dgc_by_hand(compress: Compress, lrs: list[float], mfm: bool, wd_local: bool = False) -> torch.Tensor:
+    """Spec §7.1 / trap 4: u = beta u + g; v += u; send C(v); v[sel] = 0; mfm: u[sel] = 0."""
+    w = W0.clone()
+    u = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
+    v = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
+    b = torch.zeros(D, dtype=torch.float64)  # DGC code's local weight-decay momentum
+    for t, lr in enumerate(lrs):
+        sent = []
+        for k in range(K):
+            g = GRAD(k, w, t) + (0.0 if wd_local else WD * w)
+            u[k] = BETA * u[k] + g
+            v[k] = v[k] + u[k]
+            c, mask = compress(v[k], DENSITY)
+            v[k] = torch.where(mask, torch.zeros_like(v[k]), v[k])
+            if mfm:
+                u[k] = torch.where(mask, torch.zeros_like(u[k]), u[k])
+            sent.append(c)
+        update = sum(sent) / K
+        if wd_local:
+            b = BETA * b + WD * w
+            update = update + b
+        w = w - lr * update
+    return w
+
+
+def cser_by_hand(
+    c1: Compress, d1: float, c2: Compress, d2: float, period: int, lrs: list[float]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Spec §8.1 (M-CSER, DEF's PyTorch form): per-worker models, error reset every ``period`` steps."""
+    x = [W0.clone() for _ in range(K)]
+    m = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
+    r = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
+    for t, lr in enumerate(lrs, start=1):
+        deltas = []
+        for k in range(K):
+            g = GRAD(k, x[k], t - 1) + WD * x[k]
+            m[k] = BETA * m[k] + g
+            deltas.append(lr * m[k])
+        synced = [c1(d, d1)[0] for d in deltas]
+        dbar = sum(synced) / K
+        for k in range(K):
+            remainder = deltas[k] - synced[k]
+            x[k] = x[k] - dbar - remainder
+            r[k] = r[k] + remainder
+        if t % period == 0:
+            resets = [c2(r[k], d2)[0] for k in range(K)]
+            ebar = sum(resets) / K
+            for k in range(K):
+                x[k] = x[k] + resets[k] - ebar
+                r[k] = r[k] - resets[k]
+    return x, r
+
+
+def def_a_by_hand(compress: Compress, lrs: list[float], c: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Spec §9.1 (official Def.py): y = x - c e; m = beta m + g(y) + wd y; p = e + lr m; e = p - C(p)."""
+    x = W0.clone()
+    e = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
+    m = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
+    for t, lr in enumerate(lrs):
+        sent = []
+        for k in range(K):
+            y = x - c * e[k]
+            m[k] = BETA * m[k] + GRAD(k, y, t) + WD * y
+            p = e[k] + lr * m[k]
+            cp = compress(p, DENSITY)[0]
+            e[k] = p - cp
+            sent.append(cp)
+        x = x - sum(sent) / K
+    return x, e
+
+
+def ef_local_momentum_by_hand(compress: Compress, lrs: list[float]) -> torch.Tensor:
+    """Error feedback on the local-momentum step (parameter units), gradient at the model itself."""
+    x = W0.clone()
+    memory = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
+    velocity = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
+    for t, lr in enumerate(lrs):
+        sent = []
+        for k in range(K):
+            velocity[k] = BETA * velocity[k] + GRAD(k, x, t) + WD * x
+            corrected = memory[k] + lr * velocity[k]
+            sent.append(compress(corrected, DENSITY)[0])
+            memory[k] = corrected - sent[-1]
+        x = x - sum(sent) / K
+    return x
+
+
+def alg3_by_hand(compress: Compress, lrs: list[float]) -> torch.Tensor:
+    """Spec §5.1: p = g + e; e = p - C(p); m = beta m + mean C(p); w -= lr m."""
+    w = W0.clone()
+    m = torch.zeros(D, dtype=torch.float64)
+    e = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
+    for t, lr in enumerate(lrs):
+        sent = []
+        for k in range(K):
+            p = GRAD(k, w, t) + WD * w + e[k]
+            c = compress(p, DENSITY)[0]
+            e[k] = p - c
+            sent.append(c)
+        m = BETA * m + sum(sent) / K
+        w = w - lr * m
+    return w
+
+
+def alg4_by_hand(compress: Compress, lrs: list[float]) -> torch.Tensor:
+    """Spec §5.2 / S.1: u' = e' + lr g + beta (w_{t-1} - w_t); w -= mean C(u')."""
+    w_prev, w = W0.clone(), W0.clone()
+    e = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
+    for t, lr in enumerate(lrs):
+        sent = []
+        for k in range(K):
+            u = e[k] + lr * (GRAD(k, w, t) + WD * w) + BETA * (w_prev - w)
+            c = compress(u, DENSITY)[0]
+            e[k] = u - c
+            sent.append(c)
+        w_prev, w = w, w - sum(sent) / K
+    return w
+
+
+def gmc_by_hand(compress: Compress, lrs: list[float]) -> torch.Tensor:
+    """Spec §3.1 / S.1 (convention A): u = e + g + beta (w_{t-1} - w_t) / lr_{t-1}; w -= lr mean C(u)."""
+    w_prev, w = W0.clone(), W0.clone()
+    e = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
+    for t, lr in enumerate(lrs):
+        prev_lr = lrs[t - 1] if t > 0 else lr
+        sent = []
+        for k in range(K):
+            u = e[k] + GRAD(k, w, t) + WD * w + BETA * (w_prev - w) / prev_lr
+            c = compress(u, DENSITY)[0]
+            e[k] = u - c
+            sent.append(c)
+        w_prev, w = w, w - lr * sum(sent) / K
+    return w
+
+
+def torch_sgd(lrs: list[float], momentum: float, clip: float | None = None) -> torch.Tensor:
+    """``torch.optim.SGD`` on the mean of the workers' gradients (optionally each clipped per parameter
+    with ``clip_grad_norm_``), i.e. DDP + SGD."""
+    w = W0.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([w], lr=lrs[0], momentum=momentum, weight_decay=WD)
+    for t, lr in enumerate(lrs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        grads = []
+        for k in range(K):
+            g = GRAD(k, w.detach(), t)
+            if clip is not None:
+                parts = []
+                for offset, n in _segments():
+                    holder = torch.nn.Parameter(torch.zeros(n, dtype=torch.float64))
+                    holder.grad = g[offset : offset + n].clone()
+                    torch.nn.utils.clip_grad_norm_([holder], clip)
+                    parts.append(holder.grad)
+                g = torch.cat(parts)
+            grads.append(g)
+        w.grad = sum(grads) / K
+        optimizer.step()
+    return w.detach()
+
+
+# ------------------------------------------------------------------------------- simulator
+def simulate(
+    method: str,
+    compressor: str | None,
+    lrs: list[float],
+    density: float = DENSITY,
+    epochs: list[int] | None = None,
+    **options: object,
+) -> tuple[list[torch.Tensor], Simulator]:
+    """Run the simulator; returns every worker's model (identical for one-model methods)."""
+    sim = Simulator(
+        {name: torch.zeros(shape) for name, shape in SHAPES.items()},
+        num_workers=K,
+        method=method,
+        compressor=compressor,
+        density=density,
+        momentum=BETA,
+        weight_decay=WD,
+        **options,
+    )
+    per_worker = sim.method.evaluation_point == "mean_params"  # CSER: each worker its own model
+    xs = [W0.clone() for _ in range(K)]
+    for t, lr in enumerate(lrs):
+        if epochs is not None:
+            sim.method.on_epoch_start(epochs[t])
+        if per_worker:
+            points = [_split(x) for x in xs]
+        else:
+            points = sim.gradient_points(_split(xs[0]), lr)
+        grads = [_split(GRAD(k, _flat(points[k]), t)) for k in range(K)]
+        directions = sim.step(grads, points, lr)
+        if not per_worker:
+            for other in directions[1:]:
+                for name in SHAPES:
+                    assert torch.equal(other[name], directions[0][name])  # one global model
+        # the optimizer's momentum-free step, in fp32 like torch.optim.SGD on fp32 parameters
+        xs = [
+            torch.cat([(_split(xs[k])[n] - lr * directions[k][n]).reshape(-1) for n in SHAPES]).double()
+            for k in range(K)
+        ]
+    return xs, sim
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------- hand-written three-step references (top-k)
+@pytest.mark.parametrize("mfm", [True, False], ids=["w-mfm", "wo-mfm"])
+@pytest.mark.parametrize("wd_local", [False, True], ids=["wd-compressed", "wd-local"])
+def test_dgc_three_steps_topk(mfm: bool, wd_local: bool) -> None:
+    options = {"momentum_masking": mfm, "weight_decay_mode": "local" if wd_local else "compressed"}
+    xs, _ = simulate("dgc", "topk", LRS3, **options)
+    close(xs[0], dgc_by_hand(topk, LRS3, mfm, wd_local))
+
+
+def test_cser_three_steps_topk_with_a_reset() -> None:
+    # H = 2: step t = 2 resets with C2 = top-k at density 0.5, step 3 runs on un-synchronised models.
+    options = {"reset_compressor": "topk", "reset_density": 0.5, "reset_interval": 2}
+    xs, sim = simulate("cser", "topk", LRS3, **options)
+    expected, residuals = cser_by_hand(topk, DENSITY, topk, 0.5, 2, LRS3)
+    for k in range(K):
+        close(xs[k], expected[k])
+        close(_flat(sim.residual(k)), residuals[k])
+    assert not torch.allclose(xs[0], xs[1])  # the models differ between resets
+
+
+def test_def_a_three_steps_topk() -> None:
+    xs, sim = simulate("def_a", "topk", LRS3, detach=0.3)
+    expected, residuals = def_a_by_hand(topk, LRS3, 0.3)
+    close(xs[0], expected)
+    for k in range(K):
+        close(_flat(sim.residual(k)), residuals[k])
+
+
+def test_alg3_three_steps_topk() -> None:
+    xs, _ = simulate("ef_server_momentum", "topk", LRS3)
+    close(xs[0], alg3_by_hand(topk, LRS3))
+
+
+def test_alg4_three_steps_topk() -> None:
+    xs, _ = simulate("gmc_lr_inside", "topk", LRS3)
+    close(xs[0], alg4_by_hand(topk, LRS3))
+
+
+def test_dmsgd_three_steps() -> None:
+    xs, _ = simulate("dmsgd", None, LRS3)  # the method's default compressor is the identity
+    close(xs[0], torch_sgd(LRS3, BETA))
+
+
+# ------------------------------------------------------------- degenerate cases (Remark 2 etc.)
+def test_dgc_identity_without_masking_is_ddp_sgd_momentum() -> None:
+    for wd in ("compressed", "local"):
+        xs, _ = simulate("dgc", "none", COSINE, momentum_masking=False, weight_decay_mode=wd)
+        close(xs[0], torch_sgd(COSINE, BETA))
+
+
+def test_dgc_identity_with_masking_is_plain_sgd() -> None:
+    xs, _ = simulate("dgc", "none", COSINE, momentum_masking=True)
+    close(xs[0], torch_sgd(COSINE, 0.0))
+
+
+def test_dgc_local_clipping_is_per_parameter_with_threshold_over_sqrt_k() -> None:
+    theta = 1.5
+    xs, _ = simulate("dgc", "none", COSINE, momentum_masking=False, clip_norm=theta)
+    expected = torch_sgd(COSINE, BETA, clip=theta / math.sqrt(K))
+    close(xs[0], expected)
+    assert not torch.allclose(expected, torch_sgd(COSINE, BETA), atol=1e-4)  # clipping was active
+
+
+def test_alg3_identity_is_sgd_momentum() -> None:
+    xs, _ = simulate("ef_server_momentum", "none", COSINE)
+    close(xs[0], torch_sgd(COSINE, BETA))
+
+
+def test_alg4_equals_gmc_at_constant_lr_and_differs_under_decay() -> None:
+    constant = [0.05] * 12
+    xs, _ = simulate("gmc_lr_inside", "topk", constant)
+    close(xs[0], gmc_by_hand(topk, constant))
+    decayed, _ = simulate("gmc_lr_inside", "topk", COSINE)
+    close(decayed[0], alg4_by_hand(topk, COSINE))
+    assert not torch.allclose(decayed[0], gmc_by_hand(topk, COSINE), atol=1e-4)
+
+
+def test_def_a_with_zero_coefficient_is_ef_with_local_momentum() -> None:
+    xs, _ = simulate("def_a", "topk", COSINE, detach=0.0)
+    close(xs[0], ef_local_momentum_by_hand(topk, COSINE))
+    detached, _ = simulate("def_a", "topk", COSINE, detach=0.3)
+    assert not torch.allclose(detached[0], xs[0], atol=1e-4)
+
+
+def test_cser_identity_compressors_is_synchronous_local_momentum_sgd() -> None:
+    xs, sim = simulate("cser", "none", COSINE, reset_interval=3)
+    expected = torch_sgd(COSINE, BETA)  # local momentum without compression = SGD momentum (eq. 6)
+    for k in range(K):
+        close(xs[k], expected)
+        assert float(_flat(sim.residual(k)).abs().max()) == 0.0
+
+
+def test_cser_full_reset_averages_the_models() -> None:
+    # C2 = identity and H = 4: after step 4 every worker holds the same model, x_hat - 0.
+    options = {"reset_compressor": "none", "reset_interval": 4}
+    xs, _ = simulate("cser", "topk", COSINE[:4], **options)
+    close(xs[0], xs[1])
+    expected, _ = cser_by_hand(topk, DENSITY, identity, 1.0, 4, COSINE[:4])
+    close(xs[0], expected[0])
+
+
+# --------------------------------------------------------------------------------- RCC, §6.5
+def test_cser_rcc_counts_both_compressors() -> None:
+    # RCC = [sum_t (2 sum_k |C1|_0 + 2 |sum C1|_0) + sum_{reset t} (2 sum_k |C2|_0 + 2 |sum C2|_0)]
+    #       / ((K+1) d T), from the supports the hand reference selects.
+    period, d2, lrs = 2, 0.5, LRS3 + [0.04]
+    x = [W0.clone() for _ in range(K)]
+    m = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
+    r = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
+    floats = 0
+    for t, lr in enumerate(lrs, start=1):
+        masks, sent, deltas = [], [], []
+        for k in range(K):
+            m[k] = BETA * m[k] + GRAD(k, x[k], t - 1) + WD * x[k]
+            deltas.append(lr * m[k])
+            c, mask = topk(deltas[k], DENSITY)
+            sent.append(c)
+            masks.append(mask)
+        floats += 2 * sum(int(mk.sum()) for mk in masks) + 2 * int((masks[0] | masks[1]).sum())
+        for k in range(K):
+            x[k] = x[k] - sum(sent) / K - (deltas[k] - sent[k])
+            r[k] = r[k] + deltas[k] - sent[k]
+        if t % period == 0:
+            resets = [topk(r[k], d2) for k in range(K)]
+            union = int((resets[0][1] | resets[1][1]).sum())
+            floats += 2 * sum(int(mk.sum()) for _, mk in resets) + 2 * union
+            for k in range(K):
+                x[k] = x[k] + resets[k][0] - sum(c for c, _ in resets) / K
+                r[k] = r[k] - resets[k][0]
+    expected = floats / ((K + 1) * D * len(lrs))
+    _, sim = simulate("cser", "topk", lrs, reset_compressor="topk", reset_density=d2, reset_interval=period)
+    assert sim.stats.take_step()["rcc"] == pytest.approx(expected)
+
+
+def test_def_a_rcc_with_rbgs_is_the_density() -> None:
+    sim = Simulator({"w": torch.zeros(1000)}, 4, method="def_a", compressor="rbgs", density=0.01)
+    for _ in range(3):
+        points = sim.gradient_points({"w": torch.zeros(1000)}, 0.1)
+        sim.step([{"w": torch.randn(1000)} for _ in range(4)], points, 0.1)
+    assert sim.stats.take_step()["rcc"] == pytest.approx(0.01)
+
+
+def test_dmsgd_rcc_is_one() -> None:
+    _, sim = simulate("dmsgd", None, LRS3)
+    assert sim.stats.take_step()["rcc"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------- DGC sparsity warm-up
+def test_dgc_sparsity_warmup_follows_the_paper_schedule_per_epoch() -> None:
+    shapes = {"w": (2000,)}
+    sim = Simulator(
+        {n: torch.zeros(s) for n, s in shapes.items()},
+        K,
+        method="dgc",
+        compressor="topk",
+        density=0.001,
+        sparsity_warmup=True,
+    )
+    description = sim.method.describe()
+    densities = []
+    for epoch in range(6):
+        sim.method.on_epoch_start(epoch)
+        points = sim.gradient_points({"w": torch.zeros(2000)}, 0.1)
+        sim.step([{"w": torch.randn(2000)} for _ in range(K)], points, 0.1)
+        densities.append(sim.stats.take_step()["density"])
+        assert sim.method.describe() == description  # stable: checkpoints compare it on resume
+    # 75 %, 93.75 %, 98.4375 %, 99.6 % sparsity, then the target 99.9 % (spec §7.1)
+    assert densities == pytest.approx([0.25, 0.0625, 0.0155, 0.004, 0.001, 0.001])
+
+
+def test_dgc_warmup_never_goes_below_the_target_density() -> None:
+    sim = Simulator(
+        {"w": torch.zeros(100)}, K, method="dgc", compressor="topk", density=0.1, sparsity_warmup=[0.5, 0.05]
+    )
+    assert sim.method.warmup_densities == (0.5, 0.1)
+
+
+# ------------------------------------------------------------------------------------ errors
+def test_every_method_is_registered_and_listed_in_the_unknown_name_error() -> None:
+    from lightning_gmc.compressors import build_compressor
+    from lightning_gmc.methods import build_method
+
+    names = ["cser", "def_a", "dgc", "dmsgd", "ef_server_momentum", "gmc", "gmc_lr_inside"]
+    with pytest.raises(ValueError) as err:
+        build_method("nope", build_compressor("topk"))
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_impossible_combinations_fail_at_construction() -> None:
+    with pytest.raises(ValueError, match="identity compressor"):
+        Simulator({"w": (10,)}, K, method="dmsgd", compressor="topk")
+    with pytest.raises(ValueError, match="momentum_masking=False"):
+        Simulator({"w": (10,)}, K, method="dgc", compressor="scaled_sign")
+    # without masking, DGC runs with any compressor
+    Simulator({"w": (10,)}, K, method="dgc", compressor="scaled_sign", momentum_masking=False)
+    with pytest.raises(ValueError, match="density"):
+        Simulator(
+            {"w": (10,)}, K, method="dgc", compressor="none", momentum_masking=False, sparsity_warmup=True
+        )
+    with pytest.raises(ValueError, match="reset_interval"):
+        Simulator({"w": (10,)}, K, method="cser", compressor="topk", reset_interval=0)
+    with pytest.raises(ValueError, match="detach"):
+        Simulator({"w": (10,)}, K, method="def_a", compressor="topk", detach=-1.0)
+    with pytest.raises(ValueError, match="does not take"):
+        Simulator({"w": (10,)}, K, method="ef_server_momentum", compressor="topk", detach=0.3)
+
+
+def test_lr_inside_methods_reject_a_zero_learning_rate() -> None:
+    for method in ("cser", "def_a", "gmc_lr_inside"):
+        sim = Simulator({"w": (10,)}, K, method=method, compressor="topk", density=0.2)
+        points = sim.gradient_points({"w": torch.zeros(10)}, 0.0)
+        with pytest.raises(ValueError, match="lr > 0"):
+            sim.step([{"w": torch.ones(10)}] * K, points, 0.0)
+
+
+def test_quantizer_runs_with_every_method_that_accepts_it() -> None:
+    # A biased, non-sparse, private-support compressor: every compressed method except DGC's
+    # masking (rejected above) must run and stay finite.
+    for method, options in [
+        ("dgc", {"momentum_masking": False}),
+        ("cser", {"reset_interval": 2}),
+        ("def_a", {}),
+        ("ef_server_momentum", {}),
+        ("gmc_lr_inside", {}),
+    ]:
+        xs, _ = simulate(method, "scaled_sign", LRS3, **options)
+        assert all(torch.isfinite(x).all() for x in xs), method
