@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
+from lightning_gmc._registry import Registry
 from lightning_gmc.compressors.base import Compressor
 
 __all__ = ["COMPRESSORS", "build_compressor", "register_compressor"]
 
-COMPRESSORS: dict[str, type[Compressor]] = {}
-
-
-def register_compressor(cls: type[Compressor]) -> type[Compressor]:
-    """Class decorator: make ``cls`` selectable by ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no `name`")
-    if cls.name in COMPRESSORS and COMPRESSORS[cls.name] is not cls:
-        raise ValueError(f"compressor name {cls.name!r} is already taken by {COMPRESSORS[cls.name].__name__}")
-    COMPRESSORS[cls.name] = cls
-    return cls
+_REGISTRY: Registry[Compressor] = Registry("compressor", "valid names")
+COMPRESSORS: dict[str, type[Compressor]] = _REGISTRY.classes
+register_compressor = _REGISTRY.register
 
 
 def build_compressor(spec: str | Compressor, density: float | None = None, **options: Any) -> Compressor:
@@ -36,17 +28,9 @@ def build_compressor(spec: str | Compressor, density: float | None = None, **opt
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"compressor must be a name or a Compressor instance, got {type(spec).__name__}")
-    cls = COMPRESSORS.get(spec.lower())
-    if cls is None:
-        raise ValueError(f"unknown compressor {spec!r}; valid names: {', '.join(sorted(COMPRESSORS))}")
-    accepted = inspect.signature(cls.__init__).parameters
+    cls = _REGISTRY.get(spec)
     kwargs = dict(options)
-    if density is not None and "density" in accepted:
+    if density is not None and "density" in _REGISTRY.option_names(cls.name):
         kwargs["density"] = density
-    unknown = [key for key in kwargs if key not in accepted]
-    if unknown:
-        valid = [p for p in accepted if p != "self"]
-        raise ValueError(
-            f"compressor {spec!r} does not take option(s) {unknown}; it accepts: {valid or 'no options'}"
-        )
+    _REGISTRY.check_options(cls.name, kwargs)
     return cls(**kwargs)

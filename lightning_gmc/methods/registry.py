@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
+from lightning_gmc._registry import Registry
 from lightning_gmc.compressors import Compressor, scale_for_error_feedback
 from lightning_gmc.methods.base import Method
 
-__all__ = ["METHODS", "build_method", "register_method"]
+__all__ = ["METHODS", "build_method", "method_option_names", "register_method"]
 
-METHODS: dict[str, type[Method]] = {}
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: make ``cls`` selectable as ``method=cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no `name`")
-    if cls.name in METHODS and METHODS[cls.name] is not cls:
-        raise ValueError(f"method name {cls.name!r} is already taken by {METHODS[cls.name].__name__}")
-    METHODS[cls.name] = cls
-    return cls
+_REGISTRY: Registry[Method] = Registry("method", "valid methods")
+METHODS: dict[str, type[Method]] = _REGISTRY.classes
+register_method = _REGISTRY.register
 
 
 def method_option_names(name: str) -> list[str]:
     """Constructor options of a registered method (besides the compressor)."""
-    cls = METHODS[name]
-    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "compressor")]
+    return _REGISTRY.option_names(name, skip=("compressor",))
 
 
 def build_method(name: str, compressor: Compressor, ef_scaling: bool | None = None, **options: Any) -> Method:
@@ -44,15 +35,8 @@ def build_method(name: str, compressor: Compressor, ef_scaling: bool | None = No
     Raises:
         ValueError: unknown name (the message lists the valid ones) or an option it does not take.
     """
-    cls = METHODS.get(name.lower()) if isinstance(name, str) else None
-    if cls is None:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
-    accepted = method_option_names(cls.name)
-    unknown = [key for key in options if key not in accepted]
-    if unknown:
-        raise ValueError(
-            f"method {name!r} does not take option(s) {unknown}; it accepts: {accepted or 'none'}"
-        )
+    cls = _REGISTRY.get(name)
+    _REGISTRY.check_options(cls.name, options, skip=("compressor",))
     use_scaling = cls.error_feedback if ef_scaling is None else ef_scaling
     if use_scaling:
         compressor = scale_for_error_feedback(compressor)
