@@ -155,3 +155,38 @@ def test_unbiased_compressors_are_scaled_for_error_feedback() -> None:
         outs.append(decoded)
     torch.testing.assert_close(outs[0], outs[1] / (1 + 1 / 8))
     assert GMCStrategy(compressor="topk").gmc_method.compressor.name == "topk"  # contractive: unchanged
+
+
+def test_dense_fallback_threshold_follows_the_wire_formula() -> None:
+    from lightning_gmc.compressors import segments_from_numels
+    from lightning_gmc.transport import choose_route
+
+    plan_of = lambda name, density: build_compressor(name, density=density).plan(  # noqa: E731
+        segments_from_numels([1000])
+    )
+    # all-gather (K-1) * 8k bytes against ring all-reduce 2 (K-1)/K * 4n: top-k pays while k/n < 1/K
+    assert choose_route(build_compressor("topk", density=0.4), plan_of("topk", 0.4), 2) == "allgather"
+    assert choose_route(build_compressor("topk", density=0.6), plan_of("topk", 0.6), 2) == "dense"
+    assert choose_route(build_compressor("topk", density=0.1), plan_of("topk", 0.1), 8) == "allgather"
+    assert choose_route(build_compressor("topk", density=0.2), plan_of("topk", 0.2), 8) == "dense"
+    assert choose_route(build_compressor("rbgs", density=0.9), plan_of("rbgs", 0.9), 64) == "allreduce"
+    assert choose_route(build_compressor("topk", density=0.9), plan_of("topk", 0.9), 1) == "local"
+
+
+def test_checkpoint_of_another_model_is_rejected() -> None:
+    small, large = nn.Linear(3, 2), nn.Linear(4, 2)
+    saved = _state()
+    saved.attach(small, torch.optim.SGD(small.parameters(), lr=0.1))
+    other = _state()
+    other.attach(large, torch.optim.SGD(large.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"has shape \(2, 3\).*\(2, 4\)"):
+        other.load_state_dict(saved.state_dict())
+    renamed = _state()
+    model = nn.Sequential(nn.Linear(3, 2))
+    renamed.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="does not match the model"):
+        renamed.load_state_dict(saved.state_dict())
+    different_method = GMCHookState(build_method("gmc", build_compressor("rbgs", density=0.1)))
+    different_method.attach(small, torch.optim.SGD(small.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="checkpoint was written by"):
+        different_method.load_state_dict(saved.state_dict())

@@ -221,3 +221,40 @@ def test_nonfinite_gradient_raises_when_asked(tmp_path: Path) -> None:
         "devices": 1,
     }
     assert "FloatingPointError" in run_distributed_error(tmp_path, cfg)
+
+
+def test_dense_fallback_past_the_crossover_keeps_the_maths(tmp_path: Path) -> None:
+    # top-k at density 0.6 on 2 ranks: an all-gather of (value, index) pairs would send 8k > 4n bytes,
+    # so every bucket travels as a dense all-reduce of the compressed vector, with unchanged results.
+    cfg = {
+        **BASE,
+        "strategy_kwargs": {"compressor": "topk", "density": 0.6},
+        "max_steps": 4,
+        "count_collectives": True,
+    }
+    results = run_distributed(tmp_path, cfg)
+    _assert_replicas_identical(results)
+    calls = results[0]["collective_calls"]
+    assert {kind for kind, _ in calls} == {"all_reduce"}
+    numel = sum(t.numel() for t in results[0]["params"].values())
+    assert sum(nbytes for _, nbytes in calls) == 4 * numel * 4  # dense fp32, 4 steps
+    expected = _simulate(cfg, _lrs_per_step(results[0]))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(results[0]["params"][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_parameters_keep_fp32_state(tmp_path: Path) -> None:
+    cfg = {
+        **BASE,
+        "strategy_kwargs": {"compressor": "rbgs", "density": 0.05, "detach": 0.5},
+        "max_steps": 4,
+        "precision": "bf16-true",
+    }
+    results = run_distributed(tmp_path, cfg)
+    _assert_replicas_identical(results)
+    for r in results:
+        assert all(t.dtype == torch.bfloat16 and torch.isfinite(t).all() for t in r["params"].values())
+        for scope in ("local", "shared"):
+            for by_name in r["gmc_state"][scope].values():
+                assert all(t.dtype == torch.float32 for t in by_name.values())
+    assert results[0]["gmc_state"]["local"]["residual"]["net.0.weight"].abs().sum() > 0
