@@ -424,14 +424,22 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
     buffer = bucket.buffer()
     grad = buffer if buffer.dtype == torch.float32 else buffer.to(torch.float32)
     if state.nonfinite == "raise":
-        if not bool(torch.isfinite(grad).all()):
+        low, high = torch.aminmax(grad)
+        if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
             raise FloatingPointError(
                 f"non-finite gradient in a bucket of {len(params)} parameters at step {state.step} on rank "
                 f"{state.worker.rank}"
             )
     else:
-        skipped = torch.isfinite(grad).all().logical_not()
-        grad.masked_fill_(skipped, 0.0)  # drops the whole bucket contribution, no host sync
+        # One reduction pass: an inf or NaN anywhere makes the min or the max non-finite (NaN
+        # propagates through both). isfinite(grad).all() would allocate gradient-sized temporaries.
+        low, high = torch.aminmax(grad)
+        skipped = torch.isfinite(low).logical_and(torch.isfinite(high)).logical_not()
+        if grad.device.type == "cpu":
+            if bool(skipped):  # no device to keep asynchronous: skip the fill pass when all is finite
+                grad.zero_()
+        else:
+            grad.masked_fill_(skipped, 0.0)  # drops the whole bucket contribution, no host sync
         state.count_nonfinite(skipped)
     world_size = state.transport.world_size
     step = BucketStep(

@@ -164,8 +164,9 @@ class Simulator:
         self.stats.record_bucket(self.table.numel, self.num_workers)  # as rank 0 sees it
         means = self.transport.exchange(messages, self.workers[0].bucket(self._key))
         # Each worker decodes from its own copy of the means, exactly as every rank would.
-        for step in steps:
-            self.method.decode(step, [m.clone() for m in means])
+        for step, sent in zip(steps, messages, strict=True):
+            own = [_own_copy(mean, message.decode_into) for mean, message in zip(means, sent, strict=True)]
+            self.method.decode(step, own)
         self._prev_lr = float(lr)
         self.step_index += 1
         return [self._unflatten(step.out) for step in steps]
@@ -206,6 +207,11 @@ class Simulator:
         """Worker ``worker``'s residual per parameter (methods with error feedback)."""
         state = self.workers[worker].state_dict("local")
         return state.get("residual", {})
+
+
+def _own_copy(mean: Tensor, target: Tensor | None) -> Tensor:
+    """A worker's copy of a mean, in the buffer its message asked for (as the real transport does)."""
+    return mean.clone() if target is None else target.copy_(mean)
 
 
 def _copier(source: Tensor) -> Callable[[Tensor], None]:

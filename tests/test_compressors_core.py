@@ -99,15 +99,21 @@ def test_rbgs_blocks_are_contiguous_with_wrap_around() -> None:
         cursor += k
 
 
-def test_rbgs_covers_every_coordinate_with_probability_density() -> None:
-    # Each coordinate is in the block with probability k/n (delta = density in expectation, spec §6.4).
-    n, k, trials = 40, 10, 4000
-    compressor = build_compressor("rbgs", density=k / n)
+@pytest.mark.parametrize(("name", "n", "k"), [("rbgs", 40, 10), ("randk", 40, 10), ("randk", 400, 8)])
+def test_shared_random_supports_cover_every_coordinate_with_probability_density(
+    name: str, n: int, k: int
+) -> None:
+    # Each coordinate is selected with probability k/n (delta = density in expectation, spec §6.4);
+    # randk's sparse path (k << n) draws distinct indices without a permutation of n.
+    trials = 4000
+    compressor = build_compressor(name, density=k / n)
     plan = compressor.plan(segments_from_numels([n]))
     hits = torch.zeros(n)
     rng = RandomStreams(11, 0)
     for step in range(trials):
-        hits[compressor.select(torch.zeros(n), plan, rng, step)] += 1
+        chosen = compressor.select(torch.zeros(n), plan, rng, step)
+        assert chosen.unique().numel() == k
+        hits[chosen] += 1
     p = k / n
     # 5 sigma of a binomial(trials, p) per coordinate
     tolerance = 5 * math.sqrt(trials * p * (1 - p))

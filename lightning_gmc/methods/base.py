@@ -89,6 +89,9 @@ class Message:
     compressor: Compressor
     plan: CompressionPlan
     payload: Payload
+    #: Where the transport writes this message's mean over workers (a state buffer the method keeps
+    #: it in anyway, saving a copy); None uses a transport workspace.
+    decode_into: Tensor | None = None
 
 
 class BucketState:
@@ -283,12 +286,15 @@ class BucketStep:
             if hyper.weight_decay != 0.0:
                 target[sl].add_(self.params()[sl], alpha=hyper.weight_decay)
 
-    def compress(self, compressor: Compressor, x: Tensor, stream_offset: int = 0) -> Message:
+    def compress(
+        self, compressor: Compressor, x: Tensor, stream_offset: int = 0, decode_into: Tensor | None = None
+    ) -> Message:
         """Compress ``x`` with this bucket's plan. ``stream_offset`` separates a second compressor's
-        random draws from the first's within one step."""
+        random draws from the first's within one step; ``decode_into`` receives the mean over workers
+        (see :attr:`Message.decode_into`)."""
         plan = self.bucket.plan(compressor)
         payload = compressor.compress(x, plan, self.rng.salted(stream_offset), self.step)
-        return Message(compressor, plan, payload)
+        return Message(compressor, plan, payload, decode_into)
 
     def subtract_own(self, message: Message, x: Tensor) -> None:
         """``x <- x - C(x)`` for a message this worker just produced from ``x``."""

@@ -73,13 +73,17 @@ class GMC(Method):
             if hyper.momentum != 0.0:
                 scale = hyper.prev_lr / hyper.lr if self.momentum_lr_convention == "cur" else 1.0
                 u[sl].add_(momentum[sl], alpha=hyper.momentum * scale)
-        message = step.compress(self.compressor, u)
+        # m_t, the mean over workers, is decoded straight into the momentum buffer (m_{t-1} is no
+        # longer needed once u_k is formed).
+        message = step.compress(self.compressor, u, decode_into=momentum)
         step.subtract_own(message, u)  # residual e_k <- u_k - C(u_k)
         return [message]
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means
-        step.bucket.buffers["momentum"].copy_(mean)
+        momentum = step.bucket.buffers["momentum"]
+        if mean is not momentum:
+            momentum.copy_(mean)
         step.out.copy_(mean)
 
     def detach_scale(self, hyper: GroupHyper) -> float:

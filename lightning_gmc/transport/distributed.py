@@ -16,7 +16,14 @@ from torch.futures import Future
 
 from lightning_gmc.compressors import Payload
 from lightning_gmc.methods import BucketState, Message
-from lightning_gmc.transport.base import CommStats, Route, choose_route, decode_mean, nonzero_bits
+from lightning_gmc.transport.base import (
+    CommStats,
+    Route,
+    choose_route,
+    decode_mean,
+    decode_sum_mean,
+    nonzero_bits,
+)
 
 __all__ = ["DistributedTransport"]
 
@@ -56,7 +63,9 @@ class DistributedTransport:
         finishers = []
         futures: list[Future] = []
         for index, message in enumerate(messages):
-            mean = bucket.workspace(f"mean{index}", message.plan.numel)
+            mean = message.decode_into
+            if mean is None:
+                mean = bucket.workspace(f"mean{index}", message.plan.numel)
             route = choose_route(message.compressor, message.plan, world)
             finish, future = self._launch(route, message, mean, bucket, index, world)
             finishers.append(finish)
@@ -93,9 +102,7 @@ class DistributedTransport:
 
             def finish_allreduce() -> Tensor:
                 # The summed values decode (linearly) into the sum; divide once.
-                mean.zero_()
-                compressor.decompress_add(payload, plan, mean)
-                mean.div_(world)
+                decode_sum_mean(compressor, plan, payload, mean, world)
                 self.stats.record_broadcast(compressor.broadcast_bits([payload], plan))
                 return mean
 
