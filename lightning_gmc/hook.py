@@ -34,7 +34,7 @@ survives DDP's bucket rebuild after the first iteration.
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -396,7 +396,7 @@ def _check_no_sparse_gradients(model: nn.Module) -> None:
             )
 
 
-def _read_params(params: list[Tensor]) -> Any:
+def _read_params(params: list[Tensor]) -> Callable[[Tensor], None]:
     def read(out: Tensor) -> None:
         torch.cat([p.detach().reshape(-1).to(torch.float32) for p in params], out=out)
 
@@ -423,18 +423,17 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
     bucket_state = state.worker.bucket(state.parameter_indices(params))
     buffer = bucket.buffer()
     grad = buffer if buffer.dtype == torch.float32 else buffer.to(torch.float32)
+    # One reduction pass: an inf or NaN anywhere makes the min or the max non-finite (NaN propagates
+    # through both); isfinite(grad).all() would allocate gradient-sized temporaries.
+    low, high = torch.aminmax(grad)
+    skipped = torch.isfinite(low).logical_and(torch.isfinite(high)).logical_not()
     if state.nonfinite == "raise":
-        low, high = torch.aminmax(grad)
-        if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+        if bool(skipped):
             raise FloatingPointError(
                 f"non-finite gradient in a bucket of {len(params)} parameters at step {state.step} on rank "
                 f"{state.worker.rank}"
             )
     else:
-        # One reduction pass: an inf or NaN anywhere makes the min or the max non-finite (NaN
-        # propagates through both). isfinite(grad).all() would allocate gradient-sized temporaries.
-        low, high = torch.aminmax(grad)
-        skipped = torch.isfinite(low).logical_and(torch.isfinite(high)).logical_not()
         if grad.device.type == "cpu":
             if bool(skipped):  # no device to keep asynchronous: skip the fill pass when all is finite
                 grad.zero_()

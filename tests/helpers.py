@@ -22,6 +22,8 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 RUNNER = Path(__file__).resolve().parent / "distributed_runner.py"
 
+_LAUNCHER_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
 NUM_FEATURES = 24
 NUM_CLASSES = 6
 
@@ -95,7 +97,16 @@ def run_distributed(tmp_path: Path, config: dict[str, Any], timeout: float = 240
     config = {**config, "out_dir": str(out_dir)}
     config_path = out_dir / "config.json"
     config_path.write_text(json.dumps(config))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port())}
+    # Lightning must start the ranks itself: drop anything an enclosing launcher (or an in-process
+    # Trainer of an earlier test) left behind.
+    inherited = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
+    env = {
+        **inherited,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
     proc = subprocess.run(
         [sys.executable, str(RUNNER), str(config_path)],
         cwd=out_dir,
