@@ -271,6 +271,13 @@ def plot(rows: list[Row], path: Path, d: int) -> None:
     ax2.set_title("worst case, unbiased compressors")
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
+    # Frame the measurements: the bounds fall off as 4^-r and would otherwise squash every measured
+    # point into the top decade of the plot.
+    eps = [r.eps_gauss for r in rows if r.eps_gauss > 0]
+    omegas = [r.omega_worst for r in rows if r.omega_worst is not None and r.omega_worst > 0]
+    ax1.set_ylim(min(eps) / 5, 2.0)
+    if omegas:
+        ax2.set_ylim(min(omegas) / 5, max(omegas) * 5)
     ax1.legend(fontsize=7, loc="lower left")
     ax2.legend(fontsize=7, loc="lower left")
     fig.tight_layout()

@@ -220,13 +220,15 @@ class GMCStrategy(DDPStrategy):
         metrics = self.gmc_state.take_metrics()
         self.last_metrics = metrics
         module = self.lightning_module
-        if module is None or module._trainer is None or not module.trainer.loggers:
+        if module is None or module._trainer is None:
             return
+        # Always into the trainer's callback metrics (callbacks and scripts read them there); to the
+        # loggers when there are any (logging to none would only warn).
         module.log_dict(
             {f"gmc/{key}": value for key, value in metrics.items() if key in _LOGGED_METRICS},
             on_step=True,
             on_epoch=False,
-            logger=True,
+            logger=bool(module.trainer.loggers),
             prog_bar=False,
         )
 
