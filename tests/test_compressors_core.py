@@ -142,3 +142,21 @@ def test_unknown_compressor_lists_valid_names() -> None:
         with pytest.raises(ValueError, match="density"):
             build_compressor("topk", density=density)
     assert {"none", "topk", "topk_approx", "randk", "rbgs"} <= set(COMPRESSORS)
+
+
+@pytest.mark.parametrize("name", ["none", "rbgs", "randk"])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_decode_of_an_all_reduced_sum_matches_the_generic_definition(name: str, world_size: int) -> None:
+    # The overrides skip passes over `out`; they must give exactly the bits of zero_ + decompress_add +
+    # div_, signed zeros and infinities included.
+    x = _x(2)
+    x[:6] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-45, -1e-45])
+    compressor, plan, payload, _ = _round_trip(name, 0.5, x)
+    for tensor in payload.tensors.values():
+        tensor[:6] = x[:6]
+    reference = torch.zeros_like(x)
+    compressor.decompress_add(payload, plan, reference)
+    reference.div_(world_size)
+    fast = torch.full_like(x, 7.0)  # stale contents must not survive
+    compressor.decode_summed(payload, plan, fast, world_size)
+    assert torch.equal(fast.view(torch.int32), reference.view(torch.int32))

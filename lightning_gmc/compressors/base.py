@@ -161,10 +161,6 @@ class RandomStreams:
         """Independent streams for a second compressor used in the same step (salt 0 is ``self``)."""
         return self if salt == 0 else RandomStreams(mix_seed(self.seed, salt), self.rank)
 
-    def for_rank(self, rank: int) -> RandomStreams:
-        """Streams of another rank with the same seed (used by the in-process simulator)."""
-        return RandomStreams(self.seed, rank)
-
 
 def _stream_id(stream: str) -> int:
     # A stable integer per stream name (Python's hash() is salted per process).
@@ -203,6 +199,17 @@ class Compressor(ABC):
     @abstractmethod
     def decompress_add(self, payload: Payload, plan: CompressionPlan, out: Tensor) -> None:
         """Add the decoded vector ``C(x)`` to ``out`` in place."""
+
+    def decode_summed(self, summed: Payload, plan: CompressionPlan, out: Tensor, world_size: int) -> Tensor:
+        """``out = C(summed) / K`` for a shared-support payload whose ``values`` hold the sum over ranks
+        (the all-reduce route). ``summed.tensors`` are the transport's own and may be modified.
+
+        The default is ``out.zero_(); decompress_add; out.div_(K)``; compressors override it with
+        fewer passes over ``out`` when they can reproduce exactly the same bits.
+        """
+        out.zero_()
+        self.decompress_add(summed, plan, out)
+        return out.div_(world_size)
 
     def subtract_own(self, x: Tensor, payload: Payload, plan: CompressionPlan, workspace: Tensor) -> None:
         """Set ``x <- x - C(x)`` for the payload this rank just produced from ``x``.

@@ -27,9 +27,8 @@ import torch
 from torch import Tensor
 
 from lightning_gmc.compressors import CompressionPlan, Compressor, Payload
-from lightning_gmc.compressors.sparse import Identity, SparseCompressor
 
-__all__ = ["CommStats", "Route", "choose_route", "decode_mean", "decode_sum_mean", "ring_allreduce_bytes"]
+__all__ = ["CommStats", "Route", "choose_route", "decode_mean", "ring_allreduce_bytes"]
 
 Route = Literal["local", "allreduce", "allgather", "dense"]
 
@@ -65,32 +64,6 @@ def decode_mean(
     return out.div_(len(payloads))
 
 
-def decode_sum_mean(
-    compressor: Compressor, plan: CompressionPlan, summed: Payload, out: Tensor, world_size: int
-) -> Tensor:
-    """``out = C(summed) / K`` for a shared-support payload whose ``values`` hold the sum over ranks.
-
-    Bit-identical to ``out.zero_(); compressor.decompress_add(summed, plan, out); out.div_(K)``, but
-    for the built-in compressors with fewer passes over the d-sized ``out``: a sparsifier divides its
-    ``k`` values instead of all of ``out``, the identity skips the ``zero_``. ``summed.tensors`` are
-    the transport's own (all-reduced) tensors and are modified.
-    """
-    values = summed.tensors["values"]
-    decoder = type(compressor).decompress_add
-    index = summed.context.get("index")
-    if decoder is SparseCompressor.decompress_add and index is not None:
-        # Every selected coordinate of the reference is (0 + v) / K; values.add_(0.0) reproduces the
-        # 0 + v (it turns -0.0 into +0.0), and index_copy_ stores the quotient as is, -0.0 included.
-        out.zero_()
-        out.index_copy_(0, index, values.add_(0.0).div_(world_size))
-        return out
-    if decoder is Identity.decompress_add:
-        return torch.add(values, 0.0, out=out).div_(world_size)  # 0 + v, as zero_() + add_() gives
-    out.zero_()
-    compressor.decompress_add(summed, plan, out)
-    return out.div_(world_size)
-
-
 @dataclass
 class CommStats:
     """Traffic counters of one worker, accumulated per step and over the run.
@@ -112,7 +85,6 @@ class CommStats:
     dense_bytes_total: float = 0.0
     rcc_bits_total: float = 0.0
     rcc_dense_bits_total: float = 0.0
-    routes: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, object]:
@@ -148,7 +120,6 @@ class CommStats:
         else:
             wire = ring_allreduce_bytes(handed_bytes, world_size)
         with self._lock:
-            self.routes[route] = self.routes.get(route, 0) + 1
             self.bytes_to_collectives += handed_bytes if route != "local" else 0
             self.collectives += 1 if route != "local" else 0
             self.bytes_sent += wire

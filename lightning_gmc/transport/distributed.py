@@ -21,7 +21,6 @@ from lightning_gmc.transport.base import (
     Route,
     choose_route,
     decode_mean,
-    decode_sum_mean,
     nonzero_bits,
 )
 
@@ -102,7 +101,7 @@ class DistributedTransport:
 
             def finish_allreduce() -> Tensor:
                 # The summed values decode (linearly) into the sum; divide once.
-                decode_sum_mean(compressor, plan, payload, mean, world)
+                compressor.decode_summed(payload, plan, mean, world)
                 self.stats.record_broadcast(compressor.broadcast_bits([payload], plan))
                 return mean
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lightning_gmc.compressors import Payload
 from lightning_gmc.methods import BucketState, Message
-from lightning_gmc.transport.base import CommStats, choose_route, decode_mean, decode_sum_mean, nonzero_bits
+from lightning_gmc.transport.base import CommStats, choose_route, decode_mean, nonzero_bits
 
 __all__ = ["SimulatedTransport"]
 
@@ -58,7 +58,7 @@ class SimulatedTransport:
                     route, world, values.numel() * values.element_size(), nnz, upload_bits
                 )
                 summed = Payload({"values": values}, payloads[0].context)
-                decode_sum_mean(compressor, plan, summed, mean, world)
+                compressor.decode_summed(summed, plan, mean, world)
                 self.stats.record_broadcast(compressor.broadcast_bits([summed], plan))
             else:
                 decode_mean(compressor, plan, payloads, mean)
