@@ -63,7 +63,9 @@ def _loss(model: nn.Module, step: int) -> torch.Tensor:
 class HookRun:
     """A model trained through plain DDP with ``gmc_hook`` (one rank)."""
 
-    def __init__(self, convention: str = "prev", detach: float = 0.0, nonfinite_at: int | None = None) -> None:
+    def __init__(
+        self, convention: str = "prev", detach: float = 0.0, nonfinite_at: int | None = None
+    ) -> None:
         self.model = _model()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LRS[0], momentum=BETA, weight_decay=WD)
         method = build_method(
