@@ -143,3 +143,31 @@ def assert_close(
 ) -> None:
     for name, tensor in expected.items():
         torch.testing.assert_close(actual[name].to(tensor.dtype), tensor, msg=name, rtol=rtol, atol=atol)
+
+
+def replay_sgd(cfg: dict[str, Any], lrs: list[float], world_size: int = 2) -> dict[str, torch.Tensor]:
+    """Plain DDP with ``torch.optim.SGD(momentum, weight_decay)``: the mean of the ranks' gradients at
+    the shared parameters, one optimizer step per learning rate (the dense methods' degeneracy)."""
+    torch.set_num_threads(1)
+    model = make_model(cfg.get("model", "small"), cfg.get("model_seed", 0))
+    data = make_dataset(cfg.get("num_samples", 256), cfg.get("data_seed", 1))
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=lrs[0],
+        momentum=float(cfg["momentum"]),
+        weight_decay=cfg.get("weight_decay", 0.0),
+    )
+    for step, lr in enumerate(lrs):
+        grads: dict[str, torch.Tensor] = {}
+        for rank in range(world_size):
+            model.zero_grad()
+            xb, yb = rank_batch(data, rank, world_size, cfg["batch_size"], step)
+            loss_fn(model, xb, yb).backward()
+            for name, p in model.named_parameters():
+                grads[name] = grads.get(name, 0) + p.grad / world_size
+        for name, p in model.named_parameters():
+            p.grad = grads[name]
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
