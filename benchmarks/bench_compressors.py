@@ -38,8 +38,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from quiet_profiler import quiet_profile
 from torch import Tensor
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity
 
 from lightning_gmc.compressors import (
     Compressor,
@@ -182,7 +183,7 @@ def allocations(fn: Callable[[], object], min_bytes: int) -> tuple[int, float]:
     Uses the profiler's memory tracking; a temporary allocated and freed inside one op (e.g. the
     internal queue of ``torch.topk``) nets to zero and is not counted.
     """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.events() if e.name != "[memory]"]
     large = sum(1 for e in events if e.self_cpu_memory_usage >= min_bytes)

@@ -48,10 +48,11 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from quiet_profiler import quiet_profile
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_gmc
@@ -140,7 +141,7 @@ def train_step(v: Variant, x: torch.Tensor, y: torch.Tensor) -> None:
 def count_large_allocations(fn: Callable[[], object], min_bytes: int) -> int:
     """Ops in one call of ``fn`` whose own net CPU allocation is at least ``min_bytes`` (see
     ``bench_compressors.py``)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     return sum(1 for e in prof.events() if e.self_cpu_memory_usage >= min_bytes)
 
