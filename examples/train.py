@@ -22,6 +22,7 @@ the download and ``--data.synthetic=true``, instead of once per rank. On a lapto
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +55,10 @@ class ExamplesCLI(LightningCLI):
     """LightningCLI that checks the data in the launching process, before any rank starts."""
 
     def before_fit(self) -> None:
+        # Only the launching process (or, under an external launcher such as torchrun, local rank 0):
+        # concurrent downloads from every rank of a node would race on the same files.
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            return
         ensure_available = getattr(self.datamodule, "ensure_available", None)
         if ensure_available is not None:
             ensure_available()
