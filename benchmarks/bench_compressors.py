@@ -1,8 +1,8 @@
-"""Compressor cost as a ratio of a memory copy of the same gradient (issue 2, spec G1/G5/G6).
+"""Compressor cost as a ratio of a memory copy of the same gradient (goals G1/G5/G6 of docs/benchmarks.md).
 
 For a flat fp32 vector of ``d`` elements (``--numel``, default 25M; ``--quick`` uses 1M) split into
 segments the way a real bucket is, this measures, in **interleaved rounds** (every op once per round,
-median per op; ``spec/performance.md`` Appendix A):
+median per op, so that load drift hits every op alike):
 
 * floors: a preallocated ``copy_`` and an allocating ``clone()`` of the same vector, and exact
   ``torch.topk(|x|, k)`` over the whole vector at each density (the reference of goal G1);

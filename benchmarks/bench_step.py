@@ -1,11 +1,11 @@
-"""DDP step time of the GMC hook against plain DDP on 2 gloo ranks (issue 2, spec G2-G5).
+"""DDP step time of the GMC hook against plain DDP on 2 gloo ranks (goals G2-G5 of docs/benchmarks.md).
 
 Two processes (``torch.multiprocessing.spawn``) on 127.0.0.1 with gloo, one intra-op thread each,
 train an MLP (``--dims``, default 4096-4096-2048-10, 25.2M parameters, batch 8) with several
 ``DistributedDataParallel`` models built side by side in the same process pair and run
-**interleaved**: every round performs one optimizer step of each variant (``spec/performance.md``
-Appendix A). A step is ``zero_grad`` + forward + backward (with DDP's communication) + SGD step; it is
-timed after a ``barrier`` and reported as the max over ranks.
+**interleaved**: every round performs one optimizer step of each variant, so that load drift hits every
+variant alike. A step is ``zero_grad`` + forward + backward (with DDP's communication) + SGD step; it
+is timed after a ``barrier`` and reported as the max over ranks.
 
 Variants:
 
