@@ -131,7 +131,7 @@ def test_two_ranks_equal_the_simulator(tmp_path: Path, strategy_kwargs: dict[str
         residual = {n[len("net.") :]: t for n, t in results[rank]["gmc_state"]["local"]["residual"].items()}
         assert_close(residual, by_hand["residual"][rank])
 
-    # Bytes handed to collectives equal the wire formula of docs/algorithms.md exactly: top-k sends
+    # Bytes handed to collectives equal the wire formula (docs/algorithms.md 3.7) exactly: top-k sends
     # k (fp32 value, int32 index) pairs per parameter by all-gather, RBGS k fp32 values by all-reduce;
     # one collective per bucket. Every step hands the same bytes whatever the bucket layout.
     numels = [p.numel() for p in expected.values()]
