@@ -330,6 +330,10 @@ class Method(ABC):
     #: ``"params"``, checkpoints also keep every rank's training parameters so training resumes from
     #: them. Methods may override it per instance.
     evaluation_point: EvaluationPoint = "params"
+    #: The method applies momentum and weight decay itself: attaching it requires ``torch.optim.SGD``,
+    #: whose momentum and weight decay it zeroes (and guards) so the optimizer step is plain SGD. A
+    #: method that leaves the optimizer alone (any ``torch.optim`` optimizer) sets this to False.
+    takes_over_optimizer: ClassVar[bool] = True
     #: Compressor name the strategy and the simulator build when the user names none (``"none"`` for
     #: the dense reference ``dmsgd``).
     default_compressor: ClassVar[str] = "topk"
