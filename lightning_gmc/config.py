@@ -135,10 +135,10 @@ class GMCConfig:
             check_momentum(self.momentum)
         check_nonfinite_policy(self.nonfinite)
         check_world_size_policy(self.on_world_size_change)
-        check_finite_options("method", self.method_options)
-        check_finite_options("compressor", self.compressor_options)
         if "detach" in self.method_options:
             check_detach(self.method_options["detach"])
+        check_finite_options("method", self.method_options)
+        check_finite_options("compressor", self.compressor_options)
 
     @property
     def method_name(self) -> str:
