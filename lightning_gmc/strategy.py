@@ -42,6 +42,13 @@ _CONFLICTING_DDP_ARGS = {
 CHECKPOINT_KEY = "lightning_gmc"
 
 
+def _reject_conflicting_ddp_args(ddp_kwargs: dict[str, Any]) -> None:
+    for key, reason in _CONFLICTING_DDP_ARGS.items():
+        # LightningCLI passes every DDP argument, with None for the unused ones.
+        if ddp_kwargs.pop(key, None) is not None:
+            raise ValueError(f"GMCStrategy does not accept `{key}`: {reason}. Remove the argument.")
+
+
 class GMCStrategy(DDPStrategy):
     """DDP with compressed gradient communication, error feedback and global momentum.
 
@@ -77,8 +84,8 @@ class GMCStrategy(DDPStrategy):
 
     Raises:
         ValueError: unknown compressor or method (the valid names are listed), density outside
-            (0, 1], negative detach, momentum outside [0, 1), or a DDP argument that conflicts with the
-            hook.
+            (0, 1], negative or non-finite detach, momentum outside [0, 1), a non-finite option, or a
+            DDP argument that conflicts with the hook (validation: :class:`~lightning_gmc.GMCConfig`).
     """
 
     strategy_name = "gmc"
@@ -106,23 +113,14 @@ class GMCStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **ddp_kwargs: Any,
     ) -> None:
-        for key, reason in _CONFLICTING_DDP_ARGS.items():
-            # LightningCLI passes every DDP argument, with None for the unused ones.
-            if ddp_kwargs.pop(key, None) is not None:
-                raise ValueError(f"GMCStrategy does not accept `{key}`: {reason}. Remove the argument.")
+        _reject_conflicting_ddp_args(ddp_kwargs)
+        # fmt: off
         self.gmc_config = GMCConfig(
-            method=method,
-            compressor=compressor,
-            density=density,
-            detach=detach,
-            momentum=momentum,
-            seed=seed,
-            method_options=method_options or {},
-            compressor_options=compressor_options or {},
-            ef_scaling=ef_scaling,
-            nonfinite=nonfinite,
-            on_world_size_change=on_world_size_change,
+            method=method, compressor=compressor, density=density, detach=detach, momentum=momentum,
+            seed=seed, method_options=method_options or {}, compressor_options=compressor_options or {},
+            ef_scaling=ef_scaling, nonfinite=nonfinite, on_world_size_change=on_world_size_change,
         )
+        # fmt: on
         self.gmc_state = GMCHookState.from_config(self.gmc_config, ddp_kwargs.get("process_group"))
         self.gmc_method: Method = self.gmc_state.method
         self._pending_checkpoint_state: dict[str, Any] | None = None

@@ -167,3 +167,21 @@ def test_checkpoints_move_between_plain_ddp_and_gmc(tmp_path: Path) -> None:
     hypers = strategy.gmc_state.current_hypers()
     assert (hypers[0].momentum, hypers[0].weight_decay) == (0.9, 1e-3)
     assert strategy.gmc_state.step == 2  # steps run under GMC after the resume (4 -> 6)
+
+
+def test_a_method_that_does_not_take_over_leaves_any_optimizer_alone() -> None:
+    from lightning_gmc.methods import GMC
+
+    class _KeepsOptimizer(GMC):
+        takes_over_optimizer = False
+
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    state = GMCHookState(_KeepsOptimizer(GMCConfig(compressor="topk").build().compressor))
+    state.attach(model, optimizer)  # no SGD check
+    assert optimizer.param_groups[0]["weight_decay"] == 0.01  # untouched
+    assert optimizer.state_dict()["param_groups"][0]["weight_decay"] == 0.01
+    hypers = state.begin_step()
+    assert (hypers[0].momentum, hypers[0].weight_decay) == (0.0, 0.0)  # the optimizer applies them
+    with pytest.raises(TypeError, match="supports torch.optim.SGD"):
+        GMCHookState(GMCConfig().build()).attach(model, optimizer)

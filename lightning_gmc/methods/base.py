@@ -283,7 +283,8 @@ class BucketStep:
         return self._params
 
     def add_weight_decay(self, target: Tensor) -> None:
-        """``target += weight_decay * w`` per group (coupled L2 at the evaluation point, trap T5)."""
+        """``target += weight_decay * w`` per group: coupled L2 at the point the gradient was evaluated
+        (``docs/algorithms.md``)."""
         for sl, hyper in self.runs():
             if hyper.weight_decay != 0.0:
                 target[sl].add_(self.params()[sl], alpha=hyper.weight_decay)
