@@ -306,7 +306,7 @@ class BucketStep:
 
     def add_weight_decay(self, target: Tensor) -> None:
         """``target += weight_decay * w`` per group (coupled L2 at the gradient's evaluation point, as
-        torch.optim.SGD adds it; see ``docs/algorithms.md``)."""
+        torch.optim.SGD adds it; ``docs/algorithms.md`` 3.4)."""
         for sl, hyper in self.runs():
             if hyper.weight_decay != 0.0:
                 target[sl].add_(self.params()[sl], alpha=hyper.weight_decay)
