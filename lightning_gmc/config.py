@@ -93,13 +93,13 @@ class GMCConfig:
             ``"none"`` for the dense ``"dmsgd"``).
         density: fraction of each parameter sent per step, in (0, 1] (sparsifiers).
         detach: GMC+'s detach coefficient; None takes the method's default (0 for GMC). Only for
-            methods that have one (``docs/algorithms.md``, GMC+).
+            methods that have one (``docs/algorithms.md`` section 2.3).
         momentum: overrides the optimizer's momentum when not None.
         seed: seed of the shared random streams (RBGS blocks, random-k); equal on every rank.
         method_options: further options of the method.
         compressor_options: further options of the compressor.
         ef_scaling: scale unbiased compressors by ``1/(1+omega)`` inside error feedback (None: exactly
-            for methods with error feedback).
+            for methods with error feedback; ``docs/algorithms.md`` section 3.5).
         nonfinite: ``"skip"`` or ``"raise"`` on a non-finite bucket gradient.
         on_world_size_change: resuming a checkpoint of another world size: ``"error"`` or
             ``"reset_residuals"``.

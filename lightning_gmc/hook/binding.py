@@ -1,7 +1,7 @@
 """The optimizer binding: which parameters the hook serves, and the per-step hyper-parameters.
 
-GMC applies momentum and coupled weight decay inside the method (``docs/algorithms.md``; GMC paper,
-Algorithm 1), so :meth:`OptimizerBinding.attach` records each param group's ``momentum`` and
+GMC applies momentum and coupled weight decay inside the method (``docs/algorithms.md`` sections 2.2
+and 3.4), so :meth:`OptimizerBinding.attach` records each param group's ``momentum`` and
 ``weight_decay`` and sets them to zero in the optimizer, whose step is then plain SGD with the
 scheduled learning rate. The user's values still travel in ``optimizer.state_dict()`` (a state-dict
 hook writes them back into the saved param groups), so a checkpoint resumed under plain DDP continues

@@ -2,11 +2,11 @@
 
 Both move the training parameters ``w`` somewhere else for a while and put them back bit-exactly:
 
-* the **detached point** ``w - s * residual`` (GMC+, ``docs/algorithms.md``; GMC paper, Section 4),
-  where this rank's gradient is evaluated; local, no communication;
+* the **detached point** ``w - s * residual`` (GMC+, GMC paper section 4; ``docs/algorithms.md``
+  section 3.3), where this rank's gradient is evaluated; local, no communication;
 * the **evaluation point**, the model validation, tests and checkpoints see for methods whose
   training parameters are not it (CSER's average of the ranks' models, DEF-A's virtual iterate
-  ``w - (1/K) sum_k s * residual_k``); a collective.
+  ``w - (1/K) sum_k s * residual_k``; ``docs/algorithms.md`` section 3.9); a collective.
 
 One backup buffer serves both; only one swap can be active at a time.
 """
