@@ -1,4 +1,4 @@
-"""The GMC paper's Appendix A alternatives to GMC (``docs/algorithms.md``).
+"""The GMC paper's Appendix A alternatives to GMC (``docs/algorithms.md`` 2.7-2.8).
 
 Both satisfy GMC's rewritten update (7) at a constant learning rate; the paper's Fig. 7 shows both
 behind GMC, especially on non-IID data. They exist to reproduce that ablation.
