@@ -50,11 +50,11 @@ BUGS: tuple[PlantedBug, ...] = (
     PlantedBug(
         "reset_keeps_residual_drops_momentum",
         "on a world-size change, the old residual kept and the momentum dropped",
-        "lightning_gmc/hook.py",
-        '        if load_local:\n            self.worker.load_state_dict(state["local"])\n'
-        '        else:\n            self.worker.reset("local")\n',
-        '        self.worker.load_state_dict(state["local"])\n'
-        '        if not load_local:\n            self.worker.reset("shared")\n',
+        "lightning_gmc/hook/codec.py",
+        '    if load_local:\n        worker.load_state_dict(state["local"])\n'
+        '    else:\n        worker.reset("local")\n',
+        '    worker.load_state_dict(state["local"])\n'
+        '    if not load_local:\n        worker.reset("shared")\n',
         (
             "tests/test_claims_hook.py::test_reset_residuals_zeroes_them_and_keeps_the_momentum",
             "tests/test_strategy_distributed.py::test_world_size_change_errors_or_resets_residuals",
@@ -63,8 +63,8 @@ BUGS: tuple[PlantedBug, ...] = (
     PlantedBug(
         "hook_forgets_previous_lr",
         'the hook forgets the previous learning rate (`momentum_lr_convention="cur"`)',
-        "lightning_gmc/hook.py",
-        "prev = self._last_lrs if self._last_lrs is not None else lrs",
+        "lightning_gmc/hook/binding.py",
+        "prev = prev_lrs if prev_lrs is not None else lrs",
         "prev = lrs",
         (
             "tests/test_claims_hook.py::test_hook_equals_the_hand_written_gmc_step",
@@ -75,8 +75,8 @@ BUGS: tuple[PlantedBug, ...] = (
     PlantedBug(
         "lr_history_not_saved",
         "the saved LR history dropped from the checkpoint",
-        "lightning_gmc/hook.py",
-        '"last_lrs": self._last_lrs,',
+        "lightning_gmc/hook/codec.py",
+        '"last_lrs": clock.last_lrs,',
         '"last_lrs": None,',
         (
             "tests/test_claims_hook.py::test_resume_through_the_hook_is_bitwise_equal",
@@ -98,9 +98,9 @@ BUGS: tuple[PlantedBug, ...] = (
     PlantedBug(
         "skip_wipes_state",
         "a rank that skips a non-finite bucket also wipes its residual and momentum",
-        "lightning_gmc/hook.py",
-        "                grad.zero_()\n",
-        "                grad.zero_()\n                state.worker.reset()\n",
+        "lightning_gmc/hook/ddp_hook.py",
+        "            grad.zero_()\n",
+        "            grad.zero_()\n            state.worker.reset()  # type: ignore[union-attr]\n",
         (
             "tests/test_claims_hook.py::test_nonfinite_bucket_contributes_zero_and_keeps_the_state",
             "tests/test_strategy_distributed.py::test_nonfinite_gradient_is_skipped_without_poisoning_state",
