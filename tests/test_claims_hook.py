@@ -68,12 +68,11 @@ class HookRun:
     ) -> None:
         self.model = _model()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LRS[0], momentum=BETA, weight_decay=WD)
-        method = build_method(
-            "gmc",
-            build_compressor("topk", density=DENSITY),
-            detach=detach,
-            momentum_lr_convention=convention,
-        )
+        # GMC is built without naming detach or the convention (their defaults: 0 and "prev")
+        options = {"detach": detach} if detach else {}
+        if convention != "prev":
+            options["momentum_lr_convention"] = convention
+        method = build_method("gmc", build_compressor("topk", density=DENSITY), **options)
         self.state = GMCHookState(method)
         self.state.attach(self.model, self.optimizer)
         self.ddp = nn.parallel.DistributedDataParallel(self.model)
