@@ -46,6 +46,7 @@ from lightning_gmc.compressors import (
     Payload,
     RandomStreams,
     Segment,
+    Workspace,
     build_compressor,
     segments_from_numels,
 )
@@ -111,18 +112,19 @@ def compressor_ops(
     plan = comp.plan(segments)
     rng = RandomStreams(seed=0, rank=0)
     workspace = torch.empty_like(x)
+    payload_owner = Workspace()  # what a bucket's message slot is in training
     state: dict[str, Payload] = {}
     step = [0]
 
     def encode() -> None:
         step[0] += 1
-        payload = comp.compress(work, plan, rng, step[0])
+        payload = comp.compress(work, plan, rng, step[0], payload_owner)
         comp.subtract_own(work, payload, plan, workspace)
         state["payload"] = payload
 
     # One payload to decode, computed once (decode cost does not depend on the values).
     work.copy_(x)
-    state["payload"] = comp.compress(work, plan, rng, 0)
+    state["payload"] = comp.compress(work, plan, rng, 0, Workspace())
     wire = received(state["payload"]) if not comp.shared_support else state["payload"]
     label = name if name == "none" else f"{name} {density:.1%}"
     return [

@@ -25,7 +25,7 @@ Algorithm 4, GMC with the learning rate inside the residual (parameter units)::
 
 At a constant learning rate ``e' = eta e`` and Algorithm 4 is GMC exactly (for positively homogeneous
 compressors such as top-k and RBGS). Under learning-rate decay its residual, accumulated at older,
-larger learning rates, enters the update with a larger coefficient than GMC's (paper, Appendix A).
+larger learning rates, enters the update with a larger coefficient than GMC's (GMC paper, Appendix A).
 """
 
 from __future__ import annotations
