@@ -53,6 +53,9 @@ from lightning_gmc import Simulator  # noqa: E402
 
 SUITES = ("topk", "rbgs")
 DENSE = "DMSGD (dense)"
+# The arm each suite's paired column compares with: the paper's method (top-k) and the baseline the
+# paper's Tables 3-4 compare GMC+ with (RBGS).
+REFERENCE = {"topk": "GMC", "rbgs": "DEF-A (RBGS, c=0.3)"}
 QUICK_ARMS = {
     "topk": [DENSE, "GMC", "CSER"],
     "rbgs": ["GMC+ (RBGS, lambda=0.5)", "DEF-A (RBGS, c=0.3)", "GMC+ agg. momentum (RBGS, lambda=0.5)"],
@@ -265,7 +268,8 @@ def main() -> None:
     )
     for suite, group in groups.items():
         if group:
-            plot({label: results[label] for label in group}, args.out / f"curves_{suite}.png", args, suite)
+            curves = {label: results[label] for label in group}
+            plot(curves, known, args.out / f"curves_{suite}.png", args, suite)
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -301,12 +305,18 @@ def write_markdown(
     for suite, labels in groups.items():
         if not labels:
             continue
+        reference = REFERENCE.get(suite) if REFERENCE.get(suite) in labels else None
+        lines += ["", f"## {titles.get(suite, suite)}", ""]
+        if reference is not None:
+            lines += [
+                f"Paired column: the final accuracy minus that of **{reference}** with the same seed, mean "
+                "over seeds, and on how many seeds the arm was higher / equal / lower.",
+                "",
+            ]
         lines += [
-            "",
-            f"## {titles.get(suite, suite)}",
-            "",
-            "| method | test accuracy (mean ± std) | min | max | per seed | test loss (mean ± std) | RCC |",
-            "|---|---|---|---|---|---|---|",
+            "| method | test accuracy (mean ± std) | min | max | per seed | paired vs reference | "
+            "test loss (mean ± std) | RCC |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for label in labels:
             runs = results[label]
@@ -315,9 +325,15 @@ def write_markdown(
             loss, loss_sd = _stats([r["test_loss"][-1] for r in runs])
             rcc, _ = _stats([r["rcc"] for r in runs])
             per_seed = ", ".join(f"{a:.2f}" for a in finals)
+            paired = "–"
+            if reference is not None and label != reference:
+                diffs = [a - r["curve"][-1] * 100 for a, r in zip(finals, results[reference], strict=True)]
+                counts = [sum(d > 1e-9 for d in diffs), sum(abs(d) <= 1e-9 for d in diffs)]
+                counts.append(len(diffs) - sum(counts))
+                paired = f"{np.mean(diffs):+.2f} ({'/'.join(map(str, counts))})"
             lines.append(
                 f"| {label} | {acc:.2f}% ± {acc_sd:.2f} | {min(finals):.2f}% | {max(finals):.2f}% | "
-                f"{per_seed} | {loss:.4f} ± {loss_sd:.4f} | {rcc * 100:.2f}% |"
+                f"{per_seed} | {paired} | {loss:.3g} ± {loss_sd:.3g} | {rcc * 100:.2f}% |"
             )
         lines += ["", f"![test accuracy per epoch, {suite}](curves_{suite}.png)"]
     lines += ["", "Per-seed fingerprints (initial-model checksum, worker 0's first batch):", ""]
@@ -328,20 +344,47 @@ def write_markdown(
     (args.out / "results.md").write_text("\n".join(lines))
 
 
-def plot(results: dict[str, list[dict[str, Any]]], path: Path, args: argparse.Namespace, suite: str) -> None:
+def plot(
+    results: dict[str, list[dict[str, Any]]],
+    arms: dict[str, dict[str, Any]],
+    path: Path,
+    args: argparse.Namespace,
+    suite: str,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # One colour family per method when a suite sweeps a method's coefficient, distinct colours
+    # otherwise; the dense baseline is black.
+    families: dict[str, list[str]] = {}
+    for label in results:
+        families.setdefault(arms[label]["method"], []).append(label)
+    colors: dict[str, Any] = {}
+    styles: dict[str, str] = {}
+    sweep = any(len(members) > 1 for members in families.values())
+    maps = iter(["Blues", "Reds", "Greens", "Purples", "Oranges", "Greys"])
+    palette = iter(plt.get_cmap("tab10")(np.arange(10)))
+    for method, members in families.items():
+        cmap = plt.get_cmap(next(maps)) if sweep and len(members) > 1 else None
+        for i, label in enumerate(members):
+            if method == "dmsgd":
+                colors[label] = "black"
+            elif cmap is not None:
+                colors[label] = cmap(0.45 + 0.55 * i / max(len(members) - 1, 1))
+            else:
+                colors[label] = next(palette)
+            styles[label] = ("-", "--", "-.", ":")[i % 4] if cmap is not None else "-"
+
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(results), 2)))
-    for color, (label, runs) in zip(colors, results.items(), strict=False):
+    for label, runs in results.items():
         curves = np.array([r["curve"] for r in runs]) * 100
         epochs = np.arange(1, curves.shape[1] + 1)
-        ax.plot(epochs, curves.mean(0), label=label, color=color)
+        color = colors[label]
+        ax.plot(epochs, curves.mean(0), label=label, color=color, linestyle=styles[label])
         if len(runs) > 1:
-            ax.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.1, color=color)
+            ax.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.06, color=color)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(
