@@ -1,8 +1,8 @@
-"""Compressor cost as a ratio of a memory copy of the same gradient (issue 2, spec G1/G5/G6).
+"""Compressor cost as a ratio of a memory copy of the same gradient (goals G1/G5/G6 of docs/benchmarks.md).
 
 For a flat fp32 vector of ``d`` elements (``--numel``, default 25M; ``--quick`` uses 1M) split into
 segments the way a real bucket is, this measures, in **interleaved rounds** (every op once per round,
-median per op; ``spec/performance.md`` Appendix A):
+median per op, so that load drift hits every op alike):
 
 * floors: a preallocated ``copy_`` and an allocating ``clone()`` of the same vector, and exact
   ``torch.topk(|x|, k)`` over the whole vector at each density (the reference of goal G1);
@@ -38,8 +38,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from quiet_profiler import quiet_profile
 from torch import Tensor
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity
 
 from lightning_gmc.compressors import (
     Compressor,
@@ -184,7 +185,7 @@ def allocations(fn: Callable[[], object], min_bytes: int) -> tuple[int, float]:
     Uses the profiler's memory tracking; a temporary allocated and freed inside one op (e.g. the
     internal queue of ``torch.topk``) nets to zero and is not counted.
     """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.events() if e.name != "[memory]"]
     large = sum(1 for e in events if e.self_cpu_memory_usage >= min_bytes)

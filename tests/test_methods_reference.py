@@ -1,9 +1,9 @@
 """The baseline methods in the simulator against their update rules written out by hand.
 
-References: the GMC paper's Algorithm 1 (GMC), Appendix A (Algorithms 3 and 4) and Section 5 (RCC);
-Lin et al. 2018 (DGC, Remark 2 of the GMC paper); Xie et al. 2020 (CSER / M-CSER); Xu & Huang 2022 and
-their official ``optimizers/Def.py`` (DEF-A); docs/algorithms.md. Every reference below is an independent
-float64 loop over K = 2 workers (or ``torch.optim.SGD``); none calls the implementation.
+References (docs/algorithms.md): 2.1 (DMSGD), 2.7-2.8 (the paper's Algorithms 3 and 4), 2.4 (DGC, the
+paper's Remark 2), 2.5 (CSER / M-CSER), 2.6 (DEF-A), 3.8 (RCC, the paper's eq. (9)). Every reference
+below is an independent float64 loop over K = 2 workers (or ``torch.optim.SGD``); none calls the
+implementation.
 """
 
 from __future__ import annotations
@@ -89,8 +89,7 @@ def identity(x: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tenso
 
 # ------------------------------------------------------------------------ hand references
 def dgc_by_hand(compress: Compress, lrs: list[float], mfm: bool, wd_local: bool = False) -> torch.Tensor:
-    """DGC (Lin et al. 2018, momentum correction and local accumulation): u = beta u + g; v += u;
-    send C(v); v[sel] = 0; mfm: u[sel] = 0."""
+    """docs/algorithms.md 2.4: u = beta u + g; v += u; send C(v); v[sel] = 0; mfm: u[sel] = 0."""
     w = W0.clone()
     u = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
     v = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
@@ -117,7 +116,7 @@ def dgc_by_hand(compress: Compress, lrs: list[float], mfm: bool, wd_local: bool 
 def cser_by_hand(
     c1: Compress, d1: float, c2: Compress, d2: float, period: int, lrs: list[float]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """M-CSER (Xie et al. 2020, DEF's PyTorch form): per-worker models, error reset every ``period`` steps."""
+    """docs/algorithms.md 2.5 (M-CSER): per-worker models, error reset every ``period`` steps."""
     x = [W0.clone() for _ in range(K)]
     m = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
     r = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
@@ -143,7 +142,7 @@ def cser_by_hand(
 
 
 def def_a_by_hand(compress: Compress, lrs: list[float], c: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """DEF-A (official Def.py): y = x - c e; m = beta m + g(y) + wd y; p = e + lr m; e = p - C(p)."""
+    """docs/algorithms.md 2.6: y = x - c e; m = beta m + g(y) + wd y; p = e + lr m; e = p - C(p)."""
     x = W0.clone()
     e = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
     m = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
@@ -177,7 +176,7 @@ def ef_local_momentum_by_hand(compress: Compress, lrs: list[float]) -> torch.Ten
 
 
 def alg3_by_hand(compress: Compress, lrs: list[float]) -> torch.Tensor:
-    """GMC paper, Algorithm 3: p = g + e; e = p - C(p); m = beta m + mean C(p); w -= lr m."""
+    """Algorithm 3 (docs/algorithms.md 2.7): p = g + e; e = p - C(p); m = beta m + mean C(p); w -= lr m."""
     w = W0.clone()
     m = torch.zeros(D, dtype=torch.float64)
     e = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
@@ -194,7 +193,7 @@ def alg3_by_hand(compress: Compress, lrs: list[float]) -> torch.Tensor:
 
 
 def alg4_by_hand(compress: Compress, lrs: list[float]) -> torch.Tensor:
-    """GMC paper, Algorithm 4: u' = e' + lr g + beta (w_{t-1} - w_t); w -= mean C(u')."""
+    """Algorithm 4 (docs/algorithms.md 2.8): u' = e' + lr g + beta (w_{t-1} - w_t); w -= mean C(u')."""
     w_prev, w = W0.clone(), W0.clone()
     e = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
     for t, lr in enumerate(lrs):
@@ -209,8 +208,7 @@ def alg4_by_hand(compress: Compress, lrs: list[float]) -> torch.Tensor:
 
 
 def gmc_by_hand(compress: Compress, lrs: list[float]) -> torch.Tensor:
-    """GMC paper, Algorithm 1 (momentum term divided by the previous lr):
-    u = e + g + beta (w_{t-1} - w_t) / lr_{t-1}; w -= lr mean C(u)."""
+    """GMC, "prev" (algorithms.md 2.2): u = e + g + beta (w_{t-1} - w_t) / lr_{t-1}; w -= lr mean C(u)."""
     w_prev, w = W0.clone(), W0.clone()
     e = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
     for t, lr in enumerate(lrs):
@@ -398,7 +396,7 @@ def test_cser_full_reset_averages_the_models() -> None:
     close(xs[0], expected[0])
 
 
-# ----------------------------------------------------------------- RCC (GMC paper, Section 5)
+# --------------------------------------------------------------------------------- RCC, eq. (9)
 def test_cser_rcc_counts_both_compressors() -> None:
     # RCC = [sum_t (2 sum_k |C1|_0 + 2 |sum C1|_0) + sum_{reset t} (2 sum_k |C2|_0 + 2 |sum C2|_0)]
     #       / ((K+1) d T), from the supports the hand reference selects.

@@ -63,7 +63,7 @@ def mix_seed(*words: int) -> int:
 def selected_count(density: float, numel: int) -> int:
     """Number of coordinates a sparsifier keeps in a segment: ``max(1, floor(density * numel))``.
 
-    The floor with a minimum of one follows the RBGS reference code (see ``docs/compressors.md``);
+    The floor with a minimum of one follows the RBGS reference code (``docs/algorithms.md`` 3.6);
     a tiny epsilon keeps ``0.29 * 100`` from flooring to 28.
     """
     return min(numel, max(1, math.floor(density * numel + 1e-9)))
@@ -261,7 +261,7 @@ class Compressor(ABC):
 
     def broadcast_bits(self, payloads: Sequence[Payload], plan: CompressionPlan) -> int:
         """Bits a parameter server would send back for ``sum_k C(u_k)`` (the RCC accounting of the
-        GMC paper's experiments; see ``docs/compressors.md``).
+        GMC paper's experiments; ``docs/algorithms.md`` 3.8).
 
         The default is a dense fp32 vector; sparse and shared-support compressors override it.
         """

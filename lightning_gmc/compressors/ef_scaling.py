@@ -3,7 +3,7 @@
 Error-feedback methods assume a delta-approximate (contractive) compressor, GMC paper §3.3,
 Assumption 1: ``E||C(x) - x||^2 <= (1 - delta) ||x||^2``; an unbiased compressor with variance
 parameter ``omega`` satisfies it after division by ``1 + omega``, with ``delta = 1 / (1 + omega)``
-(see ``docs/compressors.md``).
+(``docs/compressors.md``, "Error-feedback scaling").
 """
 
 from __future__ import annotations

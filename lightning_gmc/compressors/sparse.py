@@ -332,7 +332,7 @@ class RandomBlock(SparseCompressor):
     """RBGS: one contiguous block of ``k`` coordinates per parameter, random start, wrap-around.
 
     The start of each parameter's block is drawn from a seed shared by all ranks (GMC paper §4 and §5.2;
-    ``docs/compressors.md``), so no
+    ``docs/algorithms.md`` 3.6), so no
     indices are sent and the values are summed with one all-reduce. Selection is O(k). Every
     coordinate is in the block with probability ``k / n``: contractive with ``delta = density`` in
     expectation.

@@ -1,7 +1,8 @@
-"""The GMC paper's Appendix A alternatives to GMC, and the detached point on Algorithm 3.
+"""The GMC paper's Appendix A alternatives to GMC (``docs/algorithms.md`` 2.7-2.8), and the detached
+point on Algorithm 3 (2.9).
 
 Both satisfy GMC's rewritten update (7) at a constant learning rate; the paper's Fig. 7 shows both
-behind GMC, especially on non-IID data. They exist to reproduce that ablation (docs/algorithms.md).
+behind GMC, especially on non-IID data. They exist to reproduce that ablation.
 
 Algorithm 3, error feedback on gradients with momentum on the aggregate ("server momentum")::
 
@@ -48,7 +49,7 @@ class EFServerMomentum(Method):
 
     When to use: as the "naive sparse update + momentum" baseline (DGC's motivating example; the GMC
     paper's Fig. 7 ablation), and with ``detach > 0`` and RBGS as an alternative to GMC+ whose momentum
-    is not itself sparsified (not in the paper; see docs/algorithms.md). With the identity compressor
+    is not itself sparsified (not in the paper; docs/algorithms.md 2.9). With the identity compressor
     it is SGD momentum. The momentum buffer is identical on every rank, since it only sees the
     aggregate.
 

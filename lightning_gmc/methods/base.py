@@ -306,7 +306,7 @@ class BucketStep:
 
     def add_weight_decay(self, target: Tensor) -> None:
         """``target += weight_decay * w`` per group (coupled L2 at the gradient's evaluation point, as
-        torch.optim.SGD adds it; see ``docs/algorithms.md``)."""
+        torch.optim.SGD adds it; ``docs/algorithms.md`` 3.4)."""
         for sl, hyper in self.runs():
             if hyper.weight_decay != 0.0:
                 target[sl].add_(self.params()[sl], alpha=hyper.weight_decay)
@@ -356,6 +356,10 @@ class Method(ABC):
     #: ``"params"``, checkpoints also keep every rank's training parameters so training resumes from
     #: them. Methods may override it per instance.
     evaluation_point: EvaluationPoint = "params"
+    #: The method applies momentum and weight decay itself: attaching it requires ``torch.optim.SGD``,
+    #: whose momentum and weight decay it zeroes (and guards) so the optimizer step is plain SGD. A
+    #: method that leaves the optimizer alone (any ``torch.optim`` optimizer) sets this to False.
+    takes_over_optimizer: ClassVar[bool] = True
     #: Compressor name the strategy and the simulator build when the user names none (``"none"`` for
     #: the dense reference ``dmsgd``).
     default_compressor: ClassVar[str] = "topk"

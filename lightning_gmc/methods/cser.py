@@ -1,4 +1,4 @@
-"""CSER and M-CSER: communication-efficient SGD with error reset (Xie et al. 2020; ``docs/algorithms.md``).
+"""CSER and M-CSER: communication-efficient SGD with error reset (Xie et al. 2020; docs/algorithms.md 2.5).
 
 Each worker i keeps its own model ``x_i``, a local momentum ``m_i`` and a residual ``r_i`` (parameter
 units, learning rate inside). With the invariant ``x_i = x_hat - r_i`` for a global model ``x_hat``
@@ -24,8 +24,8 @@ rbar`` (the official Gluon code's ``pre_test``), and training resumes from every
 With ``C1 = I`` nothing is left locally and CSER is synchronous local-momentum SGD (= SGD momentum on
 the mean gradient); with ``C2 = I`` each reset is a full model average.
 
-Communication (RCC, GMC paper §5): the per-step C1 message plus the C2 message every H steps, both
-counted by the transport the paper's way.
+Communication (RCC, GMC paper §5; ``docs/algorithms.md`` 3.8): the per-step C1 message plus the C2
+message every H steps, both counted by the transport the paper's way.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DEF-A: detached error feedback with local momentum (Xu & Huang 2022; ``docs/algorithms.md``).
+"""DEF-A: detached error feedback with local momentum (Xu & Huang 2022; ``docs/algorithms.md`` 2.6).
 
 Follows the official ``optimizers/Def.py`` (§9.1), which is what the GMC paper ran as "DEF-A". Per
 worker k and step t, with the residual ``e_k`` in parameter units (learning rate inside)::

@@ -1,4 +1,4 @@
-"""DGC: deep gradient compression with momentum correction (Lin et al. 2018; ``docs/algorithms.md``).
+"""DGC: deep gradient compression with momentum correction (Lin et al. 2018; ``docs/algorithms.md`` 2.4).
 
 Per worker k and step t, in the order of the official code::
 
@@ -11,7 +11,7 @@ Per worker k and step t, in the order of the official code::
     w_{t+1} = w_t - eta_t * (1/K) sum_k C(v_k)  (- eta_t * b_t with b_t = beta b_{t-1} + wd w_t
                                                  when weight_decay_mode="local")
 
-The learning rate stays outside the accumulation, like GMC (see ``docs/algorithms.md``). Remark 2 of
+The learning rate stays outside the accumulation, like GMC (``docs/algorithms.md`` 3.2). Remark 2 of
 the GMC paper: with the identity compressor DGC without masking is DMSGD with local momentum (= SGD
 momentum on the mean gradient), and DGC with masking resets ``u`` every step, so it is plain distributed SGD.
 

@@ -1,4 +1,4 @@
-"""GMC and GMC+ (GMC paper §3 and §4, Algorithms 1 and 2; ``docs/algorithms.md``).
+"""GMC and GMC+ (GMC paper §3 and §4, Algorithms 1 and 2; ``docs/algorithms.md`` 2.2-2.3).
 
 Per worker k and step t (all-reduce form of Algorithm 1, GMC paper §3.1)::
 
@@ -11,7 +11,7 @@ Per worker k and step t (all-reduce form of Algorithm 1, GMC paper §3.1)::
 e_k`` (GMC+, ``detach = lambda > 0``). ``c_t`` is 1 under the ``"prev"`` learning-rate convention,
 where ``m_{t-1} = (w_{t-1} - w_t) / eta_{t-1}`` and GMC with ``C = I`` equals
 ``torch.optim.SGD(momentum=beta)`` exactly; it is ``eta_{t-1} / eta_t`` under ``"cur"``, the
-heavy-ball form ``beta (w_{t-1} - w_t) / eta_t`` (see ``docs/algorithms.md``). The two differ only at
+heavy-ball form ``beta (w_{t-1} - w_t) / eta_t`` (``docs/algorithms.md`` 3.1). The two differ only at
 steps where the learning rate changes.
 
 The residual is in gradient units and the learning rate stays outside it: it is never rescaled when

@@ -27,7 +27,7 @@ def build_method(name: str, compressor: Compressor, ef_scaling: bool | None = No
         name: registered method name.
         compressor: the method's (per-step) compressor.
         ef_scaling: scale an unbiased compressor ``C`` to ``C / (1 + omega)``
-            (``docs/compressors.md``), which makes it contractive, the property error-feedback
+            (``docs/algorithms.md`` 3.5), which makes it contractive, the property error-feedback
             convergence proofs assume (GMC paper §3.3, Assumption 1). None (default) turns it on
             exactly for methods with error feedback. Contractive compressors (top-k, RBGS, scaled
             sign) are never rescaled.
