@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.futures import Future
 
 from lightning_gmc.methods import BucketStep, GroupHyper, Method, ParameterTable, WorkerState
-from lightning_gmc.transport import CommStats, DistributedTransport
+from lightning_gmc.transport import CommStats, Exchange, TorchCollectives
 
 __all__ = ["GMCHookState", "NonFinitePolicy", "gmc_hook"]
 
@@ -87,8 +87,9 @@ class GMCHookState:
         self.seed = int(seed)
         self.momentum_override = momentum
         self.nonfinite: NonFinitePolicy = nonfinite
-        self.stats = CommStats()
-        self.transport = DistributedTransport(process_group, self.stats)
+        # RCC's downlink count runs only for steps whose metrics are taken (take_metrics).
+        self.stats = CommStats(defer_rcc=True)
+        self.exchange = Exchange(TorchCollectives(process_group), self.stats)
         self.step = 0
         self.hook_calls = 0
         self.worker: WorkerState | None = None
@@ -440,7 +441,7 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
         else:
             grad.masked_fill_(skipped, 0.0)  # drops the whole bucket contribution, no host sync
         state.count_nonfinite(skipped)
-    world_size = state.transport.world_size
+    world_size = state.exchange.world_size
     step = BucketStep(
         bucket=bucket_state,
         grad=grad,
@@ -451,14 +452,15 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
         world_size=world_size,
         read_params=_read_params(params),
     )
-    state.stats.record_bucket(bucket_state.numel, world_size, buffer.element_size())
     messages = state.method.encode(step)
-    future = state.transport.start(messages, bucket_state)
+    future = state.exchange.start(
+        [messages], [bucket_state], state.step, bucket.index(), dense_element_size=buffer.element_size()
+    )
     if bucket.is_last():
         state._end_step()
 
-    def finish(fut: Future[list[Tensor]]) -> Tensor:
-        state.method.decode(step, fut.value())
+    def finish(fut: Future[list[list[Tensor]]]) -> Tensor:
+        state.method.decode(step, fut.value()[0])
         if grad is not buffer:
             buffer.copy_(grad)
         return buffer
