@@ -66,8 +66,8 @@ class GMCHookState:
             ``"skip"`` (default): that rank contributes a zero gradient for the bucket this step, so
             neither its residual nor the shared momentum is poisoned; no extra synchronisation is
             needed and the event is counted in the ``nonfinite_skips`` metric. ``"raise"``: raise
-            :class:`FloatingPointError` (costs a device sync per bucket; other ranks may then wait
-            until the collective timeout if only one rank failed).
+            :class:`FloatingPointError` (costs a device sync per bucket); the other ranks' collectives
+            then fail once that process ends (or at the process group's timeout), so they stop too.
     """
 
     def __init__(
@@ -364,7 +364,11 @@ class GMCHookState:
         )
 
     def take_metrics(self) -> dict[str, float]:
-        """This step's traffic metrics plus the residual norm; resets the per-step counters."""
+        """This step's traffic metrics plus the residual norm; resets the per-step counters.
+
+        RCC counts the steps whose metrics are taken (the union of sparse supports is only computed
+        then); call it every step for the RCC of every step.
+        """
         if self._nonfinite_pending is not None:
             self.stats.nonfinite_skips += int(self._nonfinite_pending)
             self._nonfinite_pending = None
