@@ -1,7 +1,7 @@
-"""GMC / GMC+ in the simulator against the spec's update rules written out by hand.
+"""GMC / GMC+ in the simulator against their update rules (docs/algorithms.md) written out by hand.
 
-References: spec/algorithms.md §3.2 (all-reduce form), §3.3 eq. (7), §3.4 (LR conventions), §4
-(GMC+ detached point), §6.4 (RBGS blocks), §6.5 (RCC).
+References: docs/algorithms.md 2.2 (GMC, the paper's section 3 and eq. (7)), 3.1 (LR conventions), 2.3
+and 3.3 (GMC+ detached point, the paper's section 4), 3.6 (RBGS blocks), 3.8 (RCC, the paper's eq. (9)).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _rbgs_by_hand(seed: int):
 
 
 def _gmc_by_hand(compress, density, lrs, detach=0.0, convention="prev"):
-    """Spec §3.2 / §4, K workers, mean aggregation, coupled L2 at the gradient point."""
+    """docs/algorithms.md 2.2 / 2.3, K workers, mean aggregation, coupled L2 at the gradient point."""
     d, grad = _problem()
     w = torch.zeros(d)
     m_prev = torch.zeros(d)
@@ -208,7 +208,7 @@ def test_rewritten_update_eq7_holds_with_topk() -> None:
 
 
 def test_rcc_follows_the_parameter_server_formula() -> None:
-    # RCC = [2 sum_k ||C(u_k)||_0 + 2 ||sum_k C(u_k)||_0] / ((K+1) d), spec §6.5 eq. (9)
+    # RCC = [2 sum_k ||C(u_k)||_0 + 2 ||sum_k C(u_k)||_0] / ((K+1) d), the paper's eq. (9)
     d, grad = _problem()
     density = 0.25
     sim = Simulator({n: torch.zeros(s) for n, s in SHAPES.items()}, K, compressor="topk", density=density)

@@ -170,7 +170,7 @@ def test_two_ranks_equal_the_simulator_and_resume_exactly(tmp_path: Path, case: 
     if cfg["limit_val_batches"]:
         assert logged == pytest.approx(expected["val_loss"], rel=1e-5)
 
-    # RCC: cumulative over the run, across the resume, the paper's PS accounting (spec §6.5)
+    # RCC: cumulative over the run, across the resume, the paper's eq. (9) (docs/algorithms.md 3.8)
     rcc = [m["gmc/rcc"] for r in (first, resumed) for m in r[0]["metrics"] if "gmc/rcc" in m]
     assert rcc == pytest.approx(expected["rcc"], rel=1e-6)
     if case == "dmsgd":

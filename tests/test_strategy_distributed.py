@@ -117,9 +117,9 @@ def test_two_ranks_equal_the_simulator(tmp_path: Path, strategy_kwargs: dict[str
     for name, tensor in expected.items():
         torch.testing.assert_close(results[0]["params"][name], tensor, rtol=1e-5, atol=1e-6)
 
-    # Bytes handed to collectives per step are within 1.05x of spec/performance.md §2.2: top-k sends
-    # (value, int32 index) pairs by all-gather, RBGS only values by all-reduce; one collective per
-    # bucket.
+    # Bytes handed to collectives per step are within 1.05x of the wire formula (docs/algorithms.md
+    # 3.7): top-k sends (value, int32 index) pairs by all-gather, RBGS only values by all-reduce;
+    # one collective per bucket.
     numels = [p.numel() for p in expected.values()]
     density = strategy_kwargs["density"]
     k_total = sum(max(1, math.floor(density * n + 1e-9)) for n in numels)
