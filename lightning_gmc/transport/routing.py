@@ -9,7 +9,7 @@ How a message crosses workers depends only on its compressor and the world size 
   and each worker's part is decoded and summed in rank order (top-k, quantizers).
 * ``dense``: an all-gather would put more bytes on the wire than a ring all-reduce of the dense
   bucket, ``(K-1) B > 2 (K-1)/K * 4 n`` (for top-k with fp32 values and int32 indices: density
-  ``>= 1/K``; see ``docs/algorithms.md``, "Traffic"), so every worker decodes its own payload locally
+  ``>= 1/K``; ``docs/algorithms.md`` 3.7), so every worker decodes its own payload locally
   and the dense vectors are all-reduced. The maths is unchanged: only the transport differs.
 """
 

@@ -4,8 +4,8 @@ Wire bytes per worker follow the ring model: ``(K-1) B`` for an all-gather of ``
 ``2 (K-1)/K B`` for an all-reduce; they are what the ``bytes_sent`` metric reports.
 
 RCC (relative communication cost) follows the parameter-server accounting of the GMC paper ("Global
-Momentum Compression for Sparse Communication in Distributed Learning", Sec. 5; see also
-``docs/algorithms.md``): ``sum_k bits(C(u_k))`` up plus the bits
+Momentum Compression for Sparse Communication in Distributed Learning", section 5, eq. (9); see
+``docs/algorithms.md`` 3.8): ``sum_k bits(C(u_k))`` up plus the bits
 of ``sum_k C(u_k)`` down, over ``(K+1) * 32 * d`` per step.
 
 When RCC is measured: the downlink bits of an all-gathered sparse message are the union of the K
