@@ -185,3 +185,25 @@ def test_a_method_that_does_not_take_over_leaves_any_optimizer_alone() -> None:
     assert (hypers[0].momentum, hypers[0].weight_decay) == (0.0, 0.0)  # the optimizer applies them
     with pytest.raises(TypeError, match="supports torch.optim.SGD"):
         GMCHookState(GMCConfig().build()).attach(model, optimizer)
+
+
+def test_a_checkpoint_written_during_validation_keeps_the_training_parameters() -> None:
+    # DEF-A evaluates w - c * mean residual; ModelCheckpoint saves while validation is at that point.
+    model = nn.Linear(3, 2)
+    state = GMCHookState.from_config(GMCConfig(method="def_a", compressor="topk", density=0.5))
+    state.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for residual in state.worker.tensors["residual"]:  # type: ignore[union-attr]
+        residual.normal_()
+    training = {name: p.detach().clone() for name, p in model.named_parameters()}
+    state.enter_evaluation_point()
+    evaluated = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert not torch.equal(evaluated["weight"], training["weight"])
+    saved = state.gathered_state_dict()["per_rank_local"][0]["training_parameters"]
+    with state.evaluation_point():  # already there: stays there when the block ends
+        pass
+    for name, p in model.named_parameters():
+        assert torch.equal(saved[name], training[name])
+        assert torch.equal(p, evaluated[name])
+    state.exit_evaluation_point()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, training[name])

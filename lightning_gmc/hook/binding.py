@@ -11,7 +11,7 @@ with the user's momentum and weight decay; loading a state dict re-applies the t
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -144,10 +144,11 @@ class OptimizerBinding:
             )
         ]
 
-    def training_parameters(self) -> dict[str, torch.Tensor]:
+    def training_parameters(self, values: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The training parameters by name (CPU copies), for checkpoints of methods whose evaluation
-        model differs from them."""
-        return {name: p.detach().cpu().clone() for name, p in zip(self.table.names, self.params, strict=True)}
+        model differs from them; ``values`` replaces the live parameters (e.g. a swap's backup)."""
+        tensors = [p.detach() for p in self.params] if values is None else values
+        return {name: t.cpu().clone() for name, t in zip(self.table.names, tensors, strict=True)}
 
     def load_training_parameters(self, saved: Mapping[str, torch.Tensor]) -> None:
         """Copy parameters saved by :meth:`training_parameters` back into the model."""

@@ -118,7 +118,6 @@ class GMCHookState:
         """Advance the step clock (the hook calls it at the step's last bucket)."""
         self.clock.end_step()
 
-    # ------------------------------------------------------------------------ parameter swaps
     @contextlib.contextmanager
     def detached_point(self) -> Iterator[None]:
         """Evaluate the gradient at the method's detached point (GMC+, DEF-A) inside this block.
@@ -148,11 +147,11 @@ class GMCHookState:
     @contextlib.contextmanager
     def evaluation_point(self) -> Iterator[None]:
         """The method's evaluation model inside this block (a collective: enter on every rank)."""
-        self.enter_evaluation_point()
-        try:
+        if self.swap is None:
             yield
-        finally:
-            self.exit_evaluation_point()
+            return
+        with self.swap.evaluation(self.current_hypers()):
+            yield
 
     def enter_evaluation_point(self) -> None:
         if self.swap is not None:
@@ -162,7 +161,6 @@ class GMCHookState:
         if self.swap is not None:
             self.swap.restore("evaluation")
 
-    # ---------------------------------------------------------------------------- checkpoints
     def _attached_worker(self, action: str) -> WorkerState:
         if self.worker is None:
             raise RuntimeError(f"attach() must run before {action}")
@@ -176,7 +174,9 @@ class GMCHookState:
     def gathered_state_dict(self) -> dict[str, Any]:
         """Every rank's state in one dict, for one checkpoint file (a collective: call on every rank).
         Carries each rank's training parameters when :attr:`evaluation_differs`."""
-        params = self.binding.training_parameters() if self.evaluation_differs else None
+        swap = self.swap  # during validation the parameters are the evaluation model: use the backup
+        values = swap.training_values() if swap and swap.evaluation_differs else None
+        params = None if values is None else self.binding.training_parameters(values)
         return codec.gather_state(self.state_dict(), params, self.process_group)
 
     def load_state_dict(self, state: dict[str, Any], load_local: bool = True) -> None:
@@ -194,7 +194,6 @@ class GMCHookState:
         if load_local and training_parameters is not None:
             self.binding.load_training_parameters(training_parameters)
 
-    # -------------------------------------------------------------------------------- metrics
     def take_metrics(self) -> dict[str, float]:
         """This step's traffic metrics plus the residual norm; resets the per-step counters. RCC
         counts only the steps whose metrics are taken (``CommStats.defer_rcc``)."""

@@ -82,6 +82,13 @@ class ParameterSwap:
                 f"point; leave it first"
             )
 
+    def training_values(self) -> list[Tensor]:
+        """The training parameters' values, also while a swap is active (then from the backup)."""
+        if self.active is not None:
+            assert self._backup is not None
+            return self._backup
+        return [p.detach() for p in self.params]
+
     def restore(self, kind: str) -> None:
         """Put back the parameters saved when the ``kind`` swap began (no-op if it is not active)."""
         if self.active != kind:
@@ -150,6 +157,11 @@ class ParameterSwap:
 
     @contextlib.contextmanager
     def evaluation(self, hypers: Sequence[GroupHyper]) -> Iterator[None]:
+        """At the evaluation point inside the block; re-entrant (a checkpoint written during
+        validation, which is already there, leaves it there)."""
+        if self.active == "evaluation":
+            yield
+            return
         self.enter_evaluation(hypers)
         try:
             yield
