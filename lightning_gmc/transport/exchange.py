@@ -19,7 +19,6 @@ Ordering and failures:
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +33,9 @@ from lightning_gmc.transport.routing import choose_route, decode_mean
 from lightning_gmc.transport.stats import CommStats
 
 __all__ = ["CollectiveFailure", "Exchange"]
+
+#: Per local worker, each message slot's mean over all workers.
+Means = list[list[Tensor]]
 
 
 class CollectiveFailure(RuntimeError):
@@ -74,7 +76,7 @@ class Exchange:
         step: int,
         bucket_index: int = 0,
         dense_element_size: int = 4,
-    ) -> Future[list[list[Tensor]]]:
+    ) -> Future[Means]:
         """Issue one collective per message slot now; the future yields, per local worker, each
         slot's mean over all workers.
 
@@ -110,17 +112,26 @@ class Exchange:
             f"{self.collectives.local_ranks[0]}"
         )
 
-        def finish_all() -> list[list[Tensor]]:
-            for item in launched:  # every result is checked before anything is decoded
-                if item.future is not None:
+        def fail(what: str, err: Exception) -> CollectiveFailure:
+            return CollectiveFailure(
+                f"lightning_gmc: the {what} of {where} failed; no update was applied (a peer process "
+                f"probably died or timed out): {err}"
+            )
+
+        def finish_all(combined: Future[list[Future[Tensor]]] | None = None) -> Means:
+            # Check every result before decoding anything. collect_all fails as soon as one
+            # collective fails, possibly before the others are done; the failed one is done.
+            for item in launched:
+                if item.future is not None and item.future.done():
                     try:
                         item.future.value()
                     except Exception as err:
-                        raise CollectiveFailure(
-                            f"lightning_gmc: the {item.collective} of message {item.index} of {where} "
-                            f"failed; no update was applied (a peer process probably died or timed "
-                            f"out): {err}"
-                        ) from err
+                        raise fail(f"{item.collective} of message {item.index}", err) from err
+            if combined is not None:
+                try:
+                    combined.value()
+                except Exception as err:
+                    raise fail("exchange", err) from err
             means = [item.finish() for item in launched]
             copies = [
                 [_worker_copy(mean, sent[i], bucket, i) for i, mean in enumerate(means)]
@@ -128,7 +139,14 @@ class Exchange:
             ]
             return [means, *copies]
 
-        return _when_all([item.future for item in launched if item.future is not None], finish_all)
+        futures = [item.future for item in launched if item.future is not None]
+        if not futures:
+            done: Future[Means] = Future()
+            done.set_result(finish_all())
+            return done
+        # then() keeps CUDA stream semantics: decoding waits for the collectives, and whoever waits
+        # on the returned future waits for the decoding.
+        return torch.futures.collect_all(futures).then(finish_all)
 
     def _launch(
         self, index: int, column: Sequence[Message], buckets: Sequence[BucketState], world: int, step: int
@@ -203,38 +221,6 @@ class Exchange:
             return mean
 
         return _Launched(index, "all_gather", future, finish_gather)
-
-
-Means = list[list[Tensor]]
-
-
-def _when_all(futures: Sequence[Future[Tensor]], finish: Callable[[], Means]) -> Future[Means]:
-    """A future completed by ``finish()`` (or its exception) once every future is complete, failed
-    or not (``collect_all`` fails as soon as one fails, while others may still be running)."""
-    result: Future[Means] = Future()
-    remaining = [len(futures)]
-    lock = threading.Lock()
-
-    def run() -> None:
-        try:
-            value = finish()
-        except Exception as err:
-            result.set_exception(err)  # type: ignore[arg-type]  # torch stub types it as T
-        else:
-            result.set_result(value)
-
-    def on_done(_: Future[Tensor]) -> None:
-        with lock:
-            remaining[0] -= 1
-            last = remaining[0] == 0
-        if last:
-            run()
-
-    if not futures:
-        run()
-    for future in futures:
-        future.add_done_callback(on_done)
-    return result
 
 
 def _mean_buffer(message: Message, bucket: BucketState, index: int) -> Tensor:
