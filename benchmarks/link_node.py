@@ -238,7 +238,10 @@ def run_tta(args: argparse.Namespace) -> list[dict[str, Any]]:
             )
             clock = AccuracyClock()
             trainer = _trainer(
-                make_strategy(TTA_METHODS[method], args.density), [clock], max_epochs=args.epochs
+                make_strategy(TTA_METHODS[method], args.density),
+                [clock],
+                max_epochs=args.epochs,
+                val_check_interval=args.val_check_interval,
             )
             trainer.fit(module, datamodule=dm)
             records.append(
@@ -268,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["cnn", "mlp"])
     parser.add_argument("--methods", nargs="+", default=list(TTA_METHODS))
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--val-check-interval", type=float, default=0.25, help="fraction of an epoch")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     records = run_steps(args) if args.workload == "steps" else run_tta(args)

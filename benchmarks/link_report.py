@@ -113,22 +113,20 @@ def sweep_table(by_rate: dict[str, dict[str, dict[str, float | None]]], labels: 
 
 def crossover(
     by_rate: dict[str, dict[str, dict[str, float | None]]], bits_per_s: dict[str, float | None], arm: str
-) -> tuple[str | None, str | None]:
-    """(fastest rate at which ``arm`` still beats DDP, slowest rate at which it no longer does), over
-    the measured rates; None where no measured rate is on that side."""
+) -> tuple[list[str], list[str]]:
+    """(rates at which ``arm``'s step is faster than DDP's, rates at which it is not), slowest first
+    ("none", the unlimited veth, last)."""
 
     def speed(rate: str) -> float:
         bits = bits_per_s[rate]
         return float("inf") if bits is None else bits
 
-    ordered = sorted(by_rate, key=speed)
-    ratios = {
-        r: _ratio(by_rate[r].get(arm, {}).get("step_s"), by_rate[r].get("ddp", {}).get("step_s"))
-        for r in ordered
-    }
-    pays = [r for r in ordered if ratios[r] is not None and ratios[r] < 1.0]  # type: ignore[operator]
-    stops = [r for r in ordered if ratios[r] is not None and ratios[r] >= 1.0]  # type: ignore[operator]
-    return (pays[-1] if pays else None, stops[0] if stops else None)
+    pays, not_pays = [], []
+    for rate in sorted(by_rate, key=speed):
+        r = _ratio(by_rate[rate].get(arm, {}).get("step_s"), by_rate[rate].get("ddp", {}).get("step_s"))
+        if r is not None:
+            (pays if r < 1.0 else not_pays).append(rate)
+    return pays, not_pays
 
 
 def time_to_target(points: Sequence[Sequence[float]], target: float) -> float | None:
@@ -139,27 +137,33 @@ def time_to_target(points: Sequence[Sequence[float]], target: float) -> float | 
     return None
 
 
-def tta_table(runs: Sequence[dict[str, Any]], target: float, labels: dict[str, str]) -> str:
-    """Markdown table: per (model, rate, method) time to ``target``, final accuracy, total time."""
+def tta_table(runs: Sequence[dict[str, Any]], targets: Sequence[float], labels: dict[str, str]) -> str:
+    """Markdown table: per (model, rate, method) time to each target (and as a multiple of DDP's on the
+    same link), final accuracy, total training time."""
+    head = "".join(f" time to {100 * t:g} % (x DDP) |" for t in targets)
     lines = [
-        f"| model | link | method | time to {100 * target:.0f} % | x DDP | final acc | train time | steps |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        f"| model | link | method |{head} final acc | train time | steps |",
+        "|---|---|---|" + "---:|" * (len(targets) + 3),
     ]
-    ddp_time = {
-        (r["model"], r["rate"]): time_to_target(r["points"], target) for r in runs if r["method"] == "ddp"
-    }
+    ddp = {(r["model"], r["rate"]): r["points"] for r in runs if r["method"] == "ddp"}
     for r in runs:
-        t = time_to_target(r["points"], target)
-        ref = ddp_time.get((r["model"], r["rate"]))
+        cells = []
+        for target in targets:
+            t = time_to_target(r["points"], target)
+            ref = ddp.get((r["model"], r["rate"]))
+            ratio = _ratio(t, None if ref is None else time_to_target(ref, target))
+            cells.append("never" if t is None else f"{t:.1f} s ({_fmt(ratio, '.2f')})")
         lines.append(
             f"| {r['model']} ({r['params']:,} params) | {r['rate']} | {labels.get(r['method'], r['method'])}"
-            f" | {_fmt(t, '.1f')} s | {_fmt(_ratio(t, ref), '.2f')} | {100 * r['points'][-1][1]:.1f} %"
+            f" | {' | '.join(cells)} | {100 * r['points'][-1][1]:.1f} %"
             f" | {r['points'][-1][0]:.1f} s | {r['steps']} |"
         )
     return "\n".join(lines)
 
 
-def plot_tta(runs: Sequence[dict[str, Any]], target: float, path: str, labels: dict[str, str]) -> None:
+def plot_tta(
+    runs: Sequence[dict[str, Any]], targets: Sequence[float], path: str, labels: dict[str, str]
+) -> None:
     """Accuracy vs training wall time, one panel per model, colour = method, line style = link."""
     import matplotlib
 
@@ -183,7 +187,8 @@ def plot_tta(runs: Sequence[dict[str, Any]], target: float, path: str, labels: d
                 linestyle=styles[rates.index(r["rate"]) % len(styles)],
                 label=f"{labels.get(r['method'], r['method'])}, {r['rate']}",
             )
-        ax.axhline(100 * target, color="grey", lw=0.8)
+        for target in targets:
+            ax.axhline(100 * target, color="grey", lw=0.8)
         params = next(r["params"] for r in runs if r["model"] == model)
         ax.set(
             xscale="log",
@@ -192,7 +197,7 @@ def plot_tta(runs: Sequence[dict[str, Any]], target: float, path: str, labels: d
             title=f"digits non-IID, 2 hosts, {model} ({params:,} params)",
         )
         lowest = min(100 * a for r in runs if r["model"] == model for _, a in r["points"])
-        ax.set_ylim(max(0.0, min(100 * target - 20, lowest - 5)), 100)
+        ax.set_ylim(max(0.0, min(100 * min(targets) - 20, lowest - 5)), 100)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -241,10 +241,36 @@ def test_marginal_bytes_cancel_one_time_traffic_and_formulas() -> None:
     assert "| DDP | 150.0 | 1.000 | 4,200 | 4,000 | 1.050 | 1.0000 |" in table
 
 
-def test_crossover_brackets_the_rate_where_ddp_catches_up() -> None:
+def test_crossover_splits_rates_where_compression_pays() -> None:
     bits = {"none": None, "1gbit": 1e9, "100mbit": 1e8, "10mbit": 1e7}
     step = {"none": (0.05, 0.08), "1gbit": (0.09, 0.08), "100mbit": (0.4, 0.09), "10mbit": (3.5, 0.1)}
     by_rate = {r: {"ddp": {"step_s": d}, "gmc": {"step_s": g}} for r, (d, g) in step.items()}
-    assert link_report.crossover(by_rate, bits, "gmc") == ("1gbit", "none")
+    assert link_report.crossover(by_rate, bits, "gmc") == (["10mbit", "100mbit", "1gbit"], ["none"])
     assert link_report.time_to_target([(1.0, 0.5), (2.0, 0.91), (3.0, 0.89)], 0.9) == 2.0
     assert link_report.time_to_target([(1.0, 0.5)], 0.9) is None
+
+
+def test_tta_table_times_each_target_against_ddp_on_the_same_link() -> None:
+    runs = [
+        {
+            "model": "mlp",
+            "rate": "100mbit",
+            "method": "ddp",
+            "params": 10,
+            "steps": 4,
+            "points": [(10.0, 0.85), (20.0, 0.92), (30.0, 0.96)],
+        },
+        {
+            "model": "mlp",
+            "rate": "100mbit",
+            "method": "gmc",
+            "params": 10,
+            "steps": 4,
+            "points": [(2.0, 0.91), (4.0, 0.93)],
+        },
+    ]
+    table = link_report.tta_table(runs, [0.9, 0.95], {"gmc": "GMC"})
+    assert "| mlp (10 params) | 100mbit | GMC | 2.0 s (0.10) | never | 93.0 % | 4.0 s | 4 |" in table
+    assert (
+        "| mlp (10 params) | 100mbit | ddp | 20.0 s (1.00) | 30.0 s (1.00) | 96.0 % | 30.0 s | 4 |" in table
+    )
