@@ -1,15 +1,15 @@
-"""Bits versus error for every bit-budget compressor, beside the lower bound (issue 4).
+"""Bits versus error for every bit-budget compressor, beside the lower bound.
 
 For ``d = 2^20`` (``--d``) and several bit budgets per compressor this measures, by Monte Carlo:
 
-* the normalized error ``E||C(x) - x||^2 / ||x||^2`` on Gaussian ``x`` (spec §8 E2), for unbiased
-  compressors after the error-feedback scaling ``1/(1+omega)`` (spec §2.3), against the lower bound
-  ``4^(-r)`` of spec §3.1, ``r = payload_bits / d``;
+* the normalized error ``E||C(x) - x||^2 / ||x||^2`` on Gaussian ``x``, for unbiased
+  compressors after the error-feedback scaling ``1/(1+omega)``, against the lower bound
+  ``4^(-r)`` (both in ``docs/compressors.md``), ``r = payload_bits / d``;
 * for unbiased compressors, the variance parameter ``omega`` on Gaussian ``x`` and the largest one
-  over adversarial inputs (flat, TernGrad's worst case, natural compression's worst case; spec §8
-  E1) against the bound ``1 / (4^r - 1)``;
+  over adversarial inputs (flat, TernGrad's worst case, natural compression's worst case)
+  against the bound ``1 / (4^r - 1)``;
 * encode and decode time as a ratio of a preallocated ``copy_`` of the same vector, measured in
-  interleaved rounds in the same run (``spec/performance.md`` Appendix A).
+  interleaved rounds in the same run.
 
 Prints a markdown table and writes a PNG plot (matplotlib, Agg backend)::
 
@@ -94,10 +94,10 @@ def configs(quick: bool) -> list[tuple[str, str, Compressor]]:
 
 
 def adversarial_inputs(d: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Worst-case families of spec §8 E1 (the Gaussian input is measured separately)."""
+    """Worst-case input families (the Gaussian input is measured separately)."""
     signs = torch.where(torch.rand(d, generator=gen) < 0.5, -1.0, 1.0)
     tern = signs / (math.sqrt(d) + 1)
-    tern[0] = 1.0  # (1, a, ..., a), a = 1/(sqrt(d)+1): TernGrad's supremum (spec A.4)
+    tern[0] = 1.0  # (1, a, ..., a), a = 1/(sqrt(d)+1): TernGrad's supremum of omega
     natural = signs * (4.0 / 3.0) * 2.0 ** torch.randint(-4, 4, (d,), generator=gen).float()
     return {"flat": signs, "terngrad_worst": tern, "natural_worst": natural}
 
@@ -249,8 +249,8 @@ def plot(rows: list[Row], path: Path, d: int) -> None:
     rmin = min(r.bits_per_coord for r in rows) * 0.7
     rmax = max(r.bits_per_coord for r in rows) * 1.3
     grid = [rmin * (rmax / rmin) ** (i / 200) for i in range(201)]
-    ax1.plot(grid, [epsilon_lower_bound(g) for g in grid], "k-", lw=2, label="lower bound $4^{-r}$ (§3.1)")
-    ax2.plot(grid, [omega_lower_bound(g) for g in grid], "k-", lw=2, label="lower bound $1/(4^r-1)$ (§3.1)")
+    ax1.plot(grid, [epsilon_lower_bound(g) for g in grid], "k-", lw=2, label="lower bound $4^{-r}$")
+    ax2.plot(grid, [omega_lower_bound(g) for g in grid], "k-", lw=2, label="lower bound $1/(4^r-1)$")
     for i, fam in enumerate(families):
         pts = sorted((r for r in rows if r.family == fam), key=lambda r: r.bits_per_coord)
         m = markers[i % len(markers)]

@@ -1,8 +1,8 @@
-"""Compressor cost as a ratio of a memory copy of the same gradient (issue 2, spec G1/G5/G6).
+"""Compressor cost as a ratio of a memory copy of the same gradient (goals G1/G5/G6 of docs/benchmarks.md).
 
 For a flat fp32 vector of ``d`` elements (``--numel``, default 25M; ``--quick`` uses 1M) split into
 segments the way a real bucket is, this measures, in **interleaved rounds** (every op once per round,
-median per op; ``spec/performance.md`` Appendix A):
+median per op, so that load drift hits every op alike):
 
 * floors: a preallocated ``copy_`` and an allocating ``clone()`` of the same vector, and exact
   ``torch.topk(|x|, k)`` over the whole vector at each density (the reference of goal G1);
@@ -38,14 +38,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from quiet_profiler import quiet_profile
 from torch import Tensor
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity
 
 from lightning_gmc.compressors import (
     Compressor,
     Payload,
     RandomStreams,
     Segment,
+    Workspace,
     build_compressor,
     segments_from_numels,
 )
@@ -111,18 +113,19 @@ def compressor_ops(
     plan = comp.plan(segments)
     rng = RandomStreams(seed=0, rank=0)
     workspace = torch.empty_like(x)
+    payload_owner = Workspace()  # what a bucket's message slot is in training
     state: dict[str, Payload] = {}
     step = [0]
 
     def encode() -> None:
         step[0] += 1
-        payload = comp.compress(work, plan, rng, step[0])
+        payload = comp.compress(work, plan, rng, step[0], payload_owner)
         comp.subtract_own(work, payload, plan, workspace)
         state["payload"] = payload
 
     # One payload to decode, computed once (decode cost does not depend on the values).
     work.copy_(x)
-    state["payload"] = comp.compress(work, plan, rng, 0)
+    state["payload"] = comp.compress(work, plan, rng, 0, Workspace())
     wire = received(state["payload"]) if not comp.shared_support else state["payload"]
     label = name if name == "none" else f"{name} {density:.1%}"
     return [
@@ -182,7 +185,7 @@ def allocations(fn: Callable[[], object], min_bytes: int) -> tuple[int, float]:
     Uses the profiler's memory tracking; a temporary allocated and freed inside one op (e.g. the
     internal queue of ``torch.topk``) nets to zero and is not counted.
     """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.events() if e.name != "[memory]"]
     large = sum(1 for e in events if e.self_cpu_memory_usage >= min_bytes)

@@ -1,11 +1,11 @@
-"""DDP step time of the GMC hook against plain DDP on 2 gloo ranks (issue 2, spec G2-G5).
+"""DDP step time of the GMC hook against plain DDP on 2 gloo ranks (goals G2-G5 of docs/benchmarks.md).
 
 Two processes (``torch.multiprocessing.spawn``) on 127.0.0.1 with gloo, one intra-op thread each,
 train an MLP (``--dims``, default 4096-4096-2048-10, 25.2M parameters, batch 8) with several
 ``DistributedDataParallel`` models built side by side in the same process pair and run
-**interleaved**: every round performs one optimizer step of each variant (``spec/performance.md``
-Appendix A). A step is ``zero_grad`` + forward + backward (with DDP's communication) + SGD step; it is
-timed after a ``barrier`` and reported as the max over ranks.
+**interleaved**: every round performs one optimizer step of each variant, so that load drift hits every
+variant alike. A step is ``zero_grad`` + forward + backward (with DDP's communication) + SGD step; it
+is timed after a ``barrier`` and reported as the max over ranks.
 
 Variants:
 
@@ -48,10 +48,11 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from quiet_profiler import quiet_profile
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_gmc
@@ -140,7 +141,7 @@ def train_step(v: Variant, x: torch.Tensor, y: torch.Tensor) -> None:
 def count_large_allocations(fn: Callable[[], object], min_bytes: int) -> int:
     """Ops in one call of ``fn`` whose own net CPU allocation is at least ``min_bytes`` (see
     ``bench_compressors.py``)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     return sum(1 for e in prof.events() if e.self_cpu_memory_usage >= min_bytes)
 

@@ -22,6 +22,7 @@ Data sets:
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Literal
 
 import numpy as np
@@ -34,6 +35,7 @@ from examples.partition import PartitionScheme, class_histogram, format_histogra
 
 __all__ = [
     "CIFARDataModule",
+    "DataUnavailableError",
     "DigitsDataModule",
     "GeneratedImageDataset",
     "PartitionedDataModule",
@@ -48,6 +50,10 @@ _CIFAR_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, fl
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 _CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+class DataUnavailableError(RuntimeError):
+    """The data set is not on disk and could not be downloaded; the message says how to fix it."""
 
 
 class PartitionedDataModule(LightningDataModule):
@@ -332,13 +338,48 @@ class CIFARDataModule(PartitionedDataModule):
 
         return datasets.CIFAR10 if self.name == "cifar10" else datasets.CIFAR100
 
+    def files_present(self) -> bool:
+        """Whether every archive member torchvision reads is in ``data_dir`` (no checksum, no network)."""
+        cls = self._dataset_class()
+        folder = os.path.join(os.path.expanduser(self.data_dir), cls.base_folder)
+        return all(os.path.isfile(os.path.join(folder, name)) for name, _ in cls.train_list + cls.test_list)
+
+    def _unavailable(self, reason: str) -> DataUnavailableError:
+        cls = self._dataset_class()
+        root = os.path.abspath(os.path.expanduser(self.data_dir))
+        return DataUnavailableError(
+            f"{self.name.upper()} not found: expected the extracted archive in "
+            f"{os.path.join(root, cls.base_folder)} ({reason}). Either let it download while online "
+            f"(data.download: true) or fetch {cls.url} and extract it into {root}, point --data.data_dir "
+            "at an existing copy, or train on generated data of the same shape with "
+            "--data.synthetic=true (no files, no network)."
+        )
+
+    def ensure_available(self) -> None:
+        """Make sure the data set is on disk, downloading it if allowed; otherwise fail with the fix.
+
+        ``examples/train.py`` calls this in the launching process before any rank starts, so an
+        offline run fails once, with one message, instead of once per rank.
+
+        Raises:
+            DataUnavailableError: the files are missing and ``download`` is off or the download failed.
+        """
+        if self.synthetic or self.files_present():
+            return
+        if not self.download:
+            raise self._unavailable("download is off")
+        cls = self._dataset_class()
+        try:
+            cls(self.data_dir, train=True, download=True)
+            cls(self.data_dir, train=False, download=True)
+        except Exception as exc:  # offline, torchvision raises URLError, OSError or RuntimeError
+            raise self._unavailable(f"the download from {cls.url} failed: {exc}") from exc
+
     def prepare_data(self) -> None:
         """Download once per node (Lightning calls this on local rank 0 only)."""
         if self.synthetic or not self.download:
             return
-        cls = self._dataset_class()
-        cls(self.data_dir, train=True, download=True)
-        cls(self.data_dir, train=False, download=True)
+        self.ensure_available()
 
     def _load(self) -> tuple[Dataset[Any], np.ndarray, Dataset[Any]]:
         train_tf, eval_tf = self.transforms()
@@ -352,6 +393,8 @@ class CIFARDataModule(PartitionedDataModule):
                 self.synthetic_test_size, self.num_classes, eval_tf, seed=2 * s + 1, proto_seed=s
             )
             return train, np.asarray(train.targets), test
+        if not self.files_present():
+            raise self._unavailable("download is off" if not self.download else "the download did not run")
         cls = self._dataset_class()
         # download=False here: prepare_data() already fetched it on one process per node, and a second
         # concurrent download from every rank would race on the same files.

@@ -11,7 +11,8 @@ prints test accuracy, bytes sent per rank, RCC and wall time for each.
 * *bytes sent*: bytes one rank puts on the wire for gradient communication over the whole run. GMC
   reports its own count (``gmc/bytes_sent_total``); for DDP it is the ring all-reduce of every fp32
   gradient, ``2 (K-1)/K * 4 d`` bytes per step, the same model GMC uses for its ``dense_bytes``.
-* *RCC*: the paper's relative communication cost (parameter-server accounting, spec §6.5); 1 for DDP
+* *RCC*: the paper's relative communication cost (parameter-server accounting, its eq. (9);
+  ``docs/algorithms.md`` section 3.8); 1 for DDP
   by definition.
 * *wall time*: training and per-epoch validation on rank 0, from ``on_train_start`` to ``on_train_end``
   (without starting the processes and joining the process group).

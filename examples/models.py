@@ -2,7 +2,7 @@
 
 * :class:`ResNet20`: the CIFAR ResNet of He et al. (2016), 3 stages x 3 basic blocks, with BatchNorm
   (IID runs) or GroupNorm with 2 groups (non-IID runs, as Lin et al.'s ResNet-GN-20;
-  ``spec/algorithms.md`` §11). About 0.27M parameters.
+  ``docs/algorithms.md`` section 4.1). About 0.27M parameters.
 * :class:`ViT`: the plain ViT of Lee et al. (2021) for 32x32 inputs (patch 4, dim 192, 12 heads of 16,
   MLP ratio 2) with the 4 Transformer blocks the GMC paper uses; no SPT/LSA. About 1.21M parameters
   for 10 classes, 1.23M for 100.
@@ -292,7 +292,7 @@ class ClassificationModule(LightningModule):
 
     The schedule is ``CosineAnnealingLR(T_max=max_epochs)`` stepped once per epoch, i.e.
     ``lr_e = lr * (1 + cos(pi * e / max_epochs)) / 2`` in epoch ``e``: the paper's setting
-    (``spec/algorithms.md`` §11: cosine per epoch, no warm-up).
+    (GMC paper, section 5.1: cosine per epoch, no warm-up).
 
     Args:
         model: the network; it should expose ``num_classes`` unless ``num_classes`` is given here.

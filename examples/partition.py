@@ -6,10 +6,10 @@ indices on rank 0 and broadcasts them) and then keeps only its own shard. The Tr
 created with ``use_distributed_sampler=False``; otherwise Lightning would split each shard a second
 time.
 
-Schemes (``spec/algorithms.md`` §11):
+Schemes (``docs/algorithms.md``, section 4.1):
 
 * ``"iid"``: a random permutation cut into ``K`` equal contiguous chunks ("random equal split").
-* ``"dirichlet"``: the procedure of Lin et al. (2021), steps 1-5 of the spec:
+* ``"dirichlet"``: the procedure of Lin et al. (2021), in five steps:
 
   1. shuffle the (index, label) pairs; handle workers in groups of at most 10, each group taking a
      contiguous slice of the shuffled pairs proportional to its size (with ``K <= 10``: one group);
@@ -56,7 +56,7 @@ _GROUP_SIZE = 10
 
 
 def _cut_equal(order: np.ndarray, num_parts: int, drop_remainder: bool) -> list[np.ndarray]:
-    """Cut an arrangement of indices into ``num_parts`` contiguous chunks (step 4 of the spec)."""
+    """Cut an arrangement of indices into ``num_parts`` contiguous chunks (step 4 above)."""
     if drop_remainder:
         size = len(order) // num_parts
         return [order[i * size : (i + 1) * size].copy() for i in range(num_parts)]
@@ -100,7 +100,7 @@ def _dirichlet_group(
     min_fraction: float,
     max_attempts: int,
 ) -> list[list[int]]:
-    """Step 2 of the spec for one group of workers; ``pairs`` holds (index, label) rows."""
+    """Step 2 above for one group of workers; ``pairs`` holds (index, label) rows."""
     n_group = len(pairs)
     cap = n_group / num_workers  # a worker at or above its fair share gets no more of any class
     min_required = int(min_fraction * n_group / num_workers)
@@ -136,7 +136,8 @@ def dirichlet_partition(
     min_fraction: float = 0.5,
     max_attempts: int = 10_000,
 ) -> list[np.ndarray]:
-    """Non-IID split following Lin et al. (2021) exactly as described in ``spec/algorithms.md`` §11.
+    """Non-IID split following Lin et al. (2021) as their reference code does (steps 1-5 of the module
+    docstring).
 
     Args:
         labels: class label of every sample (length ``N``).

@@ -1,10 +1,10 @@
 """Quadratic toy problem of the GMC paper (Section 3.2, Figs. 1-2), as a RECONSTRUCTION.
 
-The paper's constants did not survive (``spec/algorithms.md`` §10): what is known is two workers with
-quadratic local objectives whose optima differ, learning rate 0.005, momentum (almost surely) 0.9, a
-top-k compressor on a 2-D parameter, and the methods DMSGD, DGC (w/ mfm), DGC (w/o mfm) and GMC. This
-script runs the two reconstruction templates of the spec's Appendix S.2, which are *not* the paper's
-constants:
+The paper's constants did not survive in its text (``docs/algorithms.md``, section 4.2): what is known
+is two workers with quadratic local objectives whose optima differ, learning rate 0.005, momentum
+(almost surely) 0.9, a top-k compressor on a 2-D parameter, and the methods DMSGD, DGC (w/ mfm), DGC
+(w/o mfm) and GMC. This script runs two reconstruction templates of our own, which are *not* the
+paper's constants:
 
 * ``iso``:   ``A1 = A2 = I``, ``b1 = (4, 0)``, ``b2 = (0, 4)``;
 * ``aniso``: ``A1 = diag(1, 10)``, ``A2 = diag(10, 1)``, ``b1 = (1, 1)``, ``b2 = (-1, -1)``;
@@ -20,7 +20,7 @@ mean aggregation over the ``K = 2`` workers. The updates (plain torch, float64):
 * GMC (Algorithm 1): ``u_k = e_k + g_k + beta (w_{t-1} - w_t) / eta``; send ``top1(u_k)``;
   ``e_k = u_k - top1(u_k)``; ``w -= eta * mean_k top1(u_k)``.
 
-It prints the distance table of spec §10 and writes, to ``--out`` (default ``docs/toy``):
+It prints the distance table and writes, to ``--out`` (default ``docs/toy``):
 
 * ``trajectories.png``: optimisation trajectories on the contours of ``F`` (one panel per template,
   the analogue of Fig. 1);
@@ -232,9 +232,7 @@ def plot(runs: dict[tuple[str, str], ToyRun], out: Path) -> list[Path]:
             ax.set_ylabel("w[1]")
             if row == 0:
                 ax.legend(fontsize=8)
-    fig.suptitle(
-        "Toy quadratic (reconstruction, spec §10): trajectories, top-1, lr 0.005, beta 0.9", fontsize=10
-    )
+    fig.suptitle("Toy quadratic (reconstruction): trajectories, top-1, lr 0.005, beta 0.9", fontsize=10)
     fig.tight_layout()
     path = out / "trajectories.png"
     fig.savefig(path, dpi=120)
@@ -281,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = "python examples/toy_quadratic.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (args.out / "results.md").write_text(
         "# Quadratic toy problem (reconstruction)\n\n"
-        "The paper's constants are lost (spec `algorithms.md` §10); these are the spec's Appendix S.2\n"
+        "The paper's constants are lost from its text (docs/algorithms.md, section 4.2); these are our own\n"
         "reconstruction templates, not the paper's problem. Only the qualitative ordering is meaningful:\n"
         "DMSGD converges exactly, DGC w/o mfm stalls in a neighbourhood of the optimum, GMC gets closer\n"
         "than DGC w/o mfm, mfm makes DGC smoother but slower.\n\n"

@@ -5,12 +5,14 @@ all-reduce with compression, error feedback and global momentum (GMC; GMC+ when 
 Importing this package registers the strategy names (``"gmc"``, ``"gmc_plus"``, one per method).
 
 Layers (each imports only those below it): ``compressors`` -> ``methods`` -> ``transport`` ->
-``hook`` / ``simulator`` -> ``strategy``.
+``hook`` / ``simulator`` -> ``strategy``; ``config`` (one validated :class:`GMCConfig`) builds
+the method for the hook, the simulator and the strategy.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_gmc.compressors import COMPRESSORS, Compressor, build_compressor, register_compressor
+from lightning_gmc.config import GMCConfig
 from lightning_gmc.hook import GMCHookState, gmc_hook
 from lightning_gmc.methods import METHODS, Method, build_method, register_method
 from lightning_gmc.simulator import Simulator
@@ -24,6 +26,7 @@ __all__ = [
     "COMPRESSORS",
     "METHODS",
     "Compressor",
+    "GMCConfig",
     "GMCHookState",
     "GMCStrategy",
     "Method",

@@ -24,16 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gmc.compressors import Compressor, build_compressor
-from lightning_gmc.methods import (
-    METHODS,
-    BucketStep,
-    GroupHyper,
-    Method,
-    ParameterTable,
-    WorkerState,
-    build_method,
-)
+from lightning_gmc.compressors import Compressor
+from lightning_gmc.config import GMCConfig, check_momentum
+from lightning_gmc.methods import BucketStep, GroupHyper, Method, ParameterTable, WorkerState
 from lightning_gmc.transport import CommStats, SimulatedTransport
 
 __all__ = ["Simulator"]
@@ -47,7 +40,8 @@ class Simulator:
             that defines the global parameter order (use ``model.named_parameters()`` order to match a
             real run).
         num_workers: K.
-        method: a method name (``"gmc"``, ...) or a :class:`Method` instance.
+        method: a method name (``"gmc"``, ...; an unknown name raises, listing the valid ones) or a
+            :class:`Method` instance.
         compressor: a compressor name or instance (ignored when ``method`` is an instance); None takes
             the method's default (``"topk"``; ``"none"`` for ``"dmsgd"``).
         density: compressor density.
@@ -58,6 +52,8 @@ class Simulator:
         ef_scaling: scale unbiased compressors by ``1/(1+omega)`` (None: for error-feedback methods), as
             :class:`~lightning_gmc.GMCStrategy` does.
         method_options: passed to the method (e.g. ``detach=0.5``).
+
+    Names and options are validated by :class:`~lightning_gmc.config.GMCConfig`, as for the strategy.
     """
 
     def __init__(
@@ -76,20 +72,21 @@ class Simulator:
         if isinstance(method, Method):
             self.method = method
         else:
-            if compressor is None:
-                cls = METHODS.get(method.lower())
-                compressor = cls.default_compressor if cls is not None else "topk"
-            self.method = build_method(
-                method,
-                build_compressor(compressor, density=density),
+            config = GMCConfig(
+                method=method,
+                compressor=compressor,
+                density=density,
+                momentum=momentum,
+                seed=seed,
+                method_options=method_options,
                 ef_scaling=ef_scaling,
-                **method_options,
             )
+            self.method = config.build()
         names = tuple(params)
         shapes = tuple(torch.Size(v.shape if isinstance(v, Tensor) else v) for v in params.values())
         self.table = ParameterTable(names, shapes, tuple(0 for _ in names))
         self.num_workers = num_workers
-        self.momentum = float(momentum)
+        self.momentum = check_momentum(momentum)
         self.weight_decay = float(weight_decay)
         self.stats = CommStats()
         self.transport = SimulatedTransport(num_workers, self.stats)
@@ -192,14 +189,12 @@ class Simulator:
         if point == "params":
             return {name: params[0][name].detach().clone() for name in names}
         if point == "mean_params":
-            return {name: sum(p[name].detach() for p in params) / len(params) for name in names}
+            return {name: _mean([p[name].detach() for p in params]) for name in names}
         scale = self.method.evaluation_residual_scale(self._hyper(lr))
         out = {}
         for index, name in enumerate(names):
             w = params[0][name].detach()
-            mean_residual = sum(worker.tensors["residual"][index] for worker in self.workers) / len(
-                self.workers
-            )
+            mean_residual = _mean([worker.tensors["residual"][index] for worker in self.workers])
             out[name] = w - scale * mean_residual.view_as(w)
         return out
 
@@ -207,6 +202,14 @@ class Simulator:
         """Worker ``worker``'s residual per parameter (methods with error feedback)."""
         state = self.workers[worker].state_dict("local")
         return state.get("residual", {})
+
+
+def _mean(tensors: Sequence[Tensor]) -> Tensor:
+    """Sum in worker order, then divide (the order the real run's reduction is compared against)."""
+    total = tensors[0]
+    for tensor in tensors[1:]:
+        total = total + tensor
+    return total / len(tensors)
 
 
 def _own_copy(mean: Tensor, target: Tensor | None) -> Tensor:

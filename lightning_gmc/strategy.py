@@ -9,7 +9,6 @@ from datetime import timedelta
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch import LightningModule, Trainer
@@ -20,15 +19,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_gmc.compressors import Compressor, build_compressor
-from lightning_gmc.hook import GMCHookState, NonFinitePolicy, gmc_hook
-from lightning_gmc.methods import METHODS, Method, build_method, method_option_names
+from lightning_gmc.compressors import Compressor
+from lightning_gmc.config import GMCConfig, NonFinitePolicy, WorldSizeChangePolicy
+from lightning_gmc.hook import GMCHookState, gmc_hook
+from lightning_gmc.methods import METHODS, Method
 
 __all__ = ["GMCStrategy", "WorldSizeChangePolicy"]
 
 log = logging.getLogger(__name__)
-
-WorldSizeChangePolicy = Literal["error", "reset_residuals"]
 
 # DDP options that would install a second comm hook or bypass ours.
 _CONFLICTING_DDP_ARGS = {
@@ -42,6 +40,13 @@ _CONFLICTING_DDP_ARGS = {
 }
 
 CHECKPOINT_KEY = "lightning_gmc"
+
+
+def _reject_conflicting_ddp_args(ddp_kwargs: dict[str, Any]) -> None:
+    for key, reason in _CONFLICTING_DDP_ARGS.items():
+        # LightningCLI passes every DDP argument, with None for the unused ones.
+        if ddp_kwargs.pop(key, None) is not None:
+            raise ValueError(f"GMCStrategy does not accept `{key}`: {reason}. Remove the argument.")
 
 
 class GMCStrategy(DDPStrategy):
@@ -79,8 +84,8 @@ class GMCStrategy(DDPStrategy):
 
     Raises:
         ValueError: unknown compressor or method (the valid names are listed), density outside
-            (0, 1], negative detach, momentum outside [0, 1), or a DDP argument that conflicts with the
-            hook.
+            (0, 1], negative or non-finite detach, momentum outside [0, 1), a non-finite option, or a
+            DDP argument that conflicts with the hook (validation: :class:`~lightning_gmc.GMCConfig`).
     """
 
     strategy_name = "gmc"
@@ -108,25 +113,16 @@ class GMCStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **ddp_kwargs: Any,
     ) -> None:
-        for key, reason in _CONFLICTING_DDP_ARGS.items():
-            # LightningCLI passes every DDP argument, with None for the unused ones.
-            if ddp_kwargs.pop(key, None) is not None:
-                raise ValueError(f"GMCStrategy does not accept `{key}`: {reason}. Remove the argument.")
-        if on_world_size_change not in ("error", "reset_residuals"):
-            raise ValueError(
-                f"on_world_size_change must be 'error' or 'reset_residuals', got {on_world_size_change!r}"
-            )
-        self.gmc_method: Method = _build_method(
-            method, compressor, density, detach, method_options or {}, compressor_options or {}, ef_scaling
+        _reject_conflicting_ddp_args(ddp_kwargs)
+        # fmt: off
+        self.gmc_config = GMCConfig(
+            method=method, compressor=compressor, density=density, detach=detach, momentum=momentum,
+            seed=seed, method_options=method_options or {}, compressor_options=compressor_options or {},
+            ef_scaling=ef_scaling, nonfinite=nonfinite, on_world_size_change=on_world_size_change,
         )
-        self.gmc_state = GMCHookState(
-            self.gmc_method,
-            process_group=ddp_kwargs.get("process_group"),
-            seed=seed,
-            momentum=momentum,
-            nonfinite=nonfinite,
-        )
-        self.on_world_size_change: WorldSizeChangePolicy = on_world_size_change
+        # fmt: on
+        self.gmc_state = GMCHookState.from_config(self.gmc_config, ddp_kwargs.get("process_group"))
+        self.gmc_method: Method = self.gmc_state.method
         self._pending_checkpoint_state: dict[str, Any] | None = None
         self._epoch_seen: int | None = None
         self.last_metrics: dict[str, float] = {}
@@ -149,7 +145,14 @@ class GMCStrategy(DDPStrategy):
         super().setup(trainer)
         if trainer.state.fn != TrainerFn.FITTING:
             return
+        self.gmc_state.attach(self._training_module(), self.optimizers[0])
+        if self._pending_checkpoint_state is not None:
+            self.gmc_state.load_state_dict(self._pending_checkpoint_state)
+            self._pending_checkpoint_state = None
+
+    def _training_module(self) -> LightningModule:
         module = self.lightning_module
+        assert module is not None, "setup() runs with the LightningModule connected"
         if not module.automatic_optimization:
             raise ValueError(
                 "GMCStrategy needs automatic optimization: its detached point and metrics run around "
@@ -160,10 +163,7 @@ class GMCStrategy(DDPStrategy):
                 f"GMCStrategy supports exactly one optimizer (torch.optim.SGD); configure_optimizers "
                 f"returned {len(self.optimizers)}"
             )
-        self.gmc_state.attach(module, self.optimizers[0])
-        if self._pending_checkpoint_state is not None:
-            self._restore_gmc_state(self._pending_checkpoint_state)
-            self._pending_checkpoint_state = None
+        return module
 
     def _check_precision(self) -> None:
         plugin = self.precision_plugin
@@ -208,13 +208,6 @@ class GMCStrategy(DDPStrategy):
         self._log_metrics()
         return output
 
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
-        super().load_optimizer_state_dict(checkpoint)
-        if self.gmc_state.optimizer is not None:
-            # A checkpoint of a plain-DDP run carries momentum and weight decay in its param groups.
-            self.gmc_state.release_optimizer_hyperparameters()
-
     # ---------------------------------------------------------------------------------- metrics
     def _log_metrics(self) -> None:
         metrics = self.gmc_state.take_metrics()
@@ -238,36 +231,24 @@ class GMCStrategy(DDPStrategy):
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
         # Every rank runs this (Lightning's ModelCheckpoint calls it on all ranks), so it is a safe
-        # point for a collective that brings every rank's residual into rank 0's file.
+        # point for the collective that brings every rank's residual into rank 0's file.
         gmc = self.gmc_state
         if gmc.worker is not None and "optimizer_states" in checkpoint:
-            state = gmc.state_dict()
-            local = state.pop("local")
+            checkpoint[CHECKPOINT_KEY] = gmc.gathered_state_dict()
             if gmc.evaluation_differs:
-                # The checkpoint's weights are the evaluation model (e.g. CSER's average); every
-                # rank's own training parameters travel in the GMC block so training resumes from them.
-                local = {"buffers": local, "training_parameters": gmc.training_parameters()}
-                gmc.enter_evaluation_point()
-                # state_dict() tensors share storage with the parameters, which exit_evaluation_point
-                # overwrites in place: clone, or the file would hold the training parameters.
-                checkpoint["state_dict"] = {
-                    key: value.detach().clone() if isinstance(value, torch.Tensor) else value
-                    for key, value in self.lightning_module_state_dict().items()
-                }
-                gmc.exit_evaluation_point()
-            else:
-                local = {"buffers": local}
-            state["world_size"] = self.world_size
-            state["per_rank_local"] = self._gather_objects(local)
-            checkpoint[CHECKPOINT_KEY] = state
+                # The file's weights are the evaluation model (e.g. CSER's average); each rank's
+                # training parameters travel in the GMC block so training resumes from them.
+                checkpoint["state_dict"] = self._evaluation_state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
-    def _gather_objects(self, obj: Any) -> list[Any]:
-        if self.world_size == 1:
-            return [obj]
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, obj, group=self.gmc_state.process_group)
-        return gathered
+    def _evaluation_state_dict(self) -> dict[str, Any]:
+        with self.gmc_state.evaluation_point():
+            # state_dict() tensors share storage with the parameters, which leaving the evaluation
+            # point overwrites in place: clone, or the file would hold the training parameters.
+            return {
+                key: value.detach().clone() if isinstance(value, torch.Tensor) else value
+                for key, value in self.lightning_module_state_dict().items()
+            }
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -279,28 +260,6 @@ class GMCStrategy(DDPStrategy):
                 "and momentum start from zero"
             )
         return checkpoint
-
-    def _restore_gmc_state(self, block: dict[str, Any]) -> None:
-        saved_world = int(block["world_size"])
-        rank = self.global_rank
-        load_local = True
-        if saved_world != self.world_size:
-            if self.on_world_size_change == "error":
-                raise RuntimeError(
-                    f"the checkpoint was written by {saved_world} ranks, this run has {self.world_size}. "
-                    f"Residuals are per rank and cannot be re-assigned; pass "
-                    f"GMCStrategy(on_world_size_change='reset_residuals') to resume with zero residuals."
-                )
-            log.warning(
-                "lightning_gmc: world size changed from %d to %d; residuals reset to zero",
-                saved_world,
-                self.world_size,
-            )
-            load_local = False
-        local = block["per_rank_local"][rank] if load_local else {"buffers": {}}
-        self.gmc_state.load_state_dict({**block, "local": local["buffers"]}, load_local=load_local)
-        if load_local and "training_parameters" in local:
-            self.gmc_state.load_training_parameters(local["training_parameters"])
 
     # --------------------------------------------------------------------------------- registry
     @classmethod
@@ -326,7 +285,9 @@ class GMCStrategy(DDPStrategy):
     # ------------------------------------------------------------------------ evaluation point
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        epoch = self.lightning_module.trainer.current_epoch
+        module = self.lightning_module
+        assert module is not None
+        epoch = module.trainer.current_epoch
         if epoch != self._epoch_seen:
             self._epoch_seen = epoch
             self.gmc_method.on_epoch_start(epoch)
@@ -380,28 +341,3 @@ _LOGGED_METRICS = (
     "nonfinite_skips",
 )
 
-
-def _build_method(
-    method: str,
-    compressor: str | Compressor | None,
-    density: float,
-    detach: float | None,
-    method_options: dict[str, Any],
-    compressor_options: dict[str, Any],
-    ef_scaling: bool | None,
-) -> Method:
-    if not isinstance(density, int | float) or not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density!r}")
-    if detach is not None and detach < 0:
-        raise ValueError(f"detach must be >= 0 (0 = GMC, > 0 = GMC+), got {detach}")
-    if not isinstance(method, str) or method.lower() not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(sorted(METHODS))}")
-    options = dict(method_options)
-    if detach is not None:
-        if "detach" not in method_option_names(method.lower()):
-            raise ValueError(f"method {method!r} has no detach coefficient; leave `detach` unset")
-        options["detach"] = detach
-    if compressor is None:
-        compressor = METHODS[method.lower()].default_compressor
-    built = build_compressor(compressor, density=density, **compressor_options)
-    return build_method(method, built, ef_scaling=ef_scaling, **options)

@@ -139,6 +139,18 @@ class CounterSwitch(L.Callback):
         self.counter.active = False
 
 
+class StartState(L.Callback):
+    """Keeps the GMC hook state as training starts (after a checkpoint was restored)."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        strategy = trainer.strategy
+        if isinstance(strategy, lightning_gmc.GMCStrategy):
+            self.state = strategy.gmc_state.state_dict()
+
+
 def main() -> None:
     cfg = json.loads(Path(sys.argv[1]).read_text())
     out_dir = Path(cfg["out_dir"])
@@ -152,7 +164,10 @@ def main() -> None:
     x, y = make_dataset(cfg.get("num_samples", 256), cfg.get("data_seed", 1))
     val_loader = DataLoader(TensorDataset(x, y), batch_size=cfg.get("batch_size", 16), shuffle=False)
     logger = MemoryLogger()
-    callbacks = [CounterSwitch(counter)] if counter else []
+    callbacks: list[L.Callback] = [CounterSwitch(counter)] if counter else []
+    start_state = StartState() if cfg.get("record_start_state") else None
+    if start_state is not None:
+        callbacks.append(start_state)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=cfg.get("devices", 2),
@@ -194,6 +209,8 @@ def main() -> None:
         ]
     if counter is not None:
         result["collective_calls"] = counter.calls
+    if start_state is not None:
+        result["start_state"] = start_state.state
     torch.save(result, out_dir / f"rank{trainer.global_rank}.pt")
 
 

@@ -88,6 +88,9 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def run_distributed(tmp_path: Path, config: dict[str, Any], timeout: float = 240.0) -> list[dict[str, Any]]:
     """Run ``distributed_runner.py`` with ``config`` and return each rank's result dict.
 
+    ``record_start_state: true`` adds ``start_state``: the GMC hook state as training starts, after
+    a checkpoint was restored.
+
     Raises:
         AssertionError: the run failed; the message carries its output tail.
     """

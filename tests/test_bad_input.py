@@ -84,7 +84,7 @@ def test_attach_takes_over_momentum_and_weight_decay_per_group() -> None:
     # a scheduler (or a loaded state dict) putting momentum back is caught at the next step
     optimizer.param_groups[0]["momentum"] = 0.9
     with pytest.raises(RuntimeError, match="applies both itself"):
-        state._begin_step()
+        state.begin_step()
 
 
 def test_momentum_override() -> None:

@@ -1,4 +1,4 @@
-"""Built-in compressors against their definitions (spec/algorithms.md §6, spec/performance.md §2.2)."""
+"""Built-in compressors against their definitions (docs/algorithms.md 3.6-3.8, the paper's section 5)."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def test_rbgs_blocks_are_contiguous_with_wrap_around() -> None:
 def test_shared_random_supports_cover_every_coordinate_with_probability_density(
     name: str, n: int, k: int
 ) -> None:
-    # Each coordinate is selected with probability k/n (delta = density in expectation, spec §6.4);
+    # Each coordinate is selected with probability k/n (delta = density in expectation);
     # randk's sparse path (k << n) draws distinct indices without a permutation of n.
     trials = 4000
     compressor = build_compressor(name, density=k / n)

@@ -49,9 +49,9 @@ def _mean_tv_to_global(labels: np.ndarray, parts: list[np.ndarray], classes: int
 
 
 def _reference_lin_dirichlet(labels: np.ndarray, k: int, alpha: float, seed: int) -> list[np.ndarray]:
-    """Independent transcription of spec §11 steps 1-4 for one group (K <= 10), written for this test.
+    """Lin et al.'s steps 1-4 (docs/algorithms.md 4.1) for one group (K <= 10), transcribed for this test.
 
-    Loop structure follows the spec text literally: shuffle (index, label) rows; redraw until every
+    Loop structure follows that description literally: shuffle (index, label) rows; redraw until every
     worker holds >= int(0.5 N / K); per class p ~ Dir(alpha), zero full workers (>= N / K), renormalise,
     split at floor(cumsum(p) * n_c); concatenate; cut into K chunks of int(N / K).
     """
@@ -125,7 +125,7 @@ def test_dirichlet_matches_independent_transcription_of_spec() -> None:
 
 
 def test_dirichlet_groups_of_ten() -> None:
-    # K = 16 (spec step 1): workers 0-9 form the first group and only draw from the first int(10/16 * N)
+    # K = 16 (step 1): workers 0-9 form the first group and only draw from the first int(10/16 * N)
     # shuffled rows; the group's lists come first in the concatenation, so after the equal cut (step 4)
     # shards 0-9 hold exactly those rows.
     y = _labels(3200, 10)

@@ -39,8 +39,9 @@ def _resnet20_formula(classes: int, shortcut: str) -> int:
 
 
 def _vit_formula(classes: int, depth: int = 4, dim: int = 192, heads: int = 12, dim_head: int = 16) -> int:
-    """ViT of Lee et al. (spec §11): patch 4 on 32x32 (64 patches, 48 values each), CLS + positional
-    embedding (65 x dim), per block LN + qkv (no bias) + out proj + LN + MLP (ratio 2); head LN + Linear."""
+    """ViT of Lee et al. (docs/algorithms.md 4.1): patch 4, 32x32 (64 patches, 48 values each), CLS +
+    positional embedding (65 x dim), per block LN + qkv (no bias) + out proj + LN + MLP (ratio 2);
+    head LN + Linear."""
     inner = heads * dim_head
     patch = 4 * 4 * 3 * dim + dim
     embeddings = 65 * dim + dim
@@ -59,7 +60,7 @@ def test_resnet20_parameter_count(classes: int, norm: str, shortcut: str) -> Non
     model = ResNet20(num_classes=classes, norm=norm, shortcut=shortcut)  # type: ignore[arg-type]
     expected = _resnet20_formula(classes, shortcut)
     assert _count(model) == expected
-    # "about 0.27M" (spec §11); CIFAR-100 adds 90 x 65 head parameters.
+    # "about 0.27M" (docs/algorithms.md 4.1); CIFAR-100 adds 90 x 65 head parameters.
     assert abs(expected - 270_000) < 10_000
 
 
@@ -79,7 +80,7 @@ def test_vit_parameter_count(classes: int, approx: float) -> None:
     model = ViT(num_classes=classes)
     expected = _vit_formula(classes)
     assert _count(model) == expected
-    assert round(expected / 1e4) == round(approx / 1e4)  # 1.21M / 1.23M as in the spec
+    assert round(expected / 1e4) == round(approx / 1e4)  # 1.21M / 1.23M, counted by hand
     assert len(model.blocks) == 4
 
 
@@ -155,7 +156,7 @@ def test_optimizer_and_per_epoch_cosine() -> None:
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched["scheduler"].step()
-    # eta_e = eta_0 (1 + cos(pi e / E)) / 2 for e = 0..E-1 (spec §11).
+    # eta_e = eta_0 (1 + cos(pi e / E)) / 2 for e = 0..E-1 (the paper's section 5.1).
     expected = [0.2 * 0.5 * (1 + math.cos(math.pi * e / 5)) for e in range(5)]
     assert lrs == pytest.approx(expected, rel=1e-12)
 

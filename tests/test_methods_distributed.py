@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from gmc_reference import assert_close, replay_sgd
 from helpers import loss_fn, lr_at, make_dataset, make_model, rank_batch, run_distributed
 
 from lightning_gmc import Simulator
@@ -170,10 +171,14 @@ def test_two_ranks_equal_the_simulator_and_resume_exactly(tmp_path: Path, case: 
     if cfg["limit_val_batches"]:
         assert logged == pytest.approx(expected["val_loss"], rel=1e-5)
 
-    # RCC: cumulative over the run, across the resume, the paper's PS accounting (spec §6.5)
+    # RCC: cumulative over the run, across the resume, the paper's eq. (9) (docs/algorithms.md 3.8)
     rcc = [m["gmc/rcc"] for r in (first, resumed) for m in r[0]["metrics"] if "gmc/rcc" in m]
     assert rcc == pytest.approx(expected["rcc"], rel=1e-6)
     if case == "dmsgd":
         assert rcc[-1] == pytest.approx(1.0)
+        # independent reference: dense DMSGD is plain DDP with torch.optim.SGD(momentum, weight_decay)
+        lrs = [lr_at(t, BASE["lr"], "cosine", STEPS) for t in range(STEPS)]
+        for result, step in ((first, STEPS // 2), (resumed, STEPS)):
+            assert_close(result[0]["params"], replay_sgd(BASE, lrs[:step]))
     else:
         assert rcc[-1] < 0.6

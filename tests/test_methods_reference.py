@@ -1,8 +1,9 @@
-"""The baseline methods (issue 3) in the simulator against their update rules written out by hand.
+"""The baseline methods in the simulator against their update rules written out by hand.
 
-References: spec/algorithms.md §2 (DMSGD), §5.1-5.2 (Algorithms 3 and 4), §7 (DGC, Remark 2), §8.1
-(CSER / M-CSER), §9.1 (DEF-A), §6.5 (RCC) and Appendix S.1. Every reference below is an independent
-float64 loop over K = 2 workers (or ``torch.optim.SGD``); none calls the implementation.
+References (docs/algorithms.md): 2.1 (DMSGD), 2.7-2.8 (the paper's Algorithms 3 and 4), 2.4 (DGC, the
+paper's Remark 2), 2.5 (CSER / M-CSER), 2.6 (DEF-A), 3.8 (RCC, the paper's eq. (9)). Every reference
+below is an independent float64 loop over K = 2 workers (or ``torch.optim.SGD``); none calls the
+implementation.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def identity(x: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tenso
 
 # ------------------------------------------------------------------------ hand references
 def dgc_by_hand(compress: Compress, lrs: list[float], mfm: bool, wd_local: bool = False) -> torch.Tensor:
-    """Spec §7.1 / trap 4: u = beta u + g; v += u; send C(v); v[sel] = 0; mfm: u[sel] = 0."""
+    """docs/algorithms.md 2.4: u = beta u + g; v += u; send C(v); v[sel] = 0; mfm: u[sel] = 0."""
     w = W0.clone()
     u = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
     v = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
@@ -115,7 +116,7 @@ def dgc_by_hand(compress: Compress, lrs: list[float], mfm: bool, wd_local: bool 
 def cser_by_hand(
     c1: Compress, d1: float, c2: Compress, d2: float, period: int, lrs: list[float]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Spec §8.1 (M-CSER, DEF's PyTorch form): per-worker models, error reset every ``period`` steps."""
+    """docs/algorithms.md 2.5 (M-CSER): per-worker models, error reset every ``period`` steps."""
     x = [W0.clone() for _ in range(K)]
     m = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
     r = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
@@ -141,7 +142,7 @@ def cser_by_hand(
 
 
 def def_a_by_hand(compress: Compress, lrs: list[float], c: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Spec §9.1 (official Def.py): y = x - c e; m = beta m + g(y) + wd y; p = e + lr m; e = p - C(p)."""
+    """docs/algorithms.md 2.6: y = x - c e; m = beta m + g(y) + wd y; p = e + lr m; e = p - C(p)."""
     x = W0.clone()
     e = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
     m = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
@@ -175,7 +176,7 @@ def ef_local_momentum_by_hand(compress: Compress, lrs: list[float]) -> torch.Ten
 
 
 def alg3_by_hand(compress: Compress, lrs: list[float]) -> torch.Tensor:
-    """Spec §5.1: p = g + e; e = p - C(p); m = beta m + mean C(p); w -= lr m."""
+    """Algorithm 3 (docs/algorithms.md 2.7): p = g + e; e = p - C(p); m = beta m + mean C(p); w -= lr m."""
     w = W0.clone()
     m = torch.zeros(D, dtype=torch.float64)
     e = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
@@ -192,7 +193,7 @@ def alg3_by_hand(compress: Compress, lrs: list[float]) -> torch.Tensor:
 
 
 def alg4_by_hand(compress: Compress, lrs: list[float]) -> torch.Tensor:
-    """Spec §5.2 / S.1: u' = e' + lr g + beta (w_{t-1} - w_t); w -= mean C(u')."""
+    """Algorithm 4 (docs/algorithms.md 2.8): u' = e' + lr g + beta (w_{t-1} - w_t); w -= mean C(u')."""
     w_prev, w = W0.clone(), W0.clone()
     e = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
     for t, lr in enumerate(lrs):
@@ -207,7 +208,7 @@ def alg4_by_hand(compress: Compress, lrs: list[float]) -> torch.Tensor:
 
 
 def gmc_by_hand(compress: Compress, lrs: list[float]) -> torch.Tensor:
-    """Spec §3.1 / S.1 (convention A): u = e + g + beta (w_{t-1} - w_t) / lr_{t-1}; w -= lr mean C(u)."""
+    """GMC, "prev" (algorithms.md 2.2): u = e + g + beta (w_{t-1} - w_t) / lr_{t-1}; w -= lr mean C(u)."""
     w_prev, w = W0.clone(), W0.clone()
     e = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
     for t, lr in enumerate(lrs):
@@ -395,7 +396,7 @@ def test_cser_full_reset_averages_the_models() -> None:
     close(xs[0], expected[0])
 
 
-# --------------------------------------------------------------------------------- RCC, §6.5
+# --------------------------------------------------------------------------------- RCC, eq. (9)
 def test_cser_rcc_counts_both_compressors() -> None:
     # RCC = [sum_t (2 sum_k |C1|_0 + 2 |sum C1|_0) + sum_{reset t} (2 sum_k |C2|_0 + 2 |sum C2|_0)]
     #       / ((K+1) d T), from the supports the hand reference selects.
@@ -460,7 +461,7 @@ def test_dgc_sparsity_warmup_follows_the_paper_schedule_per_epoch() -> None:
         sim.step([{"w": torch.randn(2000)} for _ in range(K)], points, 0.1)
         densities.append(sim.stats.take_step()["density"])
         assert sim.method.describe() == description  # stable: checkpoints compare it on resume
-    # 75 %, 93.75 %, 98.4375 %, 99.6 % sparsity, then the target 99.9 % (spec §7.1)
+    # 75 %, 93.75 %, 98.4375 %, 99.6 % sparsity, then the target 99.9 % (the DGC paper's warm-up)
     assert densities == pytest.approx([0.25, 0.0625, 0.0155, 0.004, 0.001, 0.001])
 
 

@@ -1,7 +1,8 @@
-"""Issue 4: bit-budget compressors (spec ``compressors.md`` §4-§6).
+"""Bit-budget compressors against their definitions (docs/compressors.md).
 
-Every check compares the implementation with the spec's definition written out again here (bit
-layouts, level sets, variance formulas, the spec's mu table), never with the implementation itself.
+Every check compares the implementation with the definition written out again here (bit
+layouts, level sets, variance formulas, independently integrated mu values), never with the
+implementation itself.
 Monte Carlo tolerances are derived from the sample count: a statistic passes when it lies within
 ``z * sd / sqrt(T)`` of its target, with ``z`` the two-sided normal quantile at ``ALPHA`` after a
 Bonferroni correction for the number of simultaneous checks. Seeds are fixed, so the tests are
@@ -111,7 +112,7 @@ def _groups(numels: list[int], block: int | None) -> int:
 
 
 def expected_bits(compressor) -> int:
-    """The bit formulas of spec §4-§6 (and the documented SD code), written out independently."""
+    """The bit formulas of docs/compressors.md (and the documented SD code), written out independently."""
     d = sum(NUMELS)
     if isinstance(compressor, (RandomDithering, NaturalDithering)):
         groups = _groups(NUMELS, compressor.block_size)
@@ -189,7 +190,7 @@ def test_registry_names_and_ef_scaling() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Round trip against the spec's definitions
+# Round trip against the definitions
 # ------------------------------------------------------------------------------------------------
 
 
@@ -297,11 +298,11 @@ def test_spherical_matches_codebook_definition() -> None:
     c = SphericalCompression(block_size=k, bits_per_block=bits, norm_bits=32)
     x = torch.randn(1137, generator=torch.Generator().manual_seed(8))
     out, plan, payload = decode(c, x, segments_from_numels(NUMELS), RandomStreams(11, 1), step=4)
-    # The codebook from the sent seed: 2^B Gaussian rows normalised to unit length (spec §5.1).
+    # The codebook from the sent seed: 2^B Gaussian rows normalised to unit length.
     gen = torch.Generator().manual_seed(int(payload.tensors["seed"][0]))
     book = torch.randn(2**bits, k, generator=gen)
     book = book / book.norm(dim=1, keepdim=True)
-    mu = 0.7420  # spec §5.2 table, k = 8, B = 6
+    mu = 0.7420  # E max_j <u, y_j> for k = 8, B = 6, integrated independently
     pos = 0
     for n in NUMELS:
         for start in range(0, n, k):
@@ -315,7 +316,7 @@ def test_spherical_matches_codebook_definition() -> None:
 
 
 def test_spherical_mu_matches_spec_table() -> None:
-    # spec §5.2 mu table (computed there by an independent integration script)
+    # mu values computed independently by numerical integration (not by this library)
     table = {(4, 4): 0.8008, (8, 8): 0.8312, (16, 8): 0.6464, (16, 16): 0.8454, (32, 12): 0.5904}
     for (k, bits), mu in table.items():
         assert abs(spherical_mu(k, 2**bits) - mu) < 1e-4
@@ -339,7 +340,7 @@ def test_bounds() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Monte Carlo: unbiasedness and variance / contraction against the spec's formulas
+# Monte Carlo: unbiasedness and variance / contraction against the formulas
 # ------------------------------------------------------------------------------------------------
 
 D = 48
@@ -355,7 +356,7 @@ def _inputs() -> dict[str, torch.Tensor]:
 
 
 def exact_variance(name: str, c, x: torch.Tensor) -> float:
-    """``E||C(x) - x||^2`` from the spec's formulas (float64, one parameter)."""
+    """``E||C(x) - x||^2`` from the formulas (float64, one parameter)."""
     x = x.double()
     a = x.abs()
     if name == "qsgd":  # h^2 sum f(1-f), h = ||x|| / s
@@ -427,7 +428,7 @@ def test_sd_l1_flat_vector_attains_d_over_s_minus_one() -> None:
 
 
 def test_terngrad_worst_case_supremum() -> None:
-    # spec A.4: x = (1, a, ..., a) with a = 1/(sqrt(d)+1) attains omega = (sqrt(d) - 1)/2
+    # x = (1, a, ..., a) with a = 1/(sqrt(d)+1) attains omega = (sqrt(d) - 1)/2
     a = 1 / (math.sqrt(D) + 1)
     x = torch.full((D,), a, dtype=torch.float64)
     x[0] = 1.0
@@ -458,7 +459,7 @@ def test_spherical_unbiased_and_omega_monte_carlo(kwargs: dict, mu: float) -> No
     mean, sd = samples.mean(0), samples.std(0)
     assert ((mean - xd).abs() <= z_bound(x.numel()) * sd / math.sqrt(trials)).all()
     err = ((samples - xd) ** 2).sum(1) / float((xd**2).sum())
-    omega = 1 / mu**2 - 1  # spec §5.2, exact norm
+    omega = 1 / mu**2 - 1  # docs/compressors.md (SC-RC), exact norm
     if c.norm_bits == 32:
         # rotation invariance makes omega exact for every x
         tol = z_bound(2) * float(err.std()) / math.sqrt(trials)
@@ -483,5 +484,5 @@ def test_ef_scaling_is_contractive(inner) -> None:
     torch.testing.assert_close(out, raw / (1 + omega))  # C / (1 + omega), same bits
     err = ((out.view(2000, D).double() - x.double()) ** 2).sum(1) / float((x.double() ** 2).sum())
     tol = z_bound(1) * float(err.std()) / math.sqrt(2000)
-    assert float(err.mean()) <= omega / (1 + omega) + tol  # spec §2.3: in B(1/(1+omega))
+    assert float(err.mean()) <= omega / (1 + omega) + tol  # delta = 1/(1+omega) (docs/compressors.md)
     assert scaled.delta(D) == pytest.approx(1 / (1 + omega))

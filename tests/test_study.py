@@ -1,4 +1,4 @@
-"""The non-IID study script runs end to end, and the simulator's evaluation model is the spec's."""
+"""The non-IID study script runs end to end, and the simulator's evaluation model is the documented one."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_evaluation_params_follow_each_method() -> None:
     assert torch.equal(gmc.evaluation_params(workers, 0.1)["w"], workers[0]["w"])
     cser = Simulator(shapes, 3, method="cser", compressor="topk", density=0.5)
     torch.testing.assert_close(cser.evaluation_params(workers, 0.1)["w"], torch.arange(6.0) + 1)
-    # DEF-A evaluates x_t - (1/K) sum_k e_k (spec §9.1), residuals in parameter units
+    # DEF-A evaluates x_t - (1/K) sum_k e_k (docs/algorithms.md 2.6), residuals in parameter units
     def_a = Simulator(shapes, 3, method="def_a", compressor="topk", density=0.5)
     for k, worker in enumerate(def_a.workers):
         worker.tensors["residual"][0].fill_(float(k + 1))

@@ -1,4 +1,8 @@
-"""Layer 1: stateless compressors (tensor -> payload -> tensor) with exact bit accounting."""
+"""Layer 1: stateless compressors (tensor -> payload -> tensor) with exact bit accounting.
+
+Compressors are immutable values (frozen dataclasses): build one with :func:`build_compressor` or its
+class, change an option with ``dataclasses.replace``. See ``docs/compressors.md``.
+"""
 
 from lightning_gmc.compressors.base import (
     CompressionPlan,
@@ -11,15 +15,14 @@ from lightning_gmc.compressors.base import (
     segments_from_numels,
     selected_count,
 )
+from lightning_gmc.compressors.ef_scaling import ScaledCompressor, scale_for_error_feedback
 from lightning_gmc.compressors.quantizers import (
     BitBudgetCompressor,
     NaturalCompression,
     NaturalDithering,
     RandomDithering,
-    ScaledCompressor,
     ScaledSign,
     TernGrad,
-    scale_for_error_feedback,
 )
 from lightning_gmc.compressors.registry import COMPRESSORS, build_compressor, register_compressor
 from lightning_gmc.compressors.sparse import (
@@ -32,11 +35,16 @@ from lightning_gmc.compressors.sparse import (
 )
 from lightning_gmc.compressors.sparse_dithering import SparseDithering
 from lightning_gmc.compressors.spherical import SphericalCompression
+from lightning_gmc.compressors.workspace import Workspace
 
-for _cls in (Identity, TopK, TopKApprox, RandomK, RandomBlock):
-    register_compressor(_cls)
-# Issue 4: bit-budget compressors (spec compressors.md §4-§6).
-for _cls in (
+_BUILT_IN: tuple[type[Compressor], ...] = (
+    # sparsifiers (GMC paper §5)
+    Identity,
+    TopK,
+    TopKApprox,
+    RandomK,
+    RandomBlock,
+    # bit-budget compressors (docs/compressors.md)
     RandomDithering,
     NaturalCompression,
     NaturalDithering,
@@ -44,7 +52,8 @@ for _cls in (
     ScaledSign,
     SparseDithering,
     SphericalCompression,
-):
+)
+for _cls in _BUILT_IN:
     register_compressor(_cls)
 
 __all__ = [
@@ -70,6 +79,7 @@ __all__ = [
     "TernGrad",
     "TopK",
     "TopKApprox",
+    "Workspace",
     "build_compressor",
     "mix_seed",
     "register_compressor",

@@ -3,8 +3,14 @@
 A compressor works on one flat fp32 vector that is the concatenation of *segments* (one per
 parameter). Selection granularity is always the segment, never the whole vector, so the result does
 not depend on how DDP happens to group parameters into buckets (DDP rebuilds its buckets after the
-first step, see ``spec/ecosystem.md`` §1.3). Everything a compressor needs that depends only on the
-segment sizes is computed once, in :meth:`Compressor.plan`.
+first step). Everything a compressor needs that depends only on the segment sizes is computed once,
+in :meth:`Compressor.plan`.
+
+Compressors are immutable values: frozen dataclasses whose fields are their whole configuration, so
+two compressors with equal options are equal and hash alike, and a variant is made with
+``dataclasses.replace``. Callers cache plans by (compressor, layout). Buffers have explicit owners
+(:mod:`lightning_gmc.compressors.workspace`): the plan owns call-local scratch, the caller of
+:meth:`Compressor.compress` owns the payload's buffers.
 
 Randomness comes from :class:`RandomStreams`, which derives ``torch.Generator`` seeds from
 ``(seed, step, stream, parameter index, rank)``. Streams marked *shared* give identical draws on every
@@ -25,6 +31,8 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor
+
+from lightning_gmc.compressors.workspace import Workspace
 
 __all__ = [
     "Compressor",
@@ -55,8 +63,8 @@ def mix_seed(*words: int) -> int:
 def selected_count(density: float, numel: int) -> int:
     """Number of coordinates a sparsifier keeps in a segment: ``max(1, floor(density * numel))``.
 
-    The floor with a minimum of one follows the RBGS reference code (``spec/algorithms.md`` §6.4,
-    trap 8); a tiny epsilon keeps ``0.29 * 100`` from flooring to 28.
+    The floor with a minimum of one follows the RBGS reference code (``docs/algorithms.md`` 3.6);
+    a tiny epsilon keeps ``0.29 * 100`` from flooring to 28.
     """
     return min(numel, max(1, math.floor(density * numel + 1e-9)))
 
@@ -90,19 +98,20 @@ class TensorSpec:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompressionPlan:
     """Per-layout constants of a compressor, computed once by :meth:`Compressor.plan`.
 
-    Subclasses add what their compressor needs (selected counts, index templates, ...).
-    ``cache`` holds device tensors derived lazily from the plan (index templates), so they are built
-    once per device and reused every step.
+    Subclasses add what their compressor needs (selected counts, group layout, ...). ``workspace``
+    holds the compressor's call-local scratch and the device tensors derived lazily from the plan
+    (index templates), built once per device and reused every step; nothing in it outlives one call,
+    so payloads never point into it.
     """
 
     segments: tuple[Segment, ...]
     numel: int
     payload: tuple[TensorSpec, ...]
-    cache: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
+    workspace: Workspace = field(default_factory=Workspace, repr=False, compare=False)
 
     @property
     def payload_nbytes(self) -> int:
@@ -115,7 +124,8 @@ class Payload:
 
     Attributes:
         tensors: the wire tensors, in the order of ``plan.payload``. They belong to the payload (fresh
-            tensors or plan-owned workspaces), so the transport may reduce them in place.
+            tensors or buffers of the workspace the caller passed to :meth:`Compressor.compress`),
+            so the transport may reduce them in place.
         context: local-only data the decoder needs and that never crosses the wire, such as the
             indices of a shared-seed support (GRACE's ``ctx``).
     """
@@ -170,8 +180,10 @@ def _stream_id(stream: str) -> int:
 class Compressor(ABC):
     """Base class of all compressors.
 
-    Subclasses set the class attributes and implement :meth:`plan`, :meth:`compress` and
-    :meth:`decompress_add`.
+    Subclasses are frozen dataclasses (``@dataclass(frozen=True)``) whose fields are their options,
+    validated in ``__post_init__``; they set the class attributes and implement :meth:`plan`,
+    :meth:`compress` and :meth:`decompress_add`. Being values, compressors must be hashable: plans
+    are cached by (compressor, layout).
 
     Class attributes:
         name: registry name.
@@ -180,21 +192,34 @@ class Compressor(ABC):
             RBGS, shared-seed random-k). Otherwise payloads travel by all-gather and each is decoded.
         sparse: True when the output has at most ``plan`` selected coordinates per segment and the
             residual ``x - C(x)`` is ``x`` with the selected coordinates zeroed.
-        unbiased: True when ``E[C(x)] = x``.
+        unbiased: True when ``E[C(x)] = x`` (a class attribute, or a field derived from the options
+            when it depends on them).
     """
 
     name: ClassVar[str] = ""
     shared_support: ClassVar[bool] = False
     sparse: ClassVar[bool] = False
-    unbiased: ClassVar[bool] = False
+    unbiased: bool = False
 
     @abstractmethod
     def plan(self, segments: Sequence[Segment]) -> CompressionPlan:
         """Precompute everything that depends only on the segment sizes."""
 
     @abstractmethod
-    def compress(self, x: Tensor, plan: CompressionPlan, rng: RandomStreams, step: int) -> Payload:
-        """Encode the flat fp32 vector ``x`` (not modified)."""
+    def compress(
+        self,
+        x: Tensor,
+        plan: CompressionPlan,
+        rng: RandomStreams,
+        step: int,
+        workspace: Workspace | None = None,
+    ) -> Payload:
+        """Encode the flat fp32 vector ``x`` (not modified).
+
+        ``workspace`` owns any reusable buffer the payload is written into; the caller keeps it (and
+        uses it for no other message) until the payload has been exchanged. ``None`` makes such
+        payload tensors fresh allocations.
+        """
 
     @abstractmethod
     def decompress_add(self, payload: Payload, plan: CompressionPlan, out: Tensor) -> None:
@@ -235,7 +260,8 @@ class Compressor(ABC):
         return 8 * plan.payload_nbytes
 
     def broadcast_bits(self, payloads: Sequence[Payload], plan: CompressionPlan) -> int:
-        """Bits a parameter server would send back for ``sum_k C(u_k)`` (paper RCC, spec §6.5).
+        """Bits a parameter server would send back for ``sum_k C(u_k)`` (the RCC accounting of the
+        GMC paper's experiments; ``docs/algorithms.md`` 3.8).
 
         The default is a dense fp32 vector; sparse and shared-support compressors override it.
         """

@@ -1,12 +1,13 @@
-"""Bits-versus-error lower bounds and the variance/contraction algebra of ``spec/compressors.md``.
+"""Bits-versus-error lower bounds and the variance/contraction algebra (``docs/compressors.md``).
 
-* :func:`epsilon_lower_bound` / :func:`omega_lower_bound`: the volume ("uncertainty principle") bound
-  of spec §3.1 for any compressor whose message, for a fixed shared seed, takes at most ``2^b``
-  values: ``eps >= 4^(-b/d)`` for contractive and ``omega >= 1/(4^(b/d) - 1)`` for unbiased
-  compressors. ``b`` counts *every* bit, norms and scales included.
+* :func:`epsilon_lower_bound` / :func:`omega_lower_bound`: the volume ("uncertainty principle",
+  Safaryan, Shulgin, Richtárik 2020; used by Albasyoni et al. 2020) bound for any compressor whose
+  message, for a fixed shared seed, takes at most ``2^b`` values: ``eps >= 4^(-b/d)`` for contractive
+  and ``omega >= 1/(4^(b/d) - 1)`` for unbiased compressors. ``b`` counts *every* bit, norms and
+  scales included.
 * :func:`omega_to_delta`: an unbiased ``C`` in ``U(omega)`` scaled by ``1/(1+omega)`` is contractive
-  with ``delta = 1/(1+omega)`` (spec §2.3, A.2).
-* :func:`compose_omega`: independent unbiased compressors compose to ``(1+w1)(1+w2) - 1`` (spec §2.1).
+  with ``delta = 1/(1+omega)`` (GMC paper §3.3, Assumption 1).
+* :func:`compose_omega`: independent unbiased compressors compose to ``(1+w1)(1+w2) - 1``.
 """
 
 from __future__ import annotations

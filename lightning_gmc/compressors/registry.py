@@ -18,7 +18,8 @@ def build_compressor(spec: str | Compressor, density: float | None = None, **opt
     """Return ``spec`` if it is a compressor, else instantiate the registered class of that name.
 
     ``density`` is passed to compressors that take one; other keyword options must be accepted by the
-    compressor's constructor.
+    compressor's constructor. The result is an immutable value: equal names and options give equal,
+    hashable compressors; derive a variant with ``dataclasses.replace``.
 
     Raises:
         ValueError: unknown name (the message lists the valid ones) or an option the compressor does

@@ -11,6 +11,7 @@ import math
 from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -25,6 +26,7 @@ from lightning_gmc.compressors.base import (
     mix_seed,
     selected_count,
 )
+from lightning_gmc.compressors.workspace import Workspace
 
 __all__ = ["Identity", "RandomBlock", "RandomK", "SparseCompressor", "TopK", "TopKApprox"]
 
@@ -36,32 +38,32 @@ def _check_density(density: float) -> float:
     return density
 
 
-def _workspace(
-    plan: CompressionPlan, name: str, like: Tensor, numel: int, dtype: torch.dtype | None = None
-) -> Tensor:
-    """A plan-owned buffer, allocated once per device and reused every step."""
-    key = f"{name}:{like.device}"
-    buf = plan.cache.get(key)
-    if buf is None:
-        buf = torch.empty(numel, dtype=dtype or like.dtype, device=like.device)
-        plan.cache[key] = buf
-    return buf
-
-
+@dataclass(frozen=True)
 class Identity(Compressor):
     """``C(x) = x``: dense fp32 all-reduce. With it every method reduces to its uncompressed form."""
 
-    name = "none"
-    shared_support = True
-    sparse = False
+    name: ClassVar[str] = "none"
+    shared_support: ClassVar[bool] = True
+    sparse: ClassVar[bool] = False
     unbiased = True
 
     def plan(self, segments: Sequence[Segment]) -> CompressionPlan:
         numel = sum(s.numel for s in segments)
         return CompressionPlan(tuple(segments), numel, (TensorSpec("values", torch.float32, numel),))
 
-    def compress(self, x: Tensor, plan: CompressionPlan, rng: RandomStreams, step: int) -> Payload:
-        values = _workspace(plan, "values", x, plan.numel)
+    def compress(
+        self,
+        x: Tensor,
+        plan: CompressionPlan,
+        rng: RandomStreams,
+        step: int,
+        workspace: Workspace | None = None,
+    ) -> Payload:
+        if workspace is None:
+            return Payload({"values": x.clone()})
+        # The caller's message slot owns the values: the transport reduces them in place, so they
+        # must not be shared with another message in flight.
+        values = workspace.tensor("values", plan.numel, x.dtype, x.device)
         values.copy_(x)
         return Payload({"values": values})
 
@@ -79,7 +81,7 @@ class Identity(Compressor):
         return 32 * plan.numel
 
 
-@dataclass
+@dataclass(frozen=True)
 class SparsePlan(CompressionPlan):
     """Selected count per segment, and their total."""
 
@@ -87,6 +89,7 @@ class SparsePlan(CompressionPlan):
     total: int = 0
 
 
+@dataclass(frozen=True)
 class SparseCompressor(Compressor):
     """Common code of the sparsifiers: per-segment counts, index payloads, exact residual zeroing.
 
@@ -94,10 +97,11 @@ class SparseCompressor(Compressor):
         density: fraction of each parameter's coordinates that is sent, in (0, 1].
     """
 
-    sparse = True
+    sparse: ClassVar[bool] = True
+    density: float = 0.01
 
-    def __init__(self, density: float = 0.01) -> None:
-        self.density = _check_density(density)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "density", _check_density(self.density))
 
     def describe(self) -> str:
         return f"{self.name}, density={self.density:g}"
@@ -115,7 +119,14 @@ class SparseCompressor(Compressor):
     def select(self, x: Tensor, plan: SparsePlan, rng: RandomStreams, step: int) -> Tensor:
         """Flat int64 indices (``plan.total`` of them, unique) of the coordinates to send."""
 
-    def compress(self, x: Tensor, plan: CompressionPlan, rng: RandomStreams, step: int) -> Payload:
+    def compress(
+        self,
+        x: Tensor,
+        plan: CompressionPlan,
+        rng: RandomStreams,
+        step: int,
+        workspace: Workspace | None = None,
+    ) -> Payload:
         assert isinstance(plan, SparsePlan)
         index = self.select(x, plan, rng, step)
         values = x.index_select(0, index)
@@ -156,18 +167,19 @@ class SparseCompressor(Compressor):
         return 64 * union  # value + index per coordinate of the union, as the paper counts
 
 
+@dataclass(frozen=True)
 class TopK(SparseCompressor):
     """Exact top-k by magnitude, per parameter (``torch.topk``). Contractive with ``delta = density``.
 
-    Exact selection is the accuracy reference but slow on large tensors (``spec/performance.md``
-    §3.2: ~58x a memory copy at 25M floats on CPU); prefer ``topk_approx`` for big models.
+    Exact selection is the accuracy reference but slow on large tensors (about 58x a memory copy at
+    25M floats on CPU, see ``docs/benchmarks.md``); prefer ``topk_approx`` for big models.
     """
 
-    name = "topk"
-    shared_support = False
+    name: ClassVar[str] = "topk"
+    shared_support: ClassVar[bool] = False
 
     def select(self, x: Tensor, plan: SparsePlan, rng: RandomStreams, step: int) -> Tensor:
-        magnitude = _workspace(plan, "abs", x, plan.numel)
+        magnitude = plan.workspace.tensor("abs", plan.numel, x.dtype, x.device)
         torch.abs(x, out=magnitude)
         parts = []
         for seg, k in zip(plan.segments, plan.counts, strict=True):
@@ -179,8 +191,9 @@ class TopK(SparseCompressor):
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+@dataclass(frozen=True)
 class TopKApprox(SparseCompressor):
-    """Sampled-threshold top-k (DGC / GMC paper §6.2), then exactly ``k`` per parameter.
+    """Sampled-threshold top-k (Lin et al. 2018, DGC), then exactly ``k`` per parameter.
 
     For each parameter: take a strided sample of ``|x|`` (size ``max(ceil(sample_ratio * n),
     ceil(2 / density))``, random offset), use as threshold a value slightly below the sample's top
@@ -188,32 +201,33 @@ class TopKApprox(SparseCompressor):
     candidates ``|x| >= threshold`` and, when there are more than ``k``, the ``k`` largest among them
     (DGC's hierarchical re-selection). When the threshold overshoots and fewer than
     ``k`` candidates pass, the parameter falls back to exact top-k. The count is therefore always
-    exactly ``k``, which keeps the all-gather fixed-size (spec trap T7).
+    exactly ``k``, which keeps the all-gather fixed-size.
 
     Args:
         density: fraction kept per parameter.
         sample_ratio: sampled fraction of each parameter (DGC clamps it to >= 1%).
     """
 
-    name = "topk_approx"
-    shared_support = False
+    name: ClassVar[str] = "topk_approx"
+    shared_support: ClassVar[bool] = False
+    sample_ratio: float = 0.01
 
-    def __init__(self, density: float = 0.01, sample_ratio: float = 0.01) -> None:
-        super().__init__(density)
-        if not 0.0 < sample_ratio <= 1.0:
-            raise ValueError(f"sample_ratio must be in (0, 1], got {sample_ratio}")
-        self.sample_ratio = float(sample_ratio)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.sample_ratio <= 1.0:
+            raise ValueError(f"sample_ratio must be in (0, 1], got {self.sample_ratio}")
+        object.__setattr__(self, "sample_ratio", float(self.sample_ratio))
 
     def describe(self) -> str:
         return f"{super().describe()}, sample_ratio={self.sample_ratio:g}"
 
     def select(self, x: Tensor, plan: SparsePlan, rng: RandomStreams, step: int) -> Tensor:
-        magnitude = _workspace(plan, "abs", x, plan.numel)
+        magnitude = plan.workspace.tensor("abs", plan.numel, x.dtype, x.device)
         torch.abs(x, out=magnitude)
         # One bool mask, reused by every segment and step (a 1 B/param workspace instead of a fresh
         # d-sized allocation per step); padded to whole 8-byte words for _mask_nonzero.
         longest = max(s.numel for s in plan.segments)
-        mask = _workspace(plan, "mask", x, -(-longest // 8) * 8, torch.bool)
+        mask = plan.workspace.tensor("mask", -(-longest // 8) * 8, torch.bool, x.device)
         parts = []
         for seg, k in zip(plan.segments, plan.counts, strict=True):
             chunk = magnitude[seg.offset : seg.offset + seg.numel]
@@ -270,6 +284,7 @@ def _mask_nonzero(flags: Tensor, mask: Tensor) -> Tensor:
     return hit_words.index_select(0, row_col[:, 0]).mul_(8).add_(row_col[:, 1])
 
 
+@dataclass(frozen=True)
 class RandomK(SparseCompressor):
     """Uniform random-k per parameter from a seed shared by all ranks (all-reduce compatible).
 
@@ -277,8 +292,8 @@ class RandomK(SparseCompressor):
     ``d/k`` rescaling), contractive with ``delta = density`` in expectation.
     """
 
-    name = "randk"
-    shared_support = True
+    name: ClassVar[str] = "randk"
+    shared_support: ClassVar[bool] = True
 
     def select(self, x: Tensor, plan: SparsePlan, rng: RandomStreams, step: int) -> Tensor:
         parts = []
@@ -296,7 +311,7 @@ def _random_subset(n: int, k: int, gen: torch.Generator, device: torch.device) -
 
     Draws with replacement and keeps the first ``k`` distinct values in draw order, which is exactly
     sampling without replacement; ``randperm(n)`` would cost O(n) time and 8 bytes per element per
-    step (``spec/performance.md`` G5). Dense requests fall back to ``randperm``.
+    step. Dense requests fall back to ``randperm``.
     """
     if 4 * k > n:
         return torch.randperm(n, generator=gen, device=device)[:k]
@@ -312,17 +327,19 @@ def _random_subset(n: int, k: int, gen: torch.Generator, device: torch.device) -
     return unique.index_select(0, first_draw.argsort()[:k])
 
 
+@dataclass(frozen=True)
 class RandomBlock(SparseCompressor):
     """RBGS: one contiguous block of ``k`` coordinates per parameter, random start, wrap-around.
 
-    The start of each parameter's block is drawn from a seed shared by all ranks (spec §6.4), so no
+    The start of each parameter's block is drawn from a seed shared by all ranks (GMC paper §4 and §5.2;
+    ``docs/algorithms.md`` 3.6), so no
     indices are sent and the values are summed with one all-reduce. Selection is O(k). Every
     coordinate is in the block with probability ``k / n``: contractive with ``delta = density`` in
     expectation.
     """
 
-    name = "rbgs"
-    shared_support = True
+    name: ClassVar[str] = "rbgs"
+    shared_support: ClassVar[bool] = True
 
     def block_starts(self, plan: SparsePlan, rng: RandomStreams, step: int) -> list[int]:
         """Start of every segment's block at ``step`` (a counter-based hash of seed, step, parameter)."""
@@ -330,26 +347,26 @@ class RandomBlock(SparseCompressor):
         return [mix_seed(rng.seed, step, stream, seg.param_index) % seg.numel for seg in plan.segments]
 
     def select(self, x: Tensor, plan: SparsePlan, rng: RandomStreams, step: int) -> Tensor:
-        key = f"template:{x.device}"
-        template = plan.cache.get(key)
-        if template is None:
-            # Per selected element: position inside its block, segment length, segment offset, and
-            # which segment it belongs to. Built once per plan.
-            counts = torch.tensor(plan.counts, device=x.device)
-            position = torch.cat([torch.arange(k, device=x.device) for k in plan.counts])
-            lengths = torch.tensor([s.numel for s in plan.segments], device=x.device)
-            offsets = torch.tensor([s.offset for s in plan.segments], device=x.device)
-            template = torch.stack(
-                [
-                    position,
-                    lengths.repeat_interleave(counts),
-                    offsets.repeat_interleave(counts),
-                    torch.arange(len(plan.counts), device=x.device).repeat_interleave(counts),
-                ]
-            )
-            plan.cache[key] = template
+        template = plan.workspace.constant("template", x.device, lambda: _block_template(plan, x.device))
         position, lengths, offsets, owner = template
         starts = torch.tensor(self.block_starts(plan, rng, step), dtype=torch.int64).to(
             x.device, non_blocking=True
         )
         return (position + starts[owner]).remainder_(lengths).add_(offsets)
+
+
+def _block_template(plan: SparsePlan, device: torch.device) -> Tensor:
+    """Per selected element: position inside its block, segment length, segment offset, and which
+    segment it belongs to (a ``(4, total)`` int64 tensor, built once per plan and device)."""
+    counts = torch.tensor(plan.counts, device=device)
+    position = torch.cat([torch.arange(k, device=device) for k in plan.counts])
+    lengths = torch.tensor([s.numel for s in plan.segments], device=device)
+    offsets = torch.tensor([s.offset for s in plan.segments], device=device)
+    return torch.stack(
+        [
+            position,
+            lengths.repeat_interleave(counts),
+            offsets.repeat_interleave(counts),
+            torch.arange(len(plan.counts), device=device).repeat_interleave(counts),
+        ]
+    )

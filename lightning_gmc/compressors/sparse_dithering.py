@@ -1,11 +1,12 @@
 """Sparse Dithering, SD-l1 (``sd_l1``): a **reconstruction** of the worst-case compressor of
-Albasyoni, Safaryan, Condat, Richtárik (2020), spec ``compressors.md`` §4.
+Albasyoni, Safaryan, Condat, Richtárik (2020), "Optimal Gradient Compression for Distributed and
+Federated Learning"; ``docs/compressors.md`` lists what is confirmed and what is reconstructed.
 
 What is confirmed about the paper's operator is only its name and that it is efficient and "very
-close to the lower bound" in the worst case. The definition below is the spec's reconstruction
-(tag [I]): random dithering whose scale is the **l1 norm** with a budget of ``s`` quanta, so the
-output is sparse with ``s`` quanta whatever ``x`` is, sent with a near-optimal sparse code. It has
-not been checked against the paper's text.
+close to the lower bound" in the worst case. The definition below is a reconstruction: random
+dithering whose scale is the **l1 norm** with a budget of ``s`` quanta, so the output is sparse with
+``s`` quanta whatever ``x`` is, sent with a near-optimal sparse code. It has not been checked against
+the paper's text.
 
 Per parameter (segment) of ``d`` coordinates, with ``s = max(1, floor(density * d))`` quanta::
 
@@ -13,19 +14,19 @@ Per parameter (segment) of ``d`` coordinates, with ``s = max(1, floor(density * 
     xi_i in {floor(y_i), ceil(y_i)},  E[xi_i] = y_i          (the number of quanta at i)
     C(x)_i = h * sign(x_i) * xi_i
 
-Unbiased with exact variance ``E||C(x) - x||^2 = h^2 sum_i f_i (1 - f_i)``, ``f_i = frac(y_i)``
-(spec §4.2). :meth:`SparseDithering.omega` returns the **proven** bound ``min(d/s, d^2/(4 s^2))``
-(spec A.5); the numerically found supremum ``d/s - 1`` (flat x, ``s <= d/2``, not proved) is
-:meth:`SparseDithering.omega_flat`.
+Unbiased with exact variance ``E||C(x) - x||^2 = h^2 sum_i f_i (1 - f_i)``, ``f_i = frac(y_i)``.
+:meth:`SparseDithering.omega` returns the **proven** bound ``min(d/s, d^2/(4 s^2))``
+(``docs/compressors.md``); the numerically found supremum ``d/s - 1`` (flat x, ``s <= d/2``, not
+proved) is :meth:`SparseDithering.omega_flat`.
 
-Deviation from the spec's pseudo-code, needed for a fixed-size wire (documented in ``docs/``):
-the spec rounds every coordinate independently, so the number of quanta ``S`` is random and the
-message length varies. Here the rounding is **systematic** (one uniform ``U`` per parameter:
-``xi_i = floor(Y_i + U) - floor(Y_{i-1} + U)`` with ``Y`` the cumulative sum of ``y``). Each
-``xi_i`` still takes ``floor(y_i)`` or ``ceil(y_i)`` with ``P(ceil) = f_i``, so unbiasedness and the
-exact variance formula (a sum of per-coordinate variances) are unchanged, but ``S = s`` exactly.
+Deviation from the reconstruction's pseudo-code, needed for a fixed-size wire (see
+``docs/compressors.md``): that rounds every coordinate independently, so the number of quanta ``S``
+is random and the message length varies. Here the rounding is **systematic** (one uniform ``U`` per
+parameter: ``xi_i = floor(Y_i + U) - floor(Y_{i-1} + U)`` with ``Y`` the cumulative sum of ``y``).
+Each ``xi_i`` still takes ``floor(y_i)`` or ``ceil(y_i)`` with ``P(ceil) = f_i``, so unbiasedness and
+the exact variance formula (a sum of per-coordinate variances) are unchanged, but ``S = s`` exactly.
 Errors of different coordinates become correlated (within one rank; ranks use independent ``U``).
-``sampling="multinomial"`` selects the spec's reading (b) of §4.3 instead: ``s`` i.i.d. draws with
+``sampling="multinomial"`` selects the other reading of the paper instead: ``s`` i.i.d. draws with
 ``P(i) = |x_i| / ||x||_1`` (``omega = (d - 1) / s``, worse at high rate), same wire format.
 
 Wire format per bucket (bits are counted exactly; ``payload_bits`` is their sum):
@@ -44,7 +45,7 @@ Wire format per bucket (bits are counted exactly; ``payload_bits`` is their sum)
 
   ``m`` minimises the capacity ``S (m + 1) + floor((numel - 1) / 2^m)``; about
   ``log2(numel / S)``. At ``S << numel`` this costs about ``log2(d/s) + 2`` bits per quantum against
-  ``log2(d/s) + 1.44`` for the ideal enumerative code of spec §4.1 (:func:`sd_ideal_bits`). At
+  ``log2(d/s) + 1.44`` for the ideal enumerative code (:func:`sd_ideal_bits`). At
   ``S = numel`` (``m = 0``, stars and bars) it is ideal to within ``O(log d)`` bits, but for
   ``S >> numel`` it is wasteful (``density=16``: 18 bits/coordinate against the ideal 6.49): use
   ``density <= 1``; a per-coordinate Rice code of ``xi_i`` would be needed for the high-rate end.
@@ -57,6 +58,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -70,6 +72,7 @@ from lightning_gmc.compressors.base import (
 )
 from lightning_gmc.compressors.bitpack import pack_bits, packed_nbytes, unpack_bits
 from lightning_gmc.compressors.quantizers import BitBudgetCompressor
+from lightning_gmc.compressors.workspace import Workspace
 
 __all__ = ["SparseDithering", "SparseDitheringPlan", "rice_parameter", "sd_ideal_bits", "sd_quanta"]
 
@@ -92,13 +95,13 @@ def rice_parameter(quanta: int, numel: int) -> int:
 
 
 def sd_ideal_bits(numel: int, quanta: int, nnz: int) -> float:
-    """The spec's ideal count for one parameter with ``S = quanta`` fixed (no need to send ``S``):
-    ``32 + log2 C(S + d - 1, d - 1) + nnz`` (spec §4.1, enumerative composition code)."""
+    """The ideal count for one parameter with ``S = quanta`` fixed (no need to send ``S``):
+    ``32 + log2 C(S + d - 1, d - 1) + nnz`` (enumerative composition code)."""
     log_binom = (math.lgamma(quanta + numel) - math.lgamma(quanta + 1) - math.lgamma(numel)) / math.log(2.0)
     return 32.0 + log_binom + nnz
 
 
-@dataclass
+@dataclass(frozen=True)
 class SparseDitheringPlan(CompressionPlan):
     """Quanta per segment and the fixed capacities of the code sections."""
 
@@ -110,6 +113,7 @@ class SparseDitheringPlan(CompressionPlan):
     remainder_bytes: int = 0
 
 
+@dataclass(frozen=True)
 class SparseDithering(BitBudgetCompressor):
     """SD-l1 sparse dithering (reconstruction of the paper's Sparse Dithering; see module docstring).
 
@@ -123,20 +127,21 @@ class SparseDithering(BitBudgetCompressor):
         density: quanta per coordinate, ``s / d`` (> 0; values above 1 give several quanta per
             coordinate and a high-rate compressor).
         sampling: ``"systematic"`` (default; SD-l1 with exactly ``s`` quanta) or ``"multinomial"``
-            (spec §4.3 (b)).
+            (``s`` i.i.d. draws; see the module docstring).
     """
 
-    name = "sd_l1"
+    name: ClassVar[str] = "sd_l1"
     unbiased = True
+    density: float = 0.01
+    sampling: str = "systematic"
 
-    def __init__(self, density: float = 0.01, sampling: str = "systematic") -> None:
-        density = float(density)
+    def __post_init__(self) -> None:
+        density = float(self.density)
         if not density > 0 or math.isinf(density):
             raise ValueError(f"density must be a positive number of quanta per coordinate, got {density}")
-        if sampling not in ("systematic", "multinomial"):
-            raise ValueError(f"sampling must be 'systematic' or 'multinomial', got {sampling!r}")
-        self.density = density
-        self.sampling = sampling
+        if self.sampling not in ("systematic", "multinomial"):
+            raise ValueError(f"sampling must be 'systematic' or 'multinomial', got {self.sampling!r}")
+        object.__setattr__(self, "density", density)
 
     def describe(self) -> str:
         return f"{self.name}, density={self.density:g}, sampling={self.sampling}"
@@ -153,7 +158,7 @@ class SparseDithering(BitBudgetCompressor):
 
     def omega_flat(self, numel: int) -> float:
         """``omega`` at a flat vector, ``h^2 sum f(1-f) / ||x||^2`` with ``y_i = s/d`` (the observed
-        worst case for ``s <= d/2``, spec §4.2)."""
+        worst case for ``s <= d/2``)."""
         s = self.quanta(numel)
         if self.sampling == "multinomial":
             return (numel - 1) / s
@@ -195,15 +200,14 @@ class SparseDithering(BitBudgetCompressor):
 
     def _layout(self, plan: SparseDitheringPlan, device: torch.device) -> dict[str, Tensor]:
         """Per-segment index tensors, built once per device."""
-        key = f"layout:{device}"
-        layout = plan.cache.get(key)
-        if layout is None:
+
+        def build() -> dict[str, Tensor]:
             starts = torch.tensor([s.offset for s in plan.segments], dtype=torch.int64, device=device)
             lengths = torch.tensor([s.numel for s in plan.segments], dtype=torch.int64, device=device)
             quanta = torch.tensor(plan.quanta, dtype=torch.int64, device=device)
-            layout = {"starts": starts, "lengths": lengths, "ends": starts + lengths, "quanta": quanta}
-            plan.cache[key] = layout
-        return layout
+            return {"starts": starts, "lengths": lengths, "ends": starts + lengths, "quanta": quanta}
+
+        return plan.workspace.constant("layout", device, build)
 
     def _segment_uniforms(
         self,
@@ -271,7 +275,14 @@ class SparseDithering(BitBudgetCompressor):
         pos = torch.searchsorted(cum.add_(base[owner]), targets, right=True)
         return torch.minimum(torch.maximum(pos, starts[q_owner]), ends[q_owner] - 1)
 
-    def compress(self, x: Tensor, plan: CompressionPlan, rng: RandomStreams, step: int) -> Payload:
+    def compress(
+        self,
+        x: Tensor,
+        plan: CompressionPlan,
+        rng: RandomStreams,
+        step: int,
+        workspace: Workspace | None = None,
+    ) -> Payload:
         assert isinstance(plan, SparseDitheringPlan)
         layout = self._layout(plan, x.device)
         norms = torch.segment_reduce(x.abs().to(torch.float64), "sum", lengths=layout["lengths"])
@@ -302,11 +313,11 @@ class SparseDithering(BitBudgetCompressor):
         positions = torch.cumsum(high.bitwise_left_shift_(m).bitwise_or_(low), 0)
         nz, counts = torch.unique_consecutive(positions, return_counts=True)
         signs = stream[plan.unary_bits : plan.unary_bits + nz.numel()]
-        key = f"seg_ends:{bits.device}"
-        seg_ends = plan.cache.get(key)
-        if seg_ends is None:
-            seg_ends = torch.tensor([s.offset + s.numel for s in plan.segments], device=bits.device)
-            plan.cache[key] = seg_ends
+        seg_ends = plan.workspace.constant(
+            "seg_ends",
+            bits.device,
+            lambda: torch.tensor([s.offset + s.numel for s in plan.segments], device=bits.device),
+        )
         owner = torch.searchsorted(seg_ends, nz, right=True)
         quanta = torch.tensor(plan.quanta, dtype=torch.float32, device=bits.device)
         h = payload.tensors["norms"].div(quanta)

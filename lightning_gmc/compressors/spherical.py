@@ -1,9 +1,11 @@
 """Spherical Compression with a random codebook, SC-RC (``spherical_rc``): a **reconstruction** of the
-average-case compressor of Albasyoni, Safaryan, Condat, Richtárik (2020), spec ``compressors.md`` §5.
+average-case compressor of Albasyoni, Safaryan, Condat, Richtárik (2020), "Optimal Gradient
+Compression for Distributed and Federated Learning"; ``docs/compressors.md`` lists what is confirmed
+and what is reconstructed.
 
 Confirmed about the paper's operator: its name, that it is "simple", comes from the average-case
-analysis and "naturally achieves the lower bound". The construction below is the spec's
-reconstruction (tag [I]): the classical random spherical code (Shannon; Wyner; Sakrison), used
+analysis and "naturally achieves the lower bound". The construction below is a reconstruction,
+not the paper's own definition: the classical random spherical code (Shannon; Wyner; Sakrison), used
 blockwise because exact encoding costs ``2^B`` inner products per block. It has not been checked
 against the paper's text.
 
@@ -15,8 +17,8 @@ parameter is zero-padded)::
     contractive:  C(x)_b = Q(rho_b) y_{J_b} * mu_{k,N}
 
 The codebook ``y_1..y_N`` (``N = 2^B``) are i.i.d. uniform unit vectors of ``R^k``, drawn afresh
-for every (step, rank) from a seed; every block of that rank shares it (spec §5.1). Its law is
-rotation invariant, so ``E y_J = mu u`` for **every** ``x`` (spec A.6): the unbiased variant has
+for every (step, rank) from a seed; every block of that rank shares it. Its law is
+rotation invariant, so ``E y_J = mu u`` for **every** ``x``: the unbiased variant has
 ``omega = 1/mu^2 - 1`` and the contractive one ``delta = mu^2``, exactly, not only on average.
 ``mu_{k,N} = E max_j <u, y_j>`` is computed once by numerical integration (:func:`spherical_mu`).
 ``Q`` is the norm coder: fp32 (``norm_bits=32``, exact) or 8-bit unbiased natural compression
@@ -33,7 +35,7 @@ chunked so the score matrix never exceeds ``chunk_scores`` floats (default 2^22,
 ~``d 2^B / 10^{11}`` s on one H100-class GPU and ~``d 2^B / 3*10^9`` s on one CPU core, so on CPU keep
 ``B <= 8`` for large models (25M floats at B = 8: a few seconds per step on 2 cores). Decoding is a
 gather of ``blocks`` codebook rows, O(d). If the matmul runs in reduced precision (TF32/bf16) the
-argmax is not exactly rotation-equivariant and ``mu`` is slightly off (spec §5.3).
+argmax is not exactly rotation-equivariant and ``mu`` is slightly off.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -58,6 +61,7 @@ from lightning_gmc.compressors.base import (
 )
 from lightning_gmc.compressors.bitpack import pack_bits, packed_nbytes, unpack_bits
 from lightning_gmc.compressors.quantizers import BitBudgetCompressor, natural_decode, natural_encode
+from lightning_gmc.compressors.workspace import Workspace
 
 __all__ = ["SphericalCompression", "SphericalPlan", "spherical_mu"]
 
@@ -66,11 +70,11 @@ _STREAM = mix_seed(*b"spherical_rc")
 
 @lru_cache(maxsize=256)
 def spherical_mu(k: int, codewords: int, grid: int = 400_001) -> float:
-    """``mu_{k,N} = E max_j <u, y_j>`` for ``N`` i.i.d. uniform unit vectors of ``R^k`` (spec §5.1).
+    """``mu_{k,N} = E max_j <u, y_j>`` for ``N`` i.i.d. uniform unit vectors of ``R^k``.
 
     With the angle ``phi`` to a fixed ``u`` (density ``∝ sin^{k-2} phi`` on ``[0, pi]``) and its
     survival function ``S(phi) = P(angle >= phi)``, ``mu = -1 + int_0^pi (1 - S(phi)^N) sin phi dphi``
-    (substituting ``t = cos phi`` in the spec's ``-1 + int (1 - F_k(t)^N) dt``). Trapezoid rule on
+    (substituting ``t = cos phi`` in ``-1 + int (1 - F_k(t)^N) dt``). Trapezoid rule on
     ``grid`` points in float64; accurate to ~1e-7 for ``k <= 64``, ``N <= 2^20``.
     """
     if k < 2:
@@ -89,7 +93,7 @@ def spherical_mu(k: int, codewords: int, grid: int = 400_001) -> float:
     return -1.0 + integral
 
 
-@dataclass
+@dataclass(frozen=True)
 class SphericalPlan(CompressionPlan):
     """Block layout: per segment its number of blocks and first block index."""
 
@@ -98,6 +102,7 @@ class SphericalPlan(CompressionPlan):
     total_blocks: int = 0
 
 
+@dataclass(frozen=True)
 class SphericalCompression(BitBudgetCompressor):
     """SC-RC blockwise random-codebook spherical compression (reconstruction; see module docstring).
 
@@ -116,35 +121,34 @@ class SphericalCompression(BitBudgetCompressor):
         chunk_scores: largest score matrix (floats) materialised at once by the encoder.
     """
 
-    name = "spherical_rc"
-    unbiased = True
-    _cache_size = 8
+    name: ClassVar[str] = "spherical_rc"
+    _cache_size: ClassVar[int] = 8
+    block_size: int = 16
+    bits_per_block: int = 8
+    norm_bits: int = 8
+    variant: str = "unbiased"
+    chunk_scores: int = 1 << 22
+    # Derived from the options above (not compared, not hashed, not constructor arguments).
+    unbiased: bool = field(init=False, repr=False, compare=False)
+    mu: float = field(init=False, repr=False, compare=False)
+    # Memo of the last few codebooks: a cache, not configuration.
+    _codebooks: OrderedDict[tuple[int, str], Tensor] = field(
+        init=False, repr=False, compare=False, default_factory=OrderedDict
+    )
 
-    def __init__(
-        self,
-        block_size: int = 16,
-        bits_per_block: int = 8,
-        norm_bits: int = 8,
-        variant: str = "unbiased",
-        chunk_scores: int = 1 << 22,
-    ) -> None:
-        if int(block_size) < 2:
-            raise ValueError(f"block_size must be >= 2, got {block_size}")
-        if not 1 <= int(bits_per_block) <= 24:
-            raise ValueError(f"bits_per_block must be in 1..24, got {bits_per_block}")
-        if int(norm_bits) not in (8, 32):
-            raise ValueError(f"norm_bits must be 8 or 32, got {norm_bits}")
-        if variant not in ("unbiased", "contractive"):
-            raise ValueError(f"variant must be 'unbiased' or 'contractive', got {variant!r}")
-        self.block_size = int(block_size)
-        self.bits_per_block = int(bits_per_block)
-        self.norm_bits = int(norm_bits)
-        self.variant = variant
-        # The class default (unbiased) is what the registry shows; the instance says what it does.
-        self.unbiased = variant == "unbiased"  # type: ignore[misc]
-        self.chunk_scores = int(chunk_scores)
-        self.mu = spherical_mu(self.block_size, 1 << self.bits_per_block)
-        self._codebooks: OrderedDict[tuple[int, str], Tensor] = OrderedDict()
+    def __post_init__(self) -> None:
+        if int(self.block_size) < 2:
+            raise ValueError(f"block_size must be >= 2, got {self.block_size}")
+        if not 1 <= int(self.bits_per_block) <= 24:
+            raise ValueError(f"bits_per_block must be in 1..24, got {self.bits_per_block}")
+        if int(self.norm_bits) not in (8, 32):
+            raise ValueError(f"norm_bits must be 8 or 32, got {self.norm_bits}")
+        if self.variant not in ("unbiased", "contractive"):
+            raise ValueError(f"variant must be 'unbiased' or 'contractive', got {self.variant!r}")
+        for name in ("block_size", "bits_per_block", "norm_bits", "chunk_scores"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "unbiased", self.variant == "unbiased")
+        object.__setattr__(self, "mu", spherical_mu(self.block_size, 1 << self.bits_per_block))
 
     def describe(self) -> str:
         return (
@@ -210,11 +214,11 @@ class SphericalCompression(BitBudgetCompressor):
     def _blocks(self, x: Tensor, plan: SphericalPlan) -> Tensor:
         """``x`` as a ``(blocks, k)`` matrix, each parameter's last block zero-padded."""
         k = self.block_size
-        key = f"blocks:{x.device}"
-        mat = plan.cache.get(key)
-        if mat is None:
-            mat = torch.zeros(plan.total_blocks, k, dtype=torch.float32, device=x.device)
-            plan.cache[key] = mat
+        mat = plan.workspace.constant(
+            "blocks",
+            x.device,
+            lambda: torch.zeros(plan.total_blocks, k, dtype=torch.float32, device=x.device),
+        )
         flat = mat.view(-1)
         for seg, b0 in zip(plan.segments, plan.block_start, strict=True):
             dst = flat[b0 * k : b0 * k + seg.numel]
@@ -224,7 +228,14 @@ class SphericalCompression(BitBudgetCompressor):
 
     # -- codec -------------------------------------------------------------------------------------
 
-    def compress(self, x: Tensor, plan: CompressionPlan, rng: RandomStreams, step: int) -> Payload:
+    def compress(
+        self,
+        x: Tensor,
+        plan: CompressionPlan,
+        rng: RandomStreams,
+        step: int,
+        workspace: Workspace | None = None,
+    ) -> Payload:
         assert isinstance(plan, SphericalPlan)
         blocks = self._blocks(x, plan)
         # The codebook depends on (run seed, step, rank) only, so it is the same for every bucket and

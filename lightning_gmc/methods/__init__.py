@@ -18,7 +18,7 @@ from lightning_gmc.methods.gmc import GMC, MomentumConvention
 from lightning_gmc.methods.registry import METHODS, build_method, method_option_names, register_method
 
 register_method(GMC)
-# Baselines of the GMC paper (issue 3).
+# Baselines of the GMC paper (§5).
 register_method(DMSGD)
 register_method(DGC)
 register_method(CSER)

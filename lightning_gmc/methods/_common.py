@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 
 from torch import Tensor
 
@@ -41,15 +41,15 @@ def apply_lr_inside_out(method: str, step: BucketStep, delta: Tensor) -> None:
 
 
 def with_density(compressor: Compressor, density: float, what: str) -> Compressor:
-    """A distinct compressor of the same kind and options as ``compressor`` at another ``density``.
-
-    A shallow copy keeps every other option (sample ratio, ...). It is a new object on purpose: plans
-    are cached per bucket by ``id(compressor)``, so each density needs its own instance.
+    """``compressor`` with every option kept but ``density`` (``dataclasses.replace``): a new value,
+    equal to ``compressor`` when the density is unchanged.
 
     Raises:
         ValueError: the compressor has no ``density`` (quantizers) or the density is outside (0, 1].
     """
-    if not hasattr(compressor, "density"):
+    if not dataclasses.is_dataclass(compressor) or "density" not in {
+        f.name for f in dataclasses.fields(compressor) if f.init
+    }:
         raise ValueError(
             f"{what} needs a compressor with a density (a sparsifier such as 'topk', 'topk_approx', "
             f"'randk', 'rbgs'); {compressor.describe()!r} has none"
@@ -57,11 +57,7 @@ def with_density(compressor: Compressor, density: float, what: str) -> Compresso
     density = float(density)
     if not 0.0 < density <= 1.0:
         raise ValueError(f"{what}: density must be in (0, 1], got {density}")
-    if density == compressor.density:  # type: ignore[attr-defined]
-        return compressor
-    clone = copy.copy(compressor)
-    clone.density = density  # type: ignore[attr-defined]
-    return clone
+    return dataclasses.replace(compressor, density=density)
 
 
 def resolve_compressor(spec: str | Compressor, density: float | None) -> Compressor:

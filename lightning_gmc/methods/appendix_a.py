@@ -1,4 +1,4 @@
-"""The GMC paper's Appendix A alternatives to GMC (``spec/algorithms.md`` §5).
+"""The GMC paper's Appendix A alternatives to GMC (``docs/algorithms.md`` 2.7-2.8).
 
 Both satisfy GMC's rewritten update (7) at a constant learning rate; the paper's Fig. 7 shows both
 behind GMC, especially on non-IID data. They exist to reproduce that ablation.
@@ -18,7 +18,7 @@ Algorithm 4, GMC with the learning rate inside the residual (parameter units)::
 
 At a constant learning rate ``e' = eta e`` and Algorithm 4 is GMC exactly (for positively homogeneous
 compressors such as top-k and RBGS). Under learning-rate decay its residual, accumulated at older,
-larger learning rates, enters the update with a larger coefficient than GMC's (§5.2).
+larger learning rates, enters the update with a larger coefficient than GMC's (GMC paper Appendix A).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from lightning_gmc.compressors import CompressionPlan, Compressor, Payload, RandomStreams, Segment
+from lightning_gmc.compressors import CompressionPlan, Compressor, Payload, RandomStreams, Segment, Workspace
 
 __all__ = [
     "BucketState",
@@ -95,7 +95,13 @@ class Message:
 
 
 class BucketState:
-    """One worker's state for one bucket layout: contiguous buffers, plans and workspaces."""
+    """One worker's state for one bucket layout: contiguous buffers, plans and workspaces.
+
+    Plans are cached by compressor *value* (compressors are frozen dataclasses), so equal
+    configurations share one plan and a ``dataclasses.replace``'d compressor gets its own. Payload
+    buffers are owned by message slots (:meth:`message_workspace`), never by plans, so two messages in
+    flight together never share a buffer even when their compressors are equal.
+    """
 
     def __init__(self, worker: WorkerState, param_indices: tuple[int, ...]) -> None:
         self.param_indices = param_indices
@@ -118,25 +124,40 @@ class BucketState:
             else:
                 self.runs.append((slice(seg.offset, seg.offset + seg.numel), group))
         self.buffers: dict[str, Tensor] = {}
-        self._plans: dict[int, CompressionPlan] = {}
-        self._workspaces: dict[str, Tensor] = {}
+        # Keyed by compressor value; the layout part of the (compressor, layout) key is this bucket's.
+        self._plans: dict[Compressor, CompressionPlan] = {}
+        self._scratch = Workspace()
+        self._message_slots: list[Workspace] = []
 
     def plan(self, compressor: Compressor) -> CompressionPlan:
-        """The compressor's plan for this layout, computed on first use."""
-        plan = self._plans.get(id(compressor))
+        """The compressor's plan for this layout, computed on first use of an equal compressor.
+
+        Raises:
+            TypeError: the compressor is not hashable (compressors must be frozen dataclasses).
+        """
+        try:
+            plan = self._plans.get(compressor)
+        except TypeError as err:
+            raise TypeError(
+                f"{type(compressor).__name__} is not hashable: compressors are values, declare them with "
+                f"@dataclass(frozen=True)"
+            ) from err
         if plan is None:
             plan = compressor.plan(self.segments)
-            self._plans[id(compressor)] = plan
+            self._plans[compressor] = plan
         return plan
 
     def workspace(self, name: str, numel: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        """A scratch tensor owned by this bucket, allocated once and reused every step."""
-        numel = self.numel if numel is None else numel
-        buf = self._workspaces.get(name)
-        if buf is None or buf.numel() != numel or buf.dtype != dtype:
-            buf = torch.empty(numel, dtype=dtype, device=self.device)
-            self._workspaces[name] = buf
-        return buf
+        """A scratch tensor owned by this bucket (``numel`` defaults to the bucket's), allocated once
+        and reused every step."""
+        return self._scratch.tensor(name, self.numel if numel is None else numel, dtype, self.device)
+
+    def message_workspace(self, slot: int) -> Workspace:
+        """The owner of the payload buffers of the ``slot``-th message of a step (0-based): it lives as
+        long as the bucket, so payloads reuse their buffers from step to step."""
+        while len(self._message_slots) <= slot:
+            self._message_slots.append(Workspace())
+        return self._message_slots[slot]
 
 
 class WorkerState:
@@ -266,6 +287,7 @@ class BucketStep:
     world_size: int
     read_params: Callable[[Tensor], None]
     _params: Tensor | None = field(default=None, repr=False)
+    _messages: int = field(default=0, repr=False)
 
     def buffer(self, name: str) -> Tensor:
         return self.bucket.buffers[name]
@@ -283,7 +305,8 @@ class BucketStep:
         return self._params
 
     def add_weight_decay(self, target: Tensor) -> None:
-        """``target += weight_decay * w`` per group (coupled L2 at the evaluation point, trap T5)."""
+        """``target += weight_decay * w`` per group (coupled L2 at the gradient's evaluation point, as
+        torch.optim.SGD adds it; ``docs/algorithms.md`` 3.4)."""
         for sl, hyper in self.runs():
             if hyper.weight_decay != 0.0:
                 target[sl].add_(self.params()[sl], alpha=hyper.weight_decay)
@@ -293,9 +316,11 @@ class BucketStep:
     ) -> Message:
         """Compress ``x`` with this bucket's plan. ``stream_offset`` separates a second compressor's
         random draws from the first's within one step; ``decode_into`` receives the mean over workers
-        (see :attr:`Message.decode_into`)."""
+        (see :attr:`Message.decode_into`). Each message of the step gets its own payload workspace."""
         plan = self.bucket.plan(compressor)
-        payload = compressor.compress(x, plan, self.rng.salted(stream_offset), self.step)
+        slot = self.bucket.message_workspace(self._messages)
+        self._messages += 1
+        payload = compressor.compress(x, plan, self.rng.salted(stream_offset), self.step, slot)
         return Message(compressor, plan, payload, decode_into)
 
     def subtract_own(self, message: Message, x: Tensor) -> None:
@@ -320,7 +345,8 @@ class Method(ABC):
     """
 
     name: ClassVar[str] = ""
-    buffers: ClassVar[dict[str, BufferScope]] = {}
+    #: Class default; a method whose buffers depend on its options sets its own in ``__init__``.
+    buffers: dict[str, BufferScope] = {}
     error_feedback: ClassVar[bool] = True
     requires_shared_support: ClassVar[bool] = False
     #: Which model validation, testing, prediction and checkpoints use. ``"params"``: the training
@@ -330,6 +356,10 @@ class Method(ABC):
     #: ``"params"``, checkpoints also keep every rank's training parameters so training resumes from
     #: them. Methods may override it per instance.
     evaluation_point: EvaluationPoint = "params"
+    #: The method applies momentum and weight decay itself: attaching it requires ``torch.optim.SGD``,
+    #: whose momentum and weight decay it zeroes (and guards) so the optimizer step is plain SGD. A
+    #: method that leaves the optimizer alone (any ``torch.optim`` optimizer) sets this to False.
+    takes_over_optimizer: ClassVar[bool] = True
     #: Compressor name the strategy and the simulator build when the user names none (``"none"`` for
     #: the dense reference ``dmsgd``).
     default_compressor: ClassVar[str] = "topk"

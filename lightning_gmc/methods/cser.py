@@ -1,8 +1,8 @@
-"""CSER and M-CSER: communication-efficient SGD with error reset (Xie et al. 2020; ``spec/algorithms.md`` §8).
+"""CSER and M-CSER: communication-efficient SGD with error reset (Xie et al. 2020; docs/algorithms.md 2.5).
 
 Each worker i keeps its own model ``x_i``, a local momentum ``m_i`` and a residual ``r_i`` (parameter
 units, learning rate inside). With the invariant ``x_i = x_hat - r_i`` for a global model ``x_hat``
-that is the same on every worker and never materialised, every step t = 1, 2, ... does (§8.1)::
+that is the same on every worker and never materialised, every step t = 1, 2, ... does::
 
     g_i   = grad f(x_i) + wd * x_i              # at the worker's OWN model
     m_i   = beta * m_i + g_i                     # local momentum (M-CSER; beta = 0 is CSER)
@@ -18,19 +18,18 @@ that is the same on every worker and never materialised, every step t = 1, 2, ..
 So ``x_i`` moves by ``dbar (+ ebar) + r_i^new - r_i^old`` and the hook hands the optimizer that over
 ``eta_t`` (``w <- w - eta_t * out``). Ranks hold different models between resets; validation,
 testing, prediction and the checkpoint's weights use their average ``(1/K) sum_i x_i = x_hat -
-rbar`` (the official Gluon code's ``pre_test``; trap 11), and training resumes from every rank's own
+rbar`` (the official Gluon code's ``pre_test``), and training resumes from every rank's own
 ``x_i``, which the strategy keeps in the checkpoint.
 
 With ``C1 = I`` nothing is left locally and CSER is synchronous local-momentum SGD (= SGD momentum on
 the mean gradient); with ``C2 = I`` each reset is a full model average.
 
-Communication (RCC, spec §6.5): the per-step C1 message plus the C2 message every H steps, both
-counted by the transport the paper's way.
+Communication (RCC, GMC paper §5; ``docs/algorithms.md`` 3.8): the per-step C1 message plus the C2
+message every H steps, both counted by the transport the paper's way.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 from torch import Tensor
@@ -88,10 +87,8 @@ class CSER(Method):
                 reset = with_density(compressor, reset_density, "CSER's reset compressor")
         else:
             reset = resolve_compressor(reset_compressor, reset_density)
-        if reset is compressor:
-            # Both messages of a reset step are in flight together and a compressor's payload may live
-            # in its plan's workspace, so C2 must be a distinct object (plans are cached by id).
-            reset = copy.copy(compressor)
+        # C2 may equal C1: both messages of a reset step are in flight together, but each message
+        # of a step has its own payload workspace (BucketStep.compress), so they share only the plan.
         self.reset_compressor: Compressor = reset
 
     def compressors(self) -> list[Compressor]:

@@ -1,4 +1,4 @@
-"""DEF-A: detached error feedback with local momentum (Xu & Huang 2022; ``spec/algorithms.md`` §9).
+"""DEF-A: detached error feedback with local momentum (Xu & Huang 2022; ``docs/algorithms.md`` 2.6).
 
 Follows the official ``optimizers/Def.py`` (§9.1), which is what the GMC paper ran as "DEF-A". Per
 worker k and step t, with the residual ``e_k`` in parameter units (learning rate inside)::
@@ -13,7 +13,7 @@ worker k and step t, with the residual ``e_k`` in parameter units (learning rate
 ``c = 0`` is error feedback with local momentum (gradient at ``x_t``); ``c = 1`` is step-ahead EF.
 The paper's (and the DEF scripts') coefficient is 0.3.
 
-Evaluation model (§9.3, an open item of the spec, hence an option): the official code evaluates the
+Evaluation model (not fixed by the paper, hence an option): the official code evaluates the
 "virtual SGD iterate" ``x_t - (1/K) sum_k e_k`` (``evaluation="x_t_minus_mean_error"``, the default
 here, costs one all-reduce of the residuals per validation/test/predict/checkpoint); ``evaluation=
 "x_t"`` uses the training model ``x_t``, as for GMC/GMC+. With the virtual iterate the checkpoint's

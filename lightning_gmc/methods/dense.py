@@ -1,4 +1,4 @@
-"""DMSGD: dense distributed momentum SGD through the GMC hook (``spec/algorithms.md`` §2).
+"""DMSGD: dense distributed momentum SGD through the GMC hook (GMC paper §2.3; ``docs/algorithms.md`` 2.1).
 
 Per step every worker sends its full gradient (plus coupled L2), the hook all-reduces the mean and
 every rank applies heavy-ball momentum to it::

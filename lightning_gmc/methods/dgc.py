@@ -1,6 +1,6 @@
-"""DGC: deep gradient compression with momentum correction (Lin et al. 2018; ``spec/algorithms.md`` §7).
+"""DGC: deep gradient compression with momentum correction (Lin et al. 2018; ``docs/algorithms.md`` 2.4).
 
-Per worker k and step t, in the order of the official code (§7.3, trap 4)::
+Per worker k and step t, in the order of the official code::
 
     g_k  = clip(grad_k, clip_norm * K^{-1/2})   # optional local clipping, per parameter (see below)
            (+ wd * w_t when weight_decay_mode="compressed")
@@ -11,9 +11,9 @@ Per worker k and step t, in the order of the official code (§7.3, trap 4)::
     w_{t+1} = w_t - eta_t * (1/K) sum_k C(v_k)  (- eta_t * b_t with b_t = beta b_{t-1} + wd w_t
                                                  when weight_decay_mode="local")
 
-The learning rate stays outside the accumulation, like GMC (trap 2). Remark 2 of the GMC paper: with
-the identity compressor DGC without masking is DMSGD with local momentum (= SGD momentum on the mean
-gradient), and DGC with masking resets ``u`` every step, so it is plain distributed SGD.
+The learning rate stays outside the accumulation, like GMC (``docs/algorithms.md`` 3.2). Remark 2 of
+the GMC paper: with the identity compressor DGC without masking is DMSGD with local momentum (= SGD
+momentum on the mean gradient), and DGC with masking resets ``u`` every step, so it is plain distributed SGD.
 
 Deviations and choices, all documented options:
 
@@ -25,15 +25,15 @@ Deviations and choices, all documented options:
   gradient by ``clip_norm * num_trainers ** -0.5``; this implementation does the same (with
   ``torch.nn.utils.clip_grad_norm_``'s formula per parameter). Only the loss gradient is clipped, not
   the weight-decay term.
-* **Weight decay** is coupled L2 inside the compressed vector by default (as for GMC, trap T5); the
+* **Weight decay** is coupled L2 inside the compressed vector by default (as for GMC); the
   official code's local, uncompressed weight decay with its own momentum buffer is
   ``weight_decay_mode="local"``.
-* **Sparsity warm-up** (§7.1): the paper's exponential schedule uses densities 25 %, 6.25 %, 1.5625 %,
-  0.4 % in epochs 0-3 and the target density from epoch 4 (the DGC *code*'s default ramp differs; the
-  spec says to follow the paper). Warm-up densities never go below the target density. The GMC paper
+* **Sparsity warm-up**: the DGC paper's exponential schedule uses densities 25 %, 6.25 %, 1.5625 %,
+  0.4 % in epochs 0-3 and the target density from epoch 4 (the DGC *code*'s default ramp differs; this
+  follows the paper). Warm-up densities never go below the target density. The GMC paper
   did not use warm-up, so it is off by default. The density is a pure function of the epoch the
   strategy reports at each epoch start, so a resumed run continues the schedule exactly.
-* Every tensor is compressed (no dense 1-D tensors as in the DGC code; trap T6), so that DGC and GMC
+* Every tensor is compressed (no dense 1-D tensors as in the DGC code), so that DGC and GMC
   are compared at the same RCC.
 """
 
@@ -106,7 +106,7 @@ class DGC(Method):
         self.weight_decay_mode: WeightDecayMode = weight_decay_mode
         if weight_decay_mode == "local":
             # The weight-decay momentum depends only on w_t, which is identical on every rank.
-            self.buffers = {**type(self).buffers, "wd_momentum": "shared"}  # type: ignore[misc]
+            self.buffers = {**type(self).buffers, "wd_momentum": "shared"}
         if sparsity_warmup is True:
             schedule: tuple[float, ...] = PAPER_SPARSITY_WARMUP
         elif sparsity_warmup is False or sparsity_warmup is None:
@@ -118,7 +118,7 @@ class DGC(Method):
         self.warmup_densities: tuple[float, ...] = tuple(
             max(d, base_density) if base_density is not None else d for d in schedule
         )
-        # One distinct compressor object per epoch of the schedule (plans are cached by id).
+        # One compressor value per epoch of the schedule (equal densities share a plan).
         self._warmup: list[Compressor] = [
             with_density(compressor, d, "DGC sparsity warm-up") for d in self.warmup_densities
         ]
@@ -133,7 +133,7 @@ class DGC(Method):
         self._active: Compressor = self._warmup[0] if self._warmup else compressor
 
     def compressors(self) -> list[Compressor]:
-        return [self.compressor, *(c for c in self._warmup if c is not self.compressor)]
+        return [self.compressor, *(c for c in self._warmup if c != self.compressor)]
 
     @property
     def active_compressor(self) -> Compressor:

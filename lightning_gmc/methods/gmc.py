@@ -1,6 +1,6 @@
-"""GMC and GMC+ (``spec/algorithms.md`` §3 and §4).
+"""GMC and GMC+ (GMC paper §3 and §4, Algorithms 1 and 2; ``docs/algorithms.md`` 2.2-2.3).
 
-Per worker k and step t (all-reduce form, §3.2)::
+Per worker k and step t (all-reduce form of Algorithm 1, GMC paper §3.1)::
 
     u_k   = e_k + g_k + wd * x_k + beta * c_t * m_{t-1}
     e_k   = u_k - C(u_k)
@@ -11,11 +11,12 @@ Per worker k and step t (all-reduce form, §3.2)::
 e_k`` (GMC+, ``detach = lambda > 0``). ``c_t`` is 1 under the ``"prev"`` learning-rate convention,
 where ``m_{t-1} = (w_{t-1} - w_t) / eta_{t-1}`` and GMC with ``C = I`` equals
 ``torch.optim.SGD(momentum=beta)`` exactly; it is ``eta_{t-1} / eta_t`` under ``"cur"``, the
-heavy-ball form ``beta (w_{t-1} - w_t) / eta_t`` (§3.4). The two differ only at steps where the
-learning rate changes.
+heavy-ball form ``beta (w_{t-1} - w_t) / eta_t`` (``docs/algorithms.md`` 3.1). The two differ only at
+steps where the learning rate changes.
 
 The residual is in gradient units and the learning rate stays outside it: it is never rescaled when
-the schedule changes the learning rate (trap 2; rescaling would turn GMC into Algorithm 4).
+the schedule changes the learning rate (rescaling would turn GMC into the
+GMC paper's Appendix A Algorithm 4).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class GMC(Method):
         detach: GMC+'s detach coefficient ``lambda >= 0``; the paper's choice is 0.5 with RBGS.
             0 gives GMC exactly.
         momentum_lr_convention: ``"prev"`` (default, PyTorch SGD semantics) or ``"cur"``
-            (heavy-ball form); see the module docstring. Inferred in the spec, hence an option.
+            (heavy-ball form); see the module docstring. Not fixed by the paper, hence an option.
     """
 
     name = "gmc"

@@ -26,10 +26,11 @@ def build_method(name: str, compressor: Compressor, ef_scaling: bool | None = No
     Args:
         name: registered method name.
         compressor: the method's (per-step) compressor.
-        ef_scaling: scale an unbiased compressor ``C`` to ``C / (1 + omega)`` (spec
-            ``compressors.md`` §2.3), which makes it contractive, the property error-feedback
-            convergence proofs assume. None (default) turns it on exactly for methods with error
-            feedback. Contractive compressors (top-k, RBGS, scaled sign) are never rescaled.
+        ef_scaling: scale an unbiased compressor ``C`` to ``C / (1 + omega)``
+            (``docs/algorithms.md`` 3.5), which makes it contractive, the property error-feedback
+            convergence proofs assume (GMC paper §3.3, Assumption 1). None (default) turns it on
+            exactly for methods with error feedback. Contractive compressors (top-k, RBGS, scaled
+            sign) are never rescaled.
         options: the method's own options.
 
     Raises:

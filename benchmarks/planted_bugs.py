@@ -1,0 +1,199 @@
+"""Plant known bugs one at a time in a scratch copy of the repository and show which tests fail.
+
+    python benchmarks/planted_bugs.py [--only NAME ...] [--keep]
+
+Each bug below is a small source edit (an exact string replaced once) that an earlier version of the
+test suite let through. For every bug the script copies the tracked files of the working tree into a
+scratch directory, applies the edit, runs the tests named for it there (the multi-process tests set
+PYTHONPATH to that copy, so the ranks import the bugged package too), and prints a Markdown table:
+the bug, the tests, and whether they failed ("killed") as they must. Exit status 1 when a bug survives
+or an edit no longer applies (the code moved: update the edit). Not part of CI (about 10 minutes on
+2 cores); docs/testing.md records its last output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class PlantedBug:
+    name: str
+    what: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+BUGS: tuple[PlantedBug, ...] = (
+    PlantedBug(
+        "padded_allgather",
+        "the all-gather payload padded by 4 %",
+        "lightning_gmc/transport/distributed.py",
+        "        nbytes = plan.payload_nbytes\n",
+        "        nbytes = plan.payload_nbytes + max(1, plan.payload_nbytes // 25)\n",
+        (
+            "tests/test_strategy_distributed.py::test_two_ranks_equal_the_simulator[gmc-topk]",
+            "tests/test_claims_distributed.py::test_quantizer_on_two_ranks_equals_the_hand_written_quantized_step",
+        ),
+    ),
+    PlantedBug(
+        "reset_keeps_residual_drops_momentum",
+        "on a world-size change, the old residual kept and the momentum dropped",
+        "lightning_gmc/hook/codec.py",
+        '    if load_local:\n        worker.load_state_dict(state["local"])\n'
+        '    else:\n        worker.reset("local")\n',
+        '    worker.load_state_dict(state["local"])\n'
+        '    if not load_local:\n        worker.reset("shared")\n',
+        (
+            "tests/test_claims_hook.py::test_reset_residuals_zeroes_them_and_keeps_the_momentum",
+            "tests/test_strategy_distributed.py::test_world_size_change_errors_or_resets_residuals",
+        ),
+    ),
+    PlantedBug(
+        "hook_forgets_previous_lr",
+        'the hook forgets the previous learning rate (`momentum_lr_convention="cur"`)',
+        "lightning_gmc/hook/binding.py",
+        "prev = prev_lrs if prev_lrs is not None else lrs",
+        "prev = lrs",
+        (
+            "tests/test_claims_hook.py::test_hook_equals_the_hand_written_gmc_step",
+            "tests/test_claims_distributed.py::"
+            "test_resume_with_the_cur_convention_is_bitwise_and_equals_the_hand_written_step",
+        ),
+    ),
+    PlantedBug(
+        "lr_history_not_saved",
+        "the saved LR history dropped from the checkpoint",
+        "lightning_gmc/hook/codec.py",
+        '"last_lrs": clock.last_lrs,',
+        '"last_lrs": None,',
+        (
+            "tests/test_claims_hook.py::test_resume_through_the_hook_is_bitwise_equal",
+            "tests/test_claims_distributed.py::"
+            "test_resume_with_the_cur_convention_is_bitwise_and_equals_the_hand_written_step",
+        ),
+    ),
+    PlantedBug(
+        "detach_zero_ignored",
+        "`detach=0` ignored in GMC+ (taken as 0.5)",
+        "lightning_gmc/methods/gmc.py",
+        "self.detach = float(detach)",
+        "self.detach = float(detach) or 0.5",
+        (
+            "tests/test_gmc_math.py::test_gmc_plus_with_detach_zero_is_the_hand_written_gmc_step",
+            "tests/test_claims_hook.py::test_gmc_plus_equals_the_hand_written_step_and_detach_zero_is_gmc",
+        ),
+    ),
+    PlantedBug(
+        "skip_wipes_state",
+        "a rank that skips a non-finite bucket also wipes its residual and momentum",
+        "lightning_gmc/hook/ddp_hook.py",
+        "            grad.zero_()\n",
+        "            grad.zero_()\n            state.worker.reset()  # type: ignore[union-attr]\n",
+        (
+            "tests/test_claims_hook.py::test_nonfinite_bucket_contributes_zero_and_keeps_the_state",
+            "tests/test_strategy_distributed.py::test_nonfinite_gradient_is_skipped_without_poisoning_state",
+        ),
+    ),
+    PlantedBug(
+        "gmc_momentum_dropped",
+        "GMC's momentum term dropped",
+        "lightning_gmc/methods/gmc.py",
+        "u[sl].add_(momentum[sl], alpha=hyper.momentum * scale)",
+        "pass",
+        (
+            "tests/test_strategy_distributed.py::test_two_ranks_equal_the_simulator",
+            "tests/test_claims_distributed.py::"
+            "test_resume_with_the_cur_convention_is_bitwise_and_equals_the_hand_written_step",
+        ),
+    ),
+)
+
+
+def _tracked_files() -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [line for line in out.splitlines() if line and (ROOT / line).is_file()]
+
+
+def _scratch_copy(into: Path) -> None:
+    for rel in _tracked_files():
+        target = into / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+
+
+def _plant(copy: Path, bug: PlantedBug) -> None:
+    path = copy / bug.path
+    text = path.read_text()
+    count = text.count(bug.old)
+    if count != 1:
+        raise SystemExit(f"{bug.name}: the edit matches {count} times in {bug.path}; update it to the code")
+    path.write_text(text.replace(bug.old, bug.new))
+
+
+def _run_test(copy: Path, test: str) -> tuple[bool, str]:
+    """Run one test in the bugged copy: (failed, the first assertion line of the failure)."""
+    env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test],
+        cwd=copy,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode not in (0, 1):  # 2-5: collection error, unknown test id, nothing ran
+        raise SystemExit(f"{test} could not run (pytest exit {proc.returncode}):\n{proc.stdout[-2000:]}")
+    errors = [ln.strip() for ln in proc.stdout.splitlines() if ln.startswith("E ")]
+    return proc.returncode == 1, (errors[0][1:].strip() if errors else "")[:90]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="names of the bugs to plant (default: all)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch copies")
+    args = parser.parse_args(argv)
+    bugs = [b for b in BUGS if not args.only or b.name in args.only]
+    survived = 0
+    rows = ["| planted bug | test | result | first failure line |", "|---|---|---|---|"]
+    for bug in bugs:
+        scratch = Path(tempfile.mkdtemp(prefix=f"planted-{bug.name}-"))
+        try:
+            _scratch_copy(scratch)
+            _plant(scratch, bug)
+            for test in bug.tests:
+                failed, why = _run_test(scratch, test)
+                survived += not failed
+                verdict = "killed" if failed else "**survived**"
+                reason = why.replace("|", "\\|")
+                rows.append(
+                    f"| {bug.what} | `{test}` | {verdict} | `{reason}` |"
+                    if reason
+                    else f"| {bug.what} | `{test}` | {verdict} | |"
+                )
+                print(f"{bug.name}: {test}: {verdict} ({why})", file=sys.stderr, flush=True)
+        finally:
+            if not args.keep:
+                shutil.rmtree(scratch, ignore_errors=True)
+    print("\n".join(rows))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""One validated configuration of a run: which method, which compressor, and their options.
+
+:class:`GMCConfig` is what :class:`~lightning_gmc.GMCStrategy`, :class:`~lightning_gmc.Simulator` and
+the plain-DDP path (:meth:`~lightning_gmc.GMCHookState.from_config`) are built from, so a value is
+checked once, with one message, whichever entry point the user takes::
+
+    config = GMCConfig(method="gmc", compressor="rbgs", density=0.01, detach=0.5)   # GMC+
+    method = config.build()
+
+Every float is checked to be finite: a ``nan`` detach coefficient would otherwise mark every bucket
+non-finite and train nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lightning_gmc.compressors import Compressor, build_compressor
+from lightning_gmc.methods import METHODS, Method, build_method, method_option_names
+
+__all__ = [
+    "GMCConfig",
+    "NonFinitePolicy",
+    "WorldSizeChangePolicy",
+    "check_density",
+    "check_detach",
+    "check_finite_options",
+    "check_momentum",
+    "check_nonfinite_policy",
+    "check_world_size_policy",
+]
+
+NonFinitePolicy = Literal["skip", "raise"]
+WorldSizeChangePolicy = Literal["error", "reset_residuals"]
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_density(density: object) -> float:
+    """``density`` as a float in (0, 1]."""
+    if not _is_finite_number(density) or not 0.0 < float(density) <= 1.0:  # type: ignore[arg-type]
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    return float(density)  # type: ignore[arg-type]
+
+
+def check_detach(detach: object) -> float:
+    """``detach`` as a finite float >= 0 (0 = GMC, > 0 = GMC+)."""
+    if not _is_finite_number(detach) or float(detach) < 0:  # type: ignore[arg-type]
+        raise ValueError(f"detach must be >= 0 and finite (0 = GMC, > 0 = GMC+), got {detach!r}")
+    return float(detach)  # type: ignore[arg-type]
+
+
+def check_momentum(momentum: object) -> float:
+    """``momentum`` (``beta``) as a float in [0, 1)."""
+    if not _is_finite_number(momentum) or not 0.0 <= float(momentum) < 1.0:  # type: ignore[arg-type]
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    return float(momentum)  # type: ignore[arg-type]
+
+
+def check_nonfinite_policy(nonfinite: object) -> NonFinitePolicy:
+    if nonfinite not in ("skip", "raise"):
+        raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+    return nonfinite  # type: ignore[return-value]
+
+
+def check_world_size_policy(policy: object) -> WorldSizeChangePolicy:
+    if policy not in ("error", "reset_residuals"):
+        raise ValueError(f"on_world_size_change must be 'error' or 'reset_residuals', got {policy!r}")
+    return policy  # type: ignore[return-value]
+
+
+def check_finite_options(owner: str, options: Mapping[str, Any]) -> None:
+    """Reject ``nan``/``inf`` in float options (also inside lists and tuples, e.g. a warm-up schedule)."""
+    for key, value in options.items():
+        values = value if isinstance(value, list | tuple) else [value]
+        for item in values:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"{owner} option {key}={value!r} must be finite")
+
+
+@dataclass(frozen=True)
+class GMCConfig:
+    """What to run, validated on construction.
+
+    Attributes:
+        method: method name (see ``lightning_gmc.METHODS``).
+        compressor: compressor name or instance; None takes the method's default (``"topk"``;
+            ``"none"`` for the dense ``"dmsgd"``).
+        density: fraction of each parameter sent per step, in (0, 1] (sparsifiers).
+        detach: GMC+'s detach coefficient; None takes the method's default (0 for GMC). Only for
+            methods that have one (``docs/algorithms.md`` section 2.3).
+        momentum: overrides the optimizer's momentum when not None.
+        seed: seed of the shared random streams (RBGS blocks, random-k); equal on every rank.
+        method_options: further options of the method.
+        compressor_options: further options of the compressor.
+        ef_scaling: scale unbiased compressors by ``1/(1+omega)`` inside error feedback (None: exactly
+            for methods with error feedback; ``docs/algorithms.md`` section 3.5).
+        nonfinite: ``"skip"`` or ``"raise"`` on a non-finite bucket gradient.
+        on_world_size_change: resuming a checkpoint of another world size: ``"error"`` or
+            ``"reset_residuals"``.
+    """
+
+    method: str = "gmc"
+    compressor: str | Compressor | None = None
+    density: float = 0.01
+    detach: float | None = None
+    momentum: float | None = None
+    seed: int = 0
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+    compressor_options: Mapping[str, Any] = field(default_factory=dict)
+    ef_scaling: bool | None = None
+    nonfinite: NonFinitePolicy = "skip"
+    on_world_size_change: WorldSizeChangePolicy = "error"
+
+    def __post_init__(self) -> None:
+        # Own copies: a caller mutating its dict later must not change a validated config.
+        object.__setattr__(self, "method_options", dict(self.method_options))
+        object.__setattr__(self, "compressor_options", dict(self.compressor_options))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the valid choices for the first bad value."""
+        _ = self.method_name
+        check_density(self.density)
+        if self.detach is not None:
+            check_detach(self.detach)
+            if "detach" not in method_option_names(self.method_name):
+                raise ValueError(f"method {self.method!r} has no detach coefficient; leave `detach` unset")
+        if self.momentum is not None:
+            check_momentum(self.momentum)
+        check_nonfinite_policy(self.nonfinite)
+        check_world_size_policy(self.on_world_size_change)
+        if "detach" in self.method_options:
+            check_detach(self.method_options["detach"])
+        check_finite_options("method", self.method_options)
+        check_finite_options("compressor", self.compressor_options)
+
+    @property
+    def method_name(self) -> str:
+        """The registered method name (lower case)."""
+        if not isinstance(self.method, str) or self.method.lower() not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; valid methods: {', '.join(sorted(METHODS))}")
+        return self.method.lower()
+
+    def build(self) -> Method:
+        """A new method instance (with its compressor) for this configuration."""
+        options = dict(self.method_options)
+        if self.detach is not None:
+            options["detach"] = float(self.detach)
+        compressor = self.compressor
+        if compressor is None:
+            compressor = METHODS[self.method_name].default_compressor
+        built = build_compressor(compressor, density=self.density, **self.compressor_options)
+        return build_method(self.method, built, ef_scaling=self.ef_scaling, **options)

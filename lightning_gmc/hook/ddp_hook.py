@@ -1,0 +1,92 @@
+"""The DDP communication hook: one method step on one gradient bucket."""
+
+# No `from __future__ import annotations`: DDP's register_comm_hook checks the annotations of
+# gmc_hook against the real dist.GradBucket and torch.futures.Future types.
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.futures import Future
+
+from lightning_gmc.hook.state import GMCHookState
+from lightning_gmc.methods import BucketStep
+
+__all__ = ["gmc_hook"]
+
+
+def _read_params(params: list[Tensor]) -> Callable[[Tensor], None]:
+    def read(out: Tensor) -> None:
+        torch.cat([p.detach().reshape(-1).to(torch.float32) for p in params], out=out)
+
+    return read
+
+
+def _screen_nonfinite(state: GMCHookState, grad: Tensor, num_params: int) -> None:
+    """Apply the ``nonfinite`` policy to this rank's bucket gradient (in place)."""
+    # One reduction pass: an inf or NaN anywhere makes the min or the max non-finite (NaN propagates
+    # through both); isfinite(grad).all() would allocate gradient-sized temporaries.
+    low, high = torch.aminmax(grad)
+    skipped = torch.isfinite(low).logical_and(torch.isfinite(high)).logical_not()
+    if state.nonfinite == "raise":
+        if bool(skipped):
+            rank = state.worker.rank if state.worker is not None else 0
+            raise FloatingPointError(
+                f"non-finite gradient in a bucket of {num_params} parameters at step {state.step} on "
+                f"rank {rank}"
+            )
+        return
+    if grad.device.type == "cpu":
+        if bool(skipped):  # no device to keep asynchronous: skip the fill pass when all is finite
+            grad.zero_()
+    else:
+        grad.masked_fill_(skipped, 0.0)  # drops the whole bucket contribution, no host sync
+    state.metrics.count_nonfinite(skipped)
+
+
+def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
+    """DDP communication hook running ``state.method`` with its compressor on one gradient bucket.
+
+    Issues exactly one collective per message (one per bucket for every method except at CSER-style
+    reset steps) in the hook body; only local decoding runs in the future's callback.
+    """
+    if not isinstance(bucket, dist.GradBucket):
+        raise TypeError(
+            "gmc_hook received a (grad, param) tuple instead of a GradBucket: compiled autograd's "
+            "python_reducer mode is not supported; disable torch._dynamo.config.optimize_ddp or "
+            "compiled autograd"
+        )
+    if state.worker is None:
+        raise RuntimeError("GMCHookState.attach(model, optimizer) must be called before the first backward")
+    state.hook_calls += 1
+    hypers = state.begin_step()
+    params = bucket.parameters()
+    bucket_state = state.worker.bucket(state.binding.parameter_indices(params))
+    buffer = bucket.buffer()
+    grad = buffer if buffer.dtype == torch.float32 else buffer.to(torch.float32)
+    _screen_nonfinite(state, grad, len(params))
+    world_size = state.transport.world_size
+    step = BucketStep(
+        bucket=bucket_state,
+        grad=grad,
+        out=grad,
+        hypers=hypers,
+        step=state.step,
+        rng=state.worker.rng,
+        world_size=world_size,
+        read_params=_read_params(params),
+    )
+    state.stats.record_bucket(bucket_state.numel, world_size, buffer.element_size())
+    messages = state.method.encode(step)
+    future = state.transport.start(messages, bucket_state)
+    if bucket.is_last():
+        state.end_step()
+
+    def finish(fut: Future[list[Tensor]]) -> Tensor:
+        state.method.decode(step, fut.value())
+        if grad is not buffer:
+            buffer.copy_(grad)
+        return buffer
+
+    return future.then(finish)

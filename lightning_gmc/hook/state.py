@@ -1,0 +1,198 @@
+"""The per-rank state of :func:`~lightning_gmc.hook.gmc_hook` (the ``state`` of ``register_comm_hook``)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_gmc import config as gmc_config
+from lightning_gmc.config import GMCConfig, NonFinitePolicy, WorldSizeChangePolicy
+from lightning_gmc.hook import codec
+from lightning_gmc.hook.binding import OptimizerBinding, StepClock
+from lightning_gmc.hook.metrics import HookMetrics
+from lightning_gmc.hook.swap import ParameterSwap
+from lightning_gmc.methods import GroupHyper, Method, WorkerState
+from lightning_gmc.transport import CommStats, DistributedTransport
+
+__all__ = ["GMCHookState"]
+
+log = logging.getLogger(__name__)
+
+
+class GMCHookState:
+    """Per-rank state of :func:`gmc_hook`, in the spirit of torch's ``PowerSGDState``.
+
+    Parts: :attr:`binding` (parameters, optimizer takeover), :attr:`clock` (step and LR history),
+    :attr:`worker` (method buffers), :attr:`swap` (detached/evaluation points), :attr:`transport`.
+
+    Args:
+        method: the method (holds its compressor), e.g. ``GMCConfig(compressor="rbgs").build()``.
+        process_group: the group DDP reduces in; None means the default group.
+        seed: seed of the shared random streams (RBGS blocks, random-k); must be equal on every rank.
+        momentum: overrides every param group's ``momentum`` when not None.
+        nonfinite: what to do when a rank's gradient for a bucket contains inf/NaN.
+            ``"skip"`` (default): that rank sends a zero gradient for the bucket this step (its
+            residual and the shared momentum stay clean; counted in ``nonfinite_skips``, no extra
+            sync). ``"raise"``: raise :class:`FloatingPointError` (a device sync per bucket).
+        on_world_size_change: loading a gathered state written by another number of ranks:
+            ``"error"`` (default) or ``"reset_residuals"`` (keep the step, learning-rate history and
+            shared buffers; start every rank's residual from zero).
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        process_group: dist.ProcessGroup | None = None,
+        seed: int = 0,
+        momentum: float | None = None,
+        nonfinite: NonFinitePolicy = "skip",
+        on_world_size_change: WorldSizeChangePolicy = "error",
+    ) -> None:
+        self.nonfinite = gmc_config.check_nonfinite_policy(nonfinite)
+        self.on_world_size_change = gmc_config.check_world_size_policy(on_world_size_change)
+        self.method = method
+        self.process_group = process_group
+        self.seed = int(seed)
+        self.binding = OptimizerBinding(method, momentum)
+        self.clock = StepClock(self.binding)
+        self.stats = CommStats()
+        self.transport = DistributedTransport(process_group, self.stats)
+        self.hook_calls = 0
+        self.worker: WorkerState | None = None
+        self.swap: ParameterSwap | None = None
+        self.metrics = HookMetrics(self.stats)
+
+    @classmethod
+    def from_config(cls, config: GMCConfig, process_group: dist.ProcessGroup | None = None) -> GMCHookState:
+        """The state for a validated :class:`~lightning_gmc.config.GMCConfig` (builds its method)."""
+        return cls(
+            config.build(),
+            process_group=process_group,
+            seed=config.seed,
+            momentum=config.momentum,
+            nonfinite=config.nonfinite,
+            on_world_size_change=config.on_world_size_change,
+        )
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps completed (the public step clock; see :attr:`clock`)."""
+        return self.clock.step
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Bind to the model's trainable parameters and take over the optimizer's momentum and weight
+        decay (see :class:`~lightning_gmc.hook.binding.OptimizerBinding` for what is raised)."""
+        binding = self.binding
+        binding.attach(model, optimizer)
+        device = binding.params[0].device if binding.params else torch.device("cpu")
+        rank = dist.get_rank(self.process_group) if dist.is_available() and dist.is_initialized() else 0
+        self.worker = WorkerState(self.method, binding.table, device, rank, self.seed)
+        residuals = self.worker.tensors.get("residual")
+        self.swap = ParameterSwap(self.method, binding.params, binding.table, residuals, self.process_group)
+        log.info(
+            "lightning_gmc: %s on %d parameters (%d elements); momentum=%s weight_decay=%s",
+            *(self.method.describe(), len(binding.table), binding.table.numel),
+            *(binding.group_momentum, binding.group_weight_decay),
+        )
+
+    def release_optimizer_hyperparameters(self) -> None:
+        """Zero the optimizer's momentum and weight decay again (the method applies them)."""
+        self.binding.release_optimizer_hyperparameters()
+
+    def current_hypers(self) -> list[GroupHyper]:
+        """Hyper-parameters of the step about to run (learning rates read from the optimizer now)."""
+        return self.clock.peek()
+
+    def begin_step(self) -> list[GroupHyper]:
+        """Hyper-parameters of the current step, fixed at its first bucket (see :class:`StepClock`)."""
+        return self.clock.begin_step()
+
+    def end_step(self) -> None:
+        """Advance the step clock (the hook calls it at the step's last bucket)."""
+        self.clock.end_step()
+
+    @contextlib.contextmanager
+    def detached_point(self) -> Iterator[None]:
+        """Evaluate the gradient at the method's detached point (GMC+, DEF-A) inside this block.
+
+        Parameters are moved to ``w - s * residual`` on entry and restored bit-exactly on exit. Wrap
+        the forward *and* backward of every micro-batch of a step.
+        """
+        self.enter_detached_point()
+        try:
+            yield
+        finally:
+            self.exit_detached_point()
+
+    def enter_detached_point(self) -> None:
+        if self.swap is not None:
+            self.swap.enter_detached(self.current_hypers())
+
+    def exit_detached_point(self) -> None:
+        if self.swap is not None:
+            self.swap.restore("detached")
+
+    @property
+    def evaluation_differs(self) -> bool:
+        """True when the method evaluates a model other than the training parameters."""
+        return self.swap is not None and self.swap.evaluation_differs
+
+    @contextlib.contextmanager
+    def evaluation_point(self) -> Iterator[None]:
+        """The method's evaluation model inside this block (a collective: enter on every rank)."""
+        if self.swap is None:
+            yield
+            return
+        with self.swap.evaluation(self.current_hypers()):
+            yield
+
+    def enter_evaluation_point(self) -> None:
+        if self.swap is not None:
+            self.swap.enter_evaluation(self.current_hypers())
+
+    def exit_evaluation_point(self) -> None:
+        if self.swap is not None:
+            self.swap.restore("evaluation")
+
+    def _attached_worker(self, action: str) -> WorkerState:
+        if self.worker is None:
+            raise RuntimeError(f"attach() must run before {action}")
+        return self.worker
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: step, learning-rate history, shared and local buffers, traffic totals."""
+        worker = self._attached_worker("state_dict()")
+        return codec.encode_rank_state(self.method, self.clock, worker, self.stats)
+
+    def gathered_state_dict(self) -> dict[str, Any]:
+        """Every rank's state in one dict, for one checkpoint file (a collective: call on every rank).
+        Carries each rank's training parameters when :attr:`evaluation_differs`."""
+        swap = self.swap  # during validation the parameters are the evaluation model: use the backup
+        values = swap.training_values() if swap and swap.evaluation_differs else None
+        params = None if values is None else self.binding.training_parameters(values)
+        return codec.gather_state(self.state_dict(), params, self.process_group)
+
+    def load_state_dict(self, state: dict[str, Any], load_local: bool = True) -> None:
+        """Restore :meth:`state_dict` or :meth:`gathered_state_dict` output (the latter under the
+        ``on_world_size_change`` policy); ``load_local=False`` keeps zero residuals."""
+        worker = self._attached_worker("load_state_dict()")
+        training_parameters = None
+        if "per_rank_local" in state:
+            world_size = codec.world_size_of(self.process_group)
+            entry = codec.select_rank_local(state, worker.rank, world_size, self.on_world_size_change)
+            load_local = load_local and entry is not None
+            training_parameters = entry.get("training_parameters") if entry is not None else None
+            state = {**state, "local": entry["buffers"] if entry is not None else {}}
+        codec.load_rank_state(state, self.method, self.clock, worker, self.stats, load_local)
+        if load_local and training_parameters is not None:
+            self.binding.load_training_parameters(training_parameters)
+
+    def take_metrics(self) -> dict[str, float]:
+        """This step's traffic metrics plus the residual norm; resets the per-step counters."""
+        return self.metrics.take(self.worker)

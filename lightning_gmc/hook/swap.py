@@ -1,0 +1,169 @@
+"""Temporarily replacing the parameters: the detached point and the evaluation point.
+
+Both move the training parameters ``w`` somewhere else for a while and put them back bit-exactly:
+
+* the **detached point** ``w - s * residual`` (GMC+, GMC paper section 4; ``docs/algorithms.md``
+  section 3.3), where this rank's gradient is evaluated; local, no communication;
+* the **evaluation point**, the model validation, tests and checkpoints see for methods whose
+  training parameters are not it (CSER's average of the ranks' models, DEF-A's virtual iterate
+  ``w - (1/K) sum_k s * residual_k``; ``docs/algorithms.md`` section 3.9); a collective.
+
+One backup buffer serves both; only one swap can be active at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_gmc.methods import GroupHyper, Method, ParameterTable
+
+__all__ = ["ParameterSwap", "all_reduce_mean"]
+
+
+def all_reduce_mean(flat: Tensor, process_group: dist.ProcessGroup | None) -> None:
+    """In-place mean over the ranks of ``process_group`` (identity without a process group).
+
+    The evaluation point's one collective; it runs outside training steps, so it is not counted as
+    gradient traffic.
+    """
+    world_size = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
+    if world_size > 1:
+        dist.all_reduce(flat, group=process_group)
+    flat.div_(world_size)
+
+
+class ParameterSwap:
+    """Moves the bound parameters to the detached or evaluation point and back.
+
+    Args:
+        method: decides the scale of the detached point and the kind of evaluation point.
+        params: the trainable parameters (in the :class:`ParameterTable` order).
+        table: their names, shapes and param groups.
+        residuals: this rank's residual per parameter (flat fp32), or None for methods without one.
+        process_group: where the evaluation point averages.
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        params: Sequence[nn.Parameter],
+        table: ParameterTable,
+        residuals: Sequence[Tensor] | None,
+        process_group: dist.ProcessGroup | None = None,
+        reduce_mean: Callable[[Tensor, dist.ProcessGroup | None], None] = all_reduce_mean,
+    ) -> None:
+        self.method = method
+        self.params = list(params)
+        self.table = table
+        self.residuals = residuals
+        self.process_group = process_group
+        self.reduce_mean = reduce_mean
+        self.active: str | None = None  # "detached" or "evaluation" while moved
+        self._backup: list[Tensor] | None = None
+
+    # ------------------------------------------------------------------ backup and restore
+    def _save(self, kind: str) -> None:
+        if self._backup is None:
+            self._backup = [torch.empty_like(p) for p in self.params]
+        with torch.no_grad():
+            for p, backup in zip(self.params, self._backup, strict=True):
+                backup.copy_(p)
+        self.active = kind
+
+    def _refuse_nesting(self, kind: str) -> None:
+        if self.active is not None:
+            raise RuntimeError(
+                f"cannot move the parameters to the {kind} point while they are at the {self.active} "
+                f"point; leave it first"
+            )
+
+    def training_values(self) -> list[Tensor]:
+        """The training parameters' values, also while a swap is active (then from the backup)."""
+        if self.active is not None:
+            assert self._backup is not None
+            return self._backup
+        return [p.detach() for p in self.params]
+
+    def restore(self, kind: str) -> None:
+        """Put back the parameters saved when the ``kind`` swap began (no-op if it is not active)."""
+        if self.active != kind:
+            return
+        assert self._backup is not None
+        with torch.no_grad():
+            for p, backup in zip(self.params, self._backup, strict=True):
+                p.copy_(backup)
+        self.active = None
+
+    # ---------------------------------------------------------------------- detached point
+    def enter_detached(self, hypers: Sequence[GroupHyper]) -> None:
+        """Move to ``w - s * residual`` (no-op when the method has no detached point or a swap is on)."""
+        if self.active == "detached" or self.residuals is None:
+            return
+        self._refuse_nesting("detached")
+        scales = [self.method.detach_scale(hypers[g]) for g in self.table.groups]
+        if not any(scales):
+            return
+        self._save("detached")
+        with torch.no_grad():
+            for p, residual, scale in zip(self.params, self.residuals, scales, strict=True):
+                if scale:
+                    p.add_(residual.view_as(p).to(p.dtype), alpha=-scale)
+
+    @contextlib.contextmanager
+    def detached(self, hypers: Sequence[GroupHyper]) -> Iterator[None]:
+        self.enter_detached(hypers)
+        try:
+            yield
+        finally:
+            self.restore("detached")
+
+    # -------------------------------------------------------------------- evaluation point
+    @property
+    def evaluation_differs(self) -> bool:
+        return self.method.evaluation_point != "params"
+
+    def enter_evaluation(self, hypers: Sequence[GroupHyper]) -> None:
+        """Move to the method's evaluation model (a collective: every rank must call it)."""
+        if not self.evaluation_differs or self.active == "evaluation":
+            return
+        self._refuse_nesting("evaluation")
+        self._save("evaluation")
+        mean_params = self.method.evaluation_point == "mean_params"
+        with torch.no_grad():
+            if mean_params:
+                flat = torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self.params])
+            else:  # params_minus_mean_residual
+                assert self.residuals is not None
+                flat = torch.cat(
+                    [
+                        r * self.method.evaluation_residual_scale(hypers[group])
+                        for r, group in zip(self.residuals, self.table.groups, strict=True)
+                    ]
+                )
+            self.reduce_mean(flat, self.process_group)
+            offset = 0
+            for p in self.params:
+                chunk = flat[offset : offset + p.numel()].view_as(p)
+                if mean_params:
+                    p.copy_(chunk)
+                else:
+                    p.sub_(chunk.to(p.dtype))
+                offset += p.numel()
+
+    @contextlib.contextmanager
+    def evaluation(self, hypers: Sequence[GroupHyper]) -> Iterator[None]:
+        """At the evaluation point inside the block; re-entrant (a checkpoint written during
+        validation, which is already there, leaves it there)."""
+        if self.active == "evaluation":
+            yield
+            return
+        self.enter_evaluation(hypers)
+        try:
+            yield
+        finally:
+            self.restore("evaluation")
