@@ -53,7 +53,10 @@ def sum_over_ranks(
     values: Mapping[str, float], process_group: dist.ProcessGroup | None, device: torch.device
 ) -> dict[str, float]:
     """Each value summed over the ranks of ``process_group`` in one all-reduce of a small float64
-    vector (a collective: every rank must call it at the same point; the identity without a group)."""
+    vector (a collective: every rank must call it at the same point; the identity without a group).
+
+    Issued on torch.distributed directly, not through the exchange's collectives: it is logging, and
+    the exchange's back-end carries (and its wrappers count) the gradient traffic only."""
     names = list(values)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(process_group) == 1:
         return {name: float(values[name]) for name in names}
