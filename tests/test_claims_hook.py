@@ -249,3 +249,36 @@ def test_gmc_plus_equals_the_hand_written_step_and_detach_zero_is_gmc(detach: fl
             (expected["params"][n] - _gmc_by_hand("prev")["params"][n]).abs().max() > 1e-4
             for n in expected["params"]
         )
+
+
+def test_gathered_state_of_another_world_size_errors_or_resets_residuals() -> None:
+    # A checkpoint block written by 2 ranks (the second rank's residual differs), loaded by 1 rank.
+    first = HookRun("cur")
+    first.train(range(STEPS // 2))
+    block = first.state.gathered_state_dict()
+    assert block["world_size"] == 1 and len(block["per_rank_local"]) == 1
+    other = {
+        "buffers": {
+            "residual": {n: t + 1.0 for n, t in block["per_rank_local"][0]["buffers"]["residual"].items()}
+        }
+    }
+    two_ranks = {**block, "world_size": 2, "per_rank_local": [block["per_rank_local"][0], other]}
+
+    strict = HookRun("cur")
+    with pytest.raises(RuntimeError, match="written by 2 ranks, this run has 1.*reset_residuals"):
+        strict.state.load_state_dict(two_ranks)
+
+    resumed = HookRun("cur")
+    resumed.state.on_world_size_change = "reset_residuals"
+    resumed.state.load_state_dict(two_ranks)
+    after = resumed.state.state_dict()
+    assert all(torch.count_nonzero(t) == 0 for t in after["local"]["residual"].values())
+    for name, tensor in block["shared"]["momentum"].items():
+        assert tensor.abs().sum() > 0 and torch.equal(after["shared"]["momentum"][name], tensor), name
+    assert after["step"] == STEPS // 2 and after["last_lrs"] == [LRS[STEPS // 2 - 1]]
+
+    # the same world size: this rank's own entry (rank 0's residual, not rank 1's)
+    same = HookRun("cur")
+    same.state.load_state_dict(block)
+    for name, tensor in block["per_rank_local"][0]["buffers"]["residual"].items():
+        assert torch.equal(same.state.state_dict()["local"]["residual"][name], tensor), name
