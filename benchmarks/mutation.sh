@@ -16,6 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 JOBS="${MUTATION_JOBS:-2}"
+# mutmut limits each mutant's CPU time; spinning OpenMP threads would count against it.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 if [ "$#" -eq 0 ]; then
     rm -rf mutants  # a fresh run: mutmut would otherwise reuse results of an older tree
 fi

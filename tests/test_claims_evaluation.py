@@ -22,16 +22,17 @@ from lightning_gmc import GMCHookState, build_compressor, build_method, gmc_hook
 
 @pytest.fixture(autouse=True)
 def _single_rank_group() -> Iterator[None]:
+    """A fresh world-size-1 gloo group for DDP, torn down so later in-process Trainers start clean.
+    A group left by an earlier in-process Trainer is replaced (after a fork, as under mutation
+    testing, an inherited gloo group has no threads and would hang)."""
     torch.set_num_threads(1)
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    assert dist.get_world_size() == 1
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield
     finally:
-        if created:
-            dist.destroy_process_group()
+        dist.destroy_process_group()
 
 
 def _train(method_name: str, steps: int = 3, **options: object) -> tuple[nn.Module, GMCHookState]:

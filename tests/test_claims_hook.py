@@ -36,18 +36,17 @@ LRS = [0.1 * 0.5 * (1 + math.cos(math.pi * t / STEPS)) + 1e-3 for t in range(STE
 
 @pytest.fixture(autouse=True)
 def _single_rank_group() -> Iterator[None]:
-    """A world-size-1 gloo group for DDP, torn down so later in-process Trainers start clean (an
-    in-process Trainer of an earlier test may have left its own world-size-1 group: use that one)."""
+    """A fresh world-size-1 gloo group for DDP, torn down so later in-process Trainers start clean.
+    A group left by an earlier in-process Trainer is replaced (after a fork, as under mutation
+    testing, an inherited gloo group has no threads and would hang)."""
     torch.set_num_threads(1)
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    assert dist.get_world_size() == 1
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield
     finally:
-        if created:
-            dist.destroy_process_group()
+        dist.destroy_process_group()
 
 
 def _model() -> nn.Module:

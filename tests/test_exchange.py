@@ -115,11 +115,14 @@ def test_in_process_broadcast_copies_the_source() -> None:
 
 
 def test_torch_collectives_on_a_one_rank_group() -> None:
-    created = not dist.is_initialized()  # another in-process test may have left a one-rank group
-    if created:
-        dist.init_process_group(
-            "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(seconds=30)
-        )
+    # Replace a group another in-process test left behind: after a fork (mutation testing) an
+    # inherited gloo group has no threads and its collectives would hang.
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    created = True
+    dist.init_process_group(
+        "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(seconds=30)
+    )
     assert dist.get_world_size() == 1
     try:
         backend = TorchCollectives()
