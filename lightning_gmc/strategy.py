@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_gmc.compressors import Compressor
+from lightning_gmc.compressors import Compressor, WireDtype
 from lightning_gmc.config import GMCConfig, NonFinitePolicy, WorldSizeChangePolicy
 from lightning_gmc.hook import GMCHookState, gmc_hook
 from lightning_gmc.methods import METHODS, Method
@@ -76,6 +76,9 @@ class GMCStrategy(DDPStrategy):
         on_world_size_change: resuming a checkpoint written by a different number of ranks:
             ``"error"`` (default) or ``"reset_residuals"`` (keep the step, learning-rate history and
             global momentum; start every rank's residual from zero).
+        wire_dtype: dtype the compressed values travel in, ``"fp32"`` (default), ``"bf16"`` or
+            ``"fp16"``; the rounding error stays in the residual and decoding accumulates in fp32
+            (``docs/algorithms.md`` section 3.11; fp16 raises on overflow, bf16 cannot overflow).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
             process_group_backend, timeout, start_method: as in
             :class:`~lightning.pytorch.strategies.DDPStrategy`.
@@ -103,6 +106,7 @@ class GMCStrategy(DDPStrategy):
         ef_scaling: bool | None = None,
         nonfinite: NonFinitePolicy = "skip",
         on_world_size_change: WorldSizeChangePolicy = "error",
+        wire_dtype: WireDtype = "fp32",
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -119,6 +123,7 @@ class GMCStrategy(DDPStrategy):
             method=method, compressor=compressor, density=density, detach=detach, momentum=momentum,
             seed=seed, method_options=method_options or {}, compressor_options=compressor_options or {},
             ef_scaling=ef_scaling, nonfinite=nonfinite, on_world_size_change=on_world_size_change,
+            wire_dtype=wire_dtype,
         )
         # fmt: on
         self.gmc_state = GMCHookState.from_config(self.gmc_config, ddp_kwargs.get("process_group"))
@@ -340,4 +345,3 @@ _LOGGED_METRICS = (
     "residual_norm",
     "nonfinite_skips",
 )
-

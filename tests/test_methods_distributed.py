@@ -95,6 +95,7 @@ def _replay(strategy: dict[str, Any]) -> dict[str, list[Any]]:
         momentum=BASE["momentum"],
         weight_decay=BASE["weight_decay"],
         seed=strategy.get("seed", 0),
+        wire_dtype=strategy.get("wire_dtype", "fp32"),
         **options,
     )
     names = [name for name, _ in model.named_parameters()]

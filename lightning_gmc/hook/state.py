@@ -18,7 +18,7 @@ from lightning_gmc.hook.binding import OptimizerBinding, StepClock
 from lightning_gmc.hook.metrics import HookMetrics
 from lightning_gmc.hook.swap import ParameterSwap
 from lightning_gmc.methods import GroupHyper, Method, WorkerState
-from lightning_gmc.transport import CommStats, Exchange, TorchCollectives
+from lightning_gmc.transport import CommStats, Exchange, LeaderSupport, TorchCollectives
 
 __all__ = ["GMCHookState"]
 
@@ -64,6 +64,8 @@ class GMCHookState:
         self.clock = StepClock(self.binding)
         self.stats = CommStats(defer_rcc=True)  # RCC only for steps whose metrics are taken
         self.exchange = Exchange(TorchCollectives(process_group), self.stats)
+        #: the selection stage of topk_shared (a broadcast of the leader's indices)
+        self.support = LeaderSupport(self.exchange.collectives, self.stats)
         self.hook_calls = 0
         self.worker: WorkerState | None = None
         self.swap: ParameterSwap | None = None
