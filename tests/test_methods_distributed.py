@@ -125,7 +125,8 @@ def _replay(strategy: dict[str, Any]) -> dict[str, list[Any]]:
             grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
         directions = sim.step(grads, points, lr)
         for rank in range(2):
-            xs[rank] = {name: xs[rank][name] - lr * directions[rank][name] for name in names}
+            # w - lr d as torch.optim.SGD computes it (one fused add), so a run can match bit for bit
+            xs[rank] = {name: xs[rank][name].add(directions[rank][name], alpha=-lr) for name in names}
         if sim.method.evaluation_point == "mean_params":
             evaluation = {name: (xs[0][name] + xs[1][name]) / 2 for name in names}
         elif sim.method.evaluation_point == "params_minus_mean_residual":

@@ -179,7 +179,7 @@ def test_two_ranks_equal_the_simulator_bit_for_bit_and_resume(tmp_path: Path, ca
             for name, tensor in expected["params"][step - 1][rank].items():
                 assert torch.equal(result[rank]["params"][name], tensor), (case, step, rank, name)
     rcc = [m["gmc/rcc"] for r in (first, resumed) for m in r[0]["metrics"] if "gmc/rcc" in m]
-    assert rcc == pytest.approx(expected["rcc"], rel=1e-9)
+    assert rcc == pytest.approx(expected["rcc"], rel=1e-6)  # logged through Lightning in fp32
     # bytes on the wire per step, from the formula: k int32 broadcast + ring all-reduce of k values
     k = sum(max(1, int(0.05 * p.numel() + 1e-9)) for p in _small_params())
     value_bytes = 2 if strategy.get("wire_dtype") == "bf16" else 4
