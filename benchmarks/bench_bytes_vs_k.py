@@ -6,7 +6,7 @@ Two parts, printed side by side in one run:
   :func:`lightning_gmc.gmc_hook`, one bucket), GMC with ``none`` (dense), ``topk``, ``topk_approx``,
   ``topk_shared`` and ``rbgs`` at 1 % density, fp32 and bf16 values; the hook's ``bytes_sent`` and
   ``bytes_to_collectives`` of the last step are compared with the formula (ratio measured/formula);
-* **formula** up to K = 1024 (ring model, ``docs/algorithms.md`` 3.7 and 3.12): dense
+* **formula** up to K = 1024 (ring model, ``docs/algorithms.md`` 3.7 and 3.13): dense
   ``2 (K-1)/K 4d``; ``topk``/``topk_approx`` all-gather ``(K-1) 8k`` until it exceeds the dense
   all-reduce, then the dense route; ``topk_shared`` ``(K-1)/K 4k`` (index broadcast) ``+ 2 (K-1)/K 4k``;
   ``rbgs`` ``2 (K-1)/K 4k``; bf16 halves every value term (indices stay int32).

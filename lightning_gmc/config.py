@@ -115,7 +115,7 @@ class GMCConfig:
         on_world_size_change: resuming a checkpoint of another world size: ``"error"`` or
             ``"reset_residuals"``.
         wire_dtype: dtype the compressor's float values travel in: ``"fp32"`` (default), ``"bf16"``
-            or ``"fp16"`` (``docs/algorithms.md`` section 3.11); only for compressors that send
+            or ``"fp16"`` (``docs/algorithms.md`` section 3.12); only for compressors that send
             float values (``none``, ``topk``, ``topk_approx``, ``topk_shared``, ``randk``, ``rbgs``).
     """
 

@@ -78,7 +78,7 @@ class GMCStrategy(DDPStrategy):
             global momentum; start every rank's residual from zero).
         wire_dtype: dtype the compressed values travel in, ``"fp32"`` (default), ``"bf16"`` or
             ``"fp16"``; the rounding error stays in the residual and decoding accumulates in fp32
-            (``docs/algorithms.md`` section 3.11; fp16 raises on overflow, bf16 cannot overflow).
+            (``docs/algorithms.md`` section 3.12; fp16 raises on overflow, bf16 cannot overflow).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
             process_group_backend, timeout, start_method: as in
             :class:`~lightning.pytorch.strategies.DDPStrategy`.

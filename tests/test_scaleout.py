@@ -1,7 +1,7 @@
 """topk_shared (ScaleCom's cyclic leader rule) and wire_dtype: hand-written references, exact byte
 formulas, fp16 overflow, and 2 gloo ranks against the simulator (with a resume).
 
-References: docs/algorithms.md 3.11 (wire dtype) and 3.12 (topk_shared).
+References: docs/algorithms.md 3.12 (wire dtype) and 3.13 (topk_shared).
 """
 
 from __future__ import annotations

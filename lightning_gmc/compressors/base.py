@@ -193,7 +193,7 @@ class Compressor(ABC):
             is decoded.
         leader_support: True when the shared support is chosen by one rank per step and handed to
             every rank before compression (``topk_shared``): the caller supplies it through
-            :meth:`propose` and :meth:`compress_on` (``docs/algorithms.md`` 3.12).
+            :meth:`propose` and :meth:`compress_on` (``docs/algorithms.md`` 3.13).
         sparse: True when the output has at most ``plan`` selected coordinates per segment and the
             residual ``x - C(x)`` is ``x`` with the selected coordinates zeroed.
         unbiased: True when ``E[C(x)] = x`` (a class attribute, or a field derived from the options

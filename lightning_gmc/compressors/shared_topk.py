@@ -1,7 +1,7 @@
 """``topk_shared``: top-k on a support every rank shares, so values travel in one all-reduce.
 
 ScaleCom's cyclic local top-k (Chen et al., "ScaleCom: Scalable Sparsified Gradient Compression for
-Communication-Efficient Distributed Training", NeurIPS 2020; ``docs/algorithms.md`` 3.12): at step
+Communication-Efficient Distributed Training", NeurIPS 2020; ``docs/algorithms.md`` 3.13): at step
 ``t`` the *leader* rank ``t mod K`` picks each parameter's top-``k`` indices from its own
 residual-corrected vector ``u`` (:meth:`TopKShared.propose`) and broadcasts them (``k`` int32 per
 segment); every rank then sends its own values at those indices (:meth:`TopKShared.compress_on`),

@@ -1,6 +1,6 @@
 """The selection stage of ``leader_support`` compressors (``topk_shared``): one support per step.
 
-ScaleCom's cyclic leader rule (``docs/algorithms.md`` 3.12): at step ``t`` worker ``t mod K`` picks
+ScaleCom's cyclic leader rule (``docs/algorithms.md`` 3.13): at step ``t`` worker ``t mod K`` picks
 the support from its own vector and every worker compresses on it, so the values of all workers sum
 in the exchange's one all-reduce. Method encoding asks for the support through
 :meth:`LeaderSupport.bind`, before the exchange starts, so the collectives of a bucket are issued in
