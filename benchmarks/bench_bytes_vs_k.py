@@ -146,7 +146,9 @@ def plot(sizes: list[int], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--no-runs", action="store_true", help="formula only (no gloo processes)")
     parser.add_argument("--plot", default="docs/scaleout_bytes_vs_k.png")
     args = parser.parse_args()
@@ -156,7 +158,9 @@ def main() -> None:
 
     if not args.no_runs:
         print("\nmeasured (hook accounting, last of 3 steps, gloo loopback) vs formula")
-        print("| K | compressor | wire | bytes_sent | formula | measured/formula | handed to collectives | collectives |")
+        print(
+            "| K | compressor | wire | bytes_sent | formula | measured/formula | handed | collectives |"
+        )
         print("|---|---|---|---:|---:|---:|---:|---:|")
         for world in (2, 4):
             measured = measure(world)

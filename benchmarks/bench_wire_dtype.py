@@ -51,7 +51,9 @@ ARMS: dict[str, dict[str, Any] | None] = {
 }
 
 
-def _data(rank: int, world: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def _data(
+    rank: int, world: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     from examples.data import DigitsDataModule
 
     data = DigitsDataModule(partition="iid", seed=0, num_shards=world)
@@ -128,7 +130,9 @@ def _worker(rank: int, world: int, port: int, epochs: int, out_dir: str) -> None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
     with socket.socket() as sock:

@@ -37,7 +37,9 @@ ARMS: dict[str, dict[str, Any]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workers", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--alpha", type=float, default=0.1)
@@ -62,7 +64,8 @@ def main() -> None:
                 result = run_one(spec, plan, run_args, shards, test)
                 results[workers][label].append(result)
                 print(
-                    f"K={workers} seed {seed} {label:34s} acc {result['curve'][-1]:.4f} rcc {result['rcc']:.4f} "
+                    f"K={workers} seed {seed} {label:34s} acc {result['curve'][-1]:.4f} "
+                    f"rcc {result['rcc']:.4f} "
                     f"({time.perf_counter() - start:.0f} s)",
                     flush=True,
                 )

@@ -22,7 +22,9 @@ SHAPES = {name: (n,) for name, n in SIZES.items()}
 
 
 def _grads(gen: torch.Generator, workers: int, scale: float = 1.0) -> list[dict[str, torch.Tensor]]:
-    return [{name: scale * torch.randn(n, generator=gen) for name, n in SIZES.items()} for _ in range(workers)]
+    return [
+        {name: scale * torch.randn(n, generator=gen) for name, n in SIZES.items()} for _ in range(workers)
+    ]
 
 
 def _run(sim: Simulator, grads: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -51,7 +53,10 @@ def test_topk_shared_uses_the_leaders_support_sums_values_and_keeps_the_rest() -
         grads = _grads(gen, workers)
         direction = _run(sim, grads)
         # u_k = e_k + g_k + beta m_{t-1} (add with alpha, as torch.optim.SGD's momentum rounds it)
-        u = [(residual[k] + torch.cat(list(grads[k].values()))).add_(momentum, alpha=beta) for k in range(workers)]
+        u = [
+            (residual[k] + torch.cat(list(grads[k].values()))).add_(momentum, alpha=beta)
+            for k in range(workers)
+        ]
         support = _topk_per_segment(u[step % workers], [4, 1])  # the leader is step mod K
         total = u[0][support] + u[1][support] + u[2][support]  # summed in rank order
         momentum = torch.zeros(d).index_copy_(0, support, total / workers)
@@ -63,7 +68,9 @@ def test_topk_shared_uses_the_leaders_support_sums_values_and_keeps_the_rest() -
         # bytes: the leader's k int32 broadcast plus the all-reduce of k fp32 values (k = 5)
         metrics = sim.stats.take_step()
         assert metrics["bytes_to_collectives"] == 4 * 5 + 4 * 5
-        assert metrics["bytes_sent"] == pytest.approx((workers - 1) / workers * 20 + 2 * (workers - 1) / workers * 20)
+        assert metrics["bytes_sent"] == pytest.approx(
+            (workers - 1) / workers * 20 + 2 * (workers - 1) / workers * 20
+        )
         assert metrics["collectives"] == 2
 
 
@@ -72,7 +79,9 @@ def test_topk_shared_alone_is_exact_topk_and_rcc_counts_the_indices() -> None:
     segments = segments_from_numels(list(SIZES.values()))
     shared, exact = TopKShared(0.1), build_compressor("topk", density=0.1)
     out_shared, out_exact = torch.zeros(55), torch.zeros(55)
-    shared.decompress_add(shared.compress(x, shared.plan(segments), None, 0), shared.plan(segments), out_shared)  # type: ignore[arg-type]
+    shared.decompress_add(
+        shared.compress(x, shared.plan(segments), None, 0), shared.plan(segments), out_shared
+    )  # type: ignore[arg-type]
     exact.decompress_add(exact.compress(x, exact.plan(segments), None, 0), exact.plan(segments), out_exact)  # type: ignore[arg-type]
     assert torch.equal(out_shared, out_exact)
     # RCC per step (docs/algorithms.md 3.8): up K*32k values + 32k indices, down 32k indices + 32k values
@@ -80,7 +89,9 @@ def test_topk_shared_alone_is_exact_topk_and_rcc_counts_the_indices() -> None:
     sim = Simulator(SHAPES, num_workers=workers, compressor="topk_shared", density=0.1)
     _run(sim, _grads(torch.Generator().manual_seed(2), workers))
     k = 5
-    assert sim.stats.take_step()["rcc_step"] == pytest.approx((workers * 32 * k + 3 * 32 * k) / ((workers + 1) * 32 * 55))
+    assert sim.stats.take_step()["rcc_step"] == pytest.approx(
+        (workers * 32 * k + 3 * 32 * k) / ((workers + 1) * 32 * 55)
+    )
 
 
 @pytest.mark.parametrize("method", ["dgc", "cser", "def_a"])
@@ -136,11 +147,17 @@ def test_dense_fallback_route_sends_16_bit_values() -> None:
 
 @pytest.mark.parametrize("compressor", ["none", "topk"])
 def test_fp16_overflow_raises_instead_of_applying_inf(compressor: str) -> None:
-    sim = Simulator(SHAPES, num_workers=2, compressor=compressor, density=0.1, momentum=0.0, wire_dtype="fp16")
+    sim = Simulator(
+        SHAPES, num_workers=2, compressor=compressor, density=0.1, momentum=0.0, wire_dtype="fp16"
+    )
     # 40000 fits fp16; the sum of two ranks (80000) does not (all-reduce route for "none")
-    grads = [{name: torch.full((n,), 4.0e4 if compressor == "none" else 1.0e5) for name, n in SIZES.items()}] * 2
+    grads = [
+        {name: torch.full((n,), 4.0e4 if compressor == "none" else 1.0e5) for name, n in SIZES.items()}
+    ] * 2
     # a FloatingPointError, wrapped in RuntimeError by torch's future callback machinery
-    with pytest.raises((FloatingPointError, RuntimeError), match="FloatingPointError.*overflowed fp16.*'bf16'"):
+    with pytest.raises(
+        (FloatingPointError, RuntimeError), match="FloatingPointError.*overflowed fp16.*'bf16'"
+    ):
         _run(sim, grads)
     ok = Simulator(SHAPES, num_workers=2, compressor=compressor, density=0.1, wire_dtype="bf16")
     assert all(torch.isfinite(t).all() for t in _run(ok, grads).values())
