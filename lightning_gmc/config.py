@@ -23,11 +23,13 @@ from lightning_gmc.methods import METHODS, Method, build_method, method_option_n
 
 __all__ = [
     "GMCConfig",
+    "Hierarchy",
     "NonFinitePolicy",
     "WorldSizeChangePolicy",
     "check_density",
     "check_detach",
     "check_finite_options",
+    "check_hierarchy",
     "check_momentum",
     "check_nonfinite_policy",
     "check_world_size_policy",
@@ -35,6 +37,7 @@ __all__ = [
 
 NonFinitePolicy = Literal["skip", "raise"]
 WorldSizeChangePolicy = Literal["error", "reset_residuals"]
+Hierarchy = Literal["flat", "node"]
 
 
 def _is_finite_number(value: object) -> bool:
@@ -74,6 +77,15 @@ def check_world_size_policy(policy: object) -> WorldSizeChangePolicy:
     return policy  # type: ignore[return-value]
 
 
+def check_hierarchy(hierarchy: object) -> Hierarchy:
+    if hierarchy not in ("flat", "node"):
+        raise ValueError(
+            f"hierarchy must be 'flat' (every rank is a worker) or 'node' (one worker per node, dense "
+            f"averaging inside it), got {hierarchy!r}"
+        )
+    return hierarchy  # type: ignore[return-value]
+
+
 def check_finite_options(owner: str, options: Mapping[str, Any]) -> None:
     """Reject ``nan``/``inf`` in float options (also inside lists and tuples, e.g. a warm-up schedule)."""
     for key, value in options.items():
@@ -103,6 +115,9 @@ class GMCConfig:
         nonfinite: ``"skip"`` or ``"raise"`` on a non-finite bucket gradient.
         on_world_size_change: resuming a checkpoint of another world size: ``"error"`` or
             ``"reset_residuals"``.
+        hierarchy: ``"flat"`` (default; every rank is a worker) or ``"node"`` (gradients averaged
+            densely inside each node, the method runs with one worker per node between nodes;
+            ``docs/algorithms.md`` section 4).
     """
 
     method: str = "gmc"
@@ -116,6 +131,7 @@ class GMCConfig:
     ef_scaling: bool | None = None
     nonfinite: NonFinitePolicy = "skip"
     on_world_size_change: WorldSizeChangePolicy = "error"
+    hierarchy: Hierarchy = "flat"
 
     def __post_init__(self) -> None:
         # Own copies: a caller mutating its dict later must not change a validated config.
@@ -135,6 +151,7 @@ class GMCConfig:
             check_momentum(self.momentum)
         check_nonfinite_policy(self.nonfinite)
         check_world_size_policy(self.on_world_size_change)
+        check_hierarchy(self.hierarchy)
         if "detach" in self.method_options:
             check_detach(self.method_options["detach"])
         check_finite_options("method", self.method_options)

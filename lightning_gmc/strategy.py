@@ -20,8 +20,8 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_gmc.compressors import Compressor
-from lightning_gmc.config import GMCConfig, NonFinitePolicy, WorldSizeChangePolicy
-from lightning_gmc.hook import GMCHookState, gmc_hook
+from lightning_gmc.config import GMCConfig, Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
+from lightning_gmc.hook import GMCHookState, build_node_groups, gmc_hook
 from lightning_gmc.methods import METHODS, Method
 
 __all__ = ["GMCStrategy", "WorldSizeChangePolicy"]
@@ -76,6 +76,11 @@ class GMCStrategy(DDPStrategy):
         on_world_size_change: resuming a checkpoint written by a different number of ranks:
             ``"error"`` (default) or ``"reset_residuals"`` (keep the step, learning-rate history and
             global momentum; start every rank's residual from zero).
+        hierarchy: ``"flat"`` (default: every rank is a worker) or ``"node"``: gradients are averaged
+            densely inside each node (``num_nodes`` x ``devices`` from the Trainer), and the method
+            runs between nodes only, with one worker per node (residual and momentum per node). For
+            clusters whose links between nodes are much slower than inside them; needs at least 2
+            nodes with equal devices (see README "Running across nodes", ``docs/algorithms.md`` 4).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
             process_group_backend, timeout, start_method: as in
             :class:`~lightning.pytorch.strategies.DDPStrategy`.
@@ -103,6 +108,7 @@ class GMCStrategy(DDPStrategy):
         ef_scaling: bool | None = None,
         nonfinite: NonFinitePolicy = "skip",
         on_world_size_change: WorldSizeChangePolicy = "error",
+        hierarchy: Hierarchy = "flat",
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -119,6 +125,7 @@ class GMCStrategy(DDPStrategy):
             method=method, compressor=compressor, density=density, detach=detach, momentum=momentum,
             seed=seed, method_options=method_options or {}, compressor_options=compressor_options or {},
             ef_scaling=ef_scaling, nonfinite=nonfinite, on_world_size_change=on_world_size_change,
+            hierarchy=hierarchy,
         )
         # fmt: on
         self.gmc_state = GMCHookState.from_config(self.gmc_config, ddp_kwargs.get("process_group"))
@@ -139,6 +146,23 @@ class GMCStrategy(DDPStrategy):
         )
 
     # ------------------------------------------------------------------------------ lifecycle
+    @override
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        state = self.gmc_state
+        if state.hierarchy != "node" or state.node_groups is not None:
+            return
+        groups = build_node_groups(self.num_processes, self.num_nodes)
+        topology = groups.topology
+        if (topology.node_rank, topology.local_rank) != (self.node_rank, self.local_rank):
+            raise RuntimeError(
+                f"hierarchy='node': rank {self.global_rank} is node {self.node_rank}, local rank "
+                f"{self.local_rank} for Lightning, but node {topology.node_rank}, local rank "
+                f"{topology.local_rank} by rank = node_rank * devices + local_rank; the launcher numbers "
+                f"ranks differently. Use hierarchy='flat'."
+            )
+        state.set_node_groups(groups)
+
     @override
     def setup(self, trainer: Trainer) -> None:
         self._check_precision()
@@ -332,6 +356,8 @@ class GMCStrategy(DDPStrategy):
 
 _LOGGED_METRICS = (
     "bytes_sent",
+    "bytes_sent_inter",
+    "bytes_sent_intra",
     "dense_bytes",
     "bytes_sent_total",
     "dense_bytes_total",
@@ -340,4 +366,3 @@ _LOGGED_METRICS = (
     "residual_norm",
     "nonfinite_skips",
 )
-

@@ -44,15 +44,19 @@ from lightning_gmc.config import NonFinitePolicy
 from lightning_gmc.hook.binding import OptimizerBinding, StepClock
 from lightning_gmc.hook.codec import STATE_FORMAT
 from lightning_gmc.hook.ddp_hook import gmc_hook
+from lightning_gmc.hook.hierarchy import NodeGroups, NodeTopology, build_node_groups
 from lightning_gmc.hook.state import GMCHookState
 from lightning_gmc.hook.swap import ParameterSwap
 
 __all__ = [
     "STATE_FORMAT",
     "GMCHookState",
+    "NodeGroups",
+    "NodeTopology",
     "NonFinitePolicy",
     "OptimizerBinding",
     "ParameterSwap",
     "StepClock",
+    "build_node_groups",
     "gmc_hook",
 ]
