@@ -110,7 +110,8 @@ def gather_state(
 ) -> dict[str, Any]:
     """Every rank's local state in one block (a collective: call on every rank)."""
     state = dict(rank_state)
-    local: dict[str, Any] = {"buffers": state.pop("local")}
+    # Traffic totals too: under hierarchy="node" the local ranks of a node carry different shares.
+    local: dict[str, Any] = {"buffers": state.pop("local"), "stats": state["stats"]}
     if training_parameters is not None:
         local["training_parameters"] = training_parameters
     world_size = world_size_of(process_group)

@@ -255,6 +255,8 @@ class GMCHookState:
             load_local = load_local and entry is not None
             training_parameters = entry.get("training_parameters") if entry is not None else None
             state = {**state, "local": entry["buffers"] if entry is not None else {}}
+            if entry is not None and "stats" in entry:
+                state["stats"] = entry["stats"]
         codec.load_rank_state(state, self.method, self.clock, worker, self.stats, load_local)
         if load_local and training_parameters is not None:
             self.binding.load_training_parameters(training_parameters)
