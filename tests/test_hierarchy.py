@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import REPO, _free_port, loss_fn, lr_at, make_dataset, make_model, rank_batch
+from helpers import REPO, RUNNER, _free_port, loss_fn, lr_at, make_dataset, make_model, rank_batch
 
 from lightning_gmc import GMCConfig, GMCHookState, Simulator
 from lightning_gmc.hook.hierarchy import assign_owners, check_topology
@@ -81,21 +81,28 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
 
 
-def _replay(case: dict[str, Any]) -> list[dict[str, Any]]:
+def _replay(
+    case: dict[str, Any], schedule: str = "cosine", steps: int = CFG["steps"]
+) -> list[dict[str, Any]]:
     """The run in the simulator with one worker per node, fed the node's mean gradient."""
     torch.set_num_threads(1)
     model = make_model(CFG["model"], 0)
     data = make_dataset(CFG["num_samples"], 1)
-    sim = Simulator(dict(model.named_parameters()), num_workers=NODES, momentum=0.9, weight_decay=1e-3, **case)
+    sim = Simulator(
+        dict(model.named_parameters()), num_workers=NODES, momentum=0.9, weight_decay=1e-3, **case
+    )
     w = {name: p.detach().clone() for name, p in model.named_parameters()}
     history = []
-    for step in range(CFG["steps"]):
-        lr = lr_at(step, CFG["lr"], "cosine", CFG["steps"])
+    for step in range(steps):
+        lr = lr_at(step, CFG["lr"], schedule, steps)
         # The detached point as the hook's swap forms it (w.add_(e, alpha=-s)); Simulator.gradient_points
         # computes w - s * e, which can round differently in the last bit.
         scale = sim.method.detach_scale(GroupHyper(lr, lr, 0.9, 1e-3))
         points = [
-            {name: w[name].clone().add_(r.view_as(w[name]), alpha=-scale) for name, r in sim.residual(n).items()}
+            {
+                name: w[name].clone().add_(r.view_as(w[name]), alpha=-scale)
+                for name, r in sim.residual(n).items()
+            }
             for n in range(NODES)
         ]
         node_grads = []
@@ -180,7 +187,8 @@ def test_inter_and_intra_node_bytes(results: list[dict[str, Any]], case: str) ->
 
 def test_owners_are_contiguous_and_balanced_by_size() -> None:
     table = ParameterTable(("a", "b", "c", "d"), tuple(torch.Size([n]) for n in (10, 10, 60, 20)), (0,) * 4)
-    assert assign_owners(table, 2) == (0, 0, 0, 1)  # midpoints 5, 15, 50 | 90 of 100
+    # midpoints 5, 15 | 50, 90 of 100 elements: halves [0, 50) and [50, 100)
+    assert assign_owners(table, 2) == (0, 0, 1, 1)
     assert assign_owners(table, 1) == (0, 0, 0, 0)
     owners = assign_owners(ParameterTable(tuple("abcd"), (torch.Size([5]),) * 4, (0,) * 4), 4)
     assert owners == (0, 1, 2, 3)
@@ -207,3 +215,62 @@ def test_node_state_needs_its_groups_before_attach() -> None:
     flat = GMCHookState.from_config(GMCConfig())
     with pytest.raises(ValueError, match="hierarchy='node'"):
         flat.set_node_groups(None)  # type: ignore[arg-type]
+
+
+def _clean_env() -> dict[str, str]:
+    launcher = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(
+        PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+    )
+    return env
+
+
+def test_lightning_two_nodes_of_two_devices(tmp_path: Path) -> None:
+    """GMCStrategy(hierarchy="node") with Trainer(num_nodes=2, devices=2): one process per node started
+    from the environment (NODE_RANK, as a cluster does), Lightning starts each node's second rank. The
+    topology comes from the Trainer; the run equals the simulator with one worker per node."""
+    steps = 3
+    case = {"compressor": "topk", "density": 0.05}
+    cfg = {
+        "out_dir": str(tmp_path),
+        "model": "small",
+        "lr": CFG["lr"],
+        "momentum": 0.9,
+        "weight_decay": 1e-3,
+        "batch_size": CFG["batch_size"],
+        "num_samples": CFG["num_samples"],
+        "max_steps": steps,
+        "devices": PER_NODE,
+        "num_nodes": NODES,
+        "bucket_cap_mb": CFG["bucket_cap_mb"],
+        "strategy_kwargs": {"hierarchy": "node", **case},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    env = _clean_env()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(RUNNER), str(tmp_path / "config.json")],
+            cwd=tmp_path,
+            env={**env, "NODE_RANK": str(node)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in range(NODES)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-4000:]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(NODES * PER_NODE)]
+    expected = _replay(case, schedule="constant", steps=steps)[-1]
+    for rank, result in enumerate(results):
+        assert result["global_step"] == steps
+        assert _equal(result["params"], expected["params"]), f"rank {rank}"
+        residual = {k.removeprefix("net."): v for k, v in result["gmc_state"]["local"]["residual"].items()}
+        assert _equal(residual, expected["residual"][rank // PER_NODE]), f"rank {rank}"
+    logged = [r for r in results[0]["metrics"] if "gmc/bytes_sent_intra" in r]
+    assert len(logged) == steps
+    numel = sum(p.numel() for p in make_model("small").parameters())
+    assert all(r["gmc/bytes_sent_intra"] == ring_allreduce_bytes(4 * numel, PER_NODE) * 4 for r in logged)
+    assert all(0 < r["gmc/bytes_sent_inter"] < expected["bytes_sent"] for r in logged)
