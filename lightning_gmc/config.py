@@ -117,7 +117,7 @@ class GMCConfig:
             ``"reset_residuals"``.
         hierarchy: ``"flat"`` (default; every rank is a worker) or ``"node"`` (gradients averaged
             densely inside each node, the method runs with one worker per node between nodes;
-            ``docs/algorithms.md`` section 4).
+            ``docs/algorithms.md`` section 3.11).
     """
 
     method: str = "gmc"

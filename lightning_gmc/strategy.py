@@ -80,7 +80,7 @@ class GMCStrategy(DDPStrategy):
             densely inside each node (``num_nodes`` x ``devices`` from the Trainer), and the method
             runs between nodes only, with one worker per node (residual and momentum per node). For
             clusters whose links between nodes are much slower than inside them; needs at least 2
-            nodes with equal devices (see README "Running across nodes", ``docs/algorithms.md`` 4).
+            nodes with equal devices (see README "Running across nodes", ``docs/algorithms.md`` 3.11).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
             process_group_backend, timeout, start_method: as in
             :class:`~lightning.pytorch.strategies.DDPStrategy`.

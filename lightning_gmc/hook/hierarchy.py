@@ -1,6 +1,6 @@
 """Node-aware hierarchy: dense averaging inside a node, the method between nodes only.
 
-With ``hierarchy="node"`` (``docs/algorithms.md`` section 4) a run of N nodes with G ranks each is,
+With ``hierarchy="node"`` (``docs/algorithms.md`` section 3.11) a run of N nodes with G ranks each is,
 for the method, a run of K = N logical workers (one per node; residuals and momentum per node):
 
 1. the G ranks of a node average their bucket gradient densely over the *intra-node* group (the

@@ -46,7 +46,7 @@ class GMCHookState:
             ``"error"`` (default) or ``"reset_residuals"`` (keep the step, learning-rate history and
             shared buffers; start every rank's residual from zero).
         hierarchy: ``"flat"`` (every rank is a worker) or ``"node"`` (one worker per node; give the
-            groups with :meth:`set_node_groups` before :meth:`attach`; ``docs/algorithms.md`` 4).
+            groups with :meth:`set_node_groups` before :meth:`attach`; ``docs/algorithms.md`` 3.11).
     """
 
     def __init__(
