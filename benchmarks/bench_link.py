@@ -282,7 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: python benchmarks/bench_link.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     sys.stdout.flush()
     with link, tempfile.TemporaryDirectory(prefix="bench_link_") as tmp_name:
-        result = (main_steps if args.workload == "steps" else main_tta)(args, link, Path(tmp_name))
+        try:
+            result = (main_steps if args.workload == "steps" else main_tta)(args, link, Path(tmp_name))
+        except netns.LinkSetupError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))
     return 0

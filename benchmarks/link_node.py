@@ -40,15 +40,16 @@ if str(_ROOT) not in sys.path:
 
 import lightning_gmc  # noqa: E402
 
-# arm -> (label, method, compressor, detach); method None is DDP (compressor "bf16": torch's hook)
-ARMS: dict[str, tuple[str, str | None, str | None, float]] = {
-    "ddp": ("DDP", None, None, 0.0),
-    "ddp_bf16": ("DDP + bf16_compress_hook", None, "bf16", 0.0),
-    "gmc_topk": ("GMC topk", "gmc", "topk", 0.0),
-    "gmc_topk_approx": ("GMC topk_approx", "gmc", "topk_approx", 0.0),
-    "gmc_topk_shared": ("GMC topk_shared", "gmc", "topk_shared", 0.0),
+# arm -> (label, method, compressor, detach); method None is DDP (compressor "bf16": torch's hook);
+# detach None leaves it to the method (methods without a detached point reject any value).
+ARMS: dict[str, tuple[str, str | None, str | None, float | None]] = {
+    "ddp": ("DDP", None, None, None),
+    "ddp_bf16": ("DDP + bf16_compress_hook", None, "bf16", None),
+    "gmc_topk": ("GMC topk", "gmc", "topk", None),
+    "gmc_topk_approx": ("GMC topk_approx", "gmc", "topk_approx", None),
+    "gmc_topk_shared": ("GMC topk_shared", "gmc", "topk_shared", None),
     "gmc_plus_rbgs": ("GMC+ rbgs (detach 0.5)", "gmc", "rbgs", 0.5),
-    "ef_topk_approx": ("EF topk_approx", "ef", "topk_approx", 0.0),
+    "ef_topk_approx": ("EF topk_approx", "ef", "topk_approx", None),
 }
 
 

@@ -226,7 +226,18 @@ class TwoHostLink:
             except CommandError:
                 pass
             for cmd in rest:
-                self.runner(cmd)
+                try:
+                    self.runner(cmd)
+                except CommandError as err:
+                    kind = "netem" if "netem" in cmd else "tbf"
+                    if "unknown" not in str(err).lower():
+                        raise
+                    # The kernel lacks the qdisc module (common in containers, which cannot load one).
+                    raise LinkSetupError(
+                        f"tc {kind} is not available in this kernel (module sch_{kind}: try "
+                        f"'modprobe sch_{kind}' on the host)"
+                        + ("; or run without --delay-ms" if kind == "netem" else "")
+                    ) from err
 
     def tx_bytes(self, index: int) -> int:
         """Bytes host ``index`` (0 or 1) has transmitted on its veth end so far."""
@@ -269,11 +280,16 @@ class TwoHostLink:
         self.teardown()
 
 
-def remove_stale(runner: Runner = run_command, alive: Callable[[int], bool] = pid_alive) -> list[str]:
-    """Delete namespaces of earlier runs of this benchmark whose process is gone; return their names."""
+def remove_stale(
+    runner: Runner = run_command,
+    alive: Callable[[int], bool] = pid_alive,
+    kill: Callable[[int, int], None] = os.kill,
+) -> list[str]:
+    """Tear down namespaces of earlier runs of this benchmark whose process is gone (a SIGKILLed
+    run leaves its nodes running inside them; they are ended too); return the names."""
     stale = stale_namespaces(parse_netns_list(runner(["ip", "netns", "list"])), alive)
-    for ns in stale:
-        runner(["ip", "netns", "del", ns])
+    if stale:
+        TwoHostLink(prefix="stale", runner=runner, kill=kill, created=list(stale)).teardown()
     return stale
 
 

@@ -100,9 +100,18 @@ def test_parse_ip_outputs() -> None:
 def test_stale_namespaces_only_ours_with_dead_owner() -> None:
     names = ["gmclink-100-a", "gmclink-100-b", "gmclink-200-a", "gmclinkx-100-a", "gmclink-100-c", "mine"]
     assert netns.stale_namespaces(names, alive=lambda pid: pid == 200) == ["gmclink-100-a", "gmclink-100-b"]
-    runner = FakeRunner({("ip", "netns", "list"): "gmclink-100-a (id: 0)\ngmclink-200-b\n"})
-    assert netns.remove_stale(runner, alive=lambda pid: pid == 200) == ["gmclink-100-a"]
+    runner = FakeRunner(
+        {
+            ("ip", "netns", "list"): "gmclink-100-a (id: 0)\ngmclink-200-b\n",
+            ("ip", "netns", "pids", "gmclink-100-a"): "77\n",
+        }
+    )
+    killed: list[int] = []
+    removed = netns.remove_stale(runner, alive=lambda pid: pid == 200, kill=lambda p, s: killed.append(p))
+    assert removed == ["gmclink-100-a"]
+    assert killed == [77]  # the orphaned node left inside it
     assert runner.calls[-1] == ["ip", "netns", "del", "gmclink-100-a"]
+    assert not any("gmclink-200-b" in c for c in runner.calls[1:])
 
 
 def test_setup_builds_the_private_link_inside_the_namespaces() -> None:
@@ -274,3 +283,17 @@ def test_tta_table_times_each_target_against_ddp_on_the_same_link() -> None:
     assert (
         "| mlp (10 params) | 100mbit | ddp | 20.0 s (1.00) | 30.0 s (1.00) | 96.0 % | 30.0 s | 4 |" in table
     )
+
+
+def test_missing_netem_module_is_a_setup_error_naming_the_fix() -> None:
+    class NoNetem(FakeRunner):
+        def __call__(self, argv: Sequence[str]) -> str:
+            if "netem" in argv:
+                self.calls.append(list(argv))
+                raise netns.CommandError("tc ... exited with 2: Error: Specified qdisc kind is unknown.")
+            return super().__call__(argv)
+
+    link = netns.TwoHostLink(prefix="gmclink-7", runner=NoNetem())
+    with pytest.raises(netns.LinkSetupError, match="sch_netem.*without --delay-ms"):
+        link.shape(100e6, delay_ms=5.0)
+    link.shape(100e6)  # without delay: tbf only, no error

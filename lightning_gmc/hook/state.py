@@ -27,10 +27,10 @@ log = logging.getLogger(__name__)
 
 
 class GMCHookState:
-    """Per-rank state of :func:`gmc_hook`, in the spirit of torch's ``PowerSGDState``.
-
-    Parts: :attr:`binding` (parameters, optimizer takeover), :attr:`clock` (step and LR history),
-    :attr:`worker` (method buffers), :attr:`swap` (detached/evaluation points), :attr:`exchange`.
+    """Per-rank state of :func:`gmc_hook`, in the spirit of torch's ``PowerSGDState``. Parts:
+    :attr:`binding` (parameters, optimizer takeover), :attr:`clock` (step, LR history), :attr:`worker`
+    (method buffers), :attr:`swap` (detached/evaluation points, averaging through :attr:`exchange`'s
+    collectives), :attr:`exchange` (the gradient exchange).
 
     Args:
         method: the method (holds its compressor), e.g. ``GMCConfig(compressor="rbgs").build()``.
@@ -116,7 +116,8 @@ class GMCHookState:
         binding = self.binding
         binding.attach(model, optimizer)
         device = binding.params[0].device if binding.params else torch.device("cpu")
-        rank = dist.get_rank(self.process_group) if dist.is_available() and dist.is_initialized() else 0
+        distributed = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank(self.process_group) if distributed else 0
         if self.hierarchy == "node":
             if self.node_groups is None:
                 raise RuntimeError(
@@ -129,7 +130,8 @@ class GMCHookState:
             self._node_layouts.clear()
         self.worker = WorkerState(self.method, binding.table, device, rank, self.seed)
         residuals = self.worker.tensors.get("residual")
-        self.swap = ParameterSwap(self.method, binding.params, binding.table, residuals, self.process_group)
+        collectives = self.exchange.collectives if distributed else None
+        self.swap = ParameterSwap(self.method, binding.params, binding.table, residuals, collectives)
         log.info(
             "lightning_gmc: %s on %d parameters (%d elements); momentum=%s weight_decay=%s",
             *(self.method.describe(), len(binding.table), binding.table.numel),
@@ -154,11 +156,9 @@ class GMCHookState:
 
     @contextlib.contextmanager
     def detached_point(self) -> Iterator[None]:
-        """Evaluate the gradient at the method's detached point (GMC+, DEF-A) inside this block.
-
-        Parameters are moved to ``w - s * residual`` on entry and restored bit-exactly on exit. Wrap
-        the forward *and* backward of every micro-batch of a step.
-        """
+        """Evaluate the gradient at the method's detached point (GMC+, DEF-A) inside this block: the
+        parameters move to ``w - s * residual`` on entry and back bit-exactly on exit. Wrap the forward
+        *and* backward of every micro-batch of a step."""
         self.enter_detached_point()
         try:
             yield
