@@ -57,12 +57,18 @@ def _optimizer(cfg: dict[str, Any], model: torch.nn.Module) -> tuple[torch.optim
 
 
 def replay_ef(
-    cfg: dict[str, Any], compress: Compress, steps: int, world_size: int = 2
+    cfg: dict[str, Any],
+    compress: Compress,
+    steps: int,
+    world_size: int = 2,
+    zero_gradient: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Error feedback written out by hand (``docs/algorithms.md`` 2.10), one parameter at a time, with
     the torch optimizer stepping on the mean of the compressed vectors::
 
         p_k = e_k + g_k;  e_k <- p_k - C(p_k);  p.grad = (1/K) sum_k C(p_k);  optimizer.step()
+
+    ``zero_gradient``: ``(step, rank)`` whose gradient counts as zero (a skipped non-finite bucket).
     """
     torch.set_num_threads(1)  # the runner's ranks use one thread: same matmul rounding
     module = Module(cfg)
@@ -81,7 +87,8 @@ def replay_ef(
                 (loss_fn(model, x, y) / acc).backward()
             compressed = {}
             for index, (name, p) in enumerate(model.named_parameters()):
-                u = e[rank][name] + p.grad.detach()
+                g = torch.zeros_like(p) if zero_gradient == (step, rank) else p.grad.detach()
+                u = e[rank][name] + g
                 c = compress(u.reshape(-1), step, index).view_as(u)
                 e[rank][name] = u - c
                 compressed[name] = c
@@ -95,7 +102,9 @@ def replay_ef(
     return {"params": params, "residual": e, "names": names}
 
 
-def _simulate(cfg: dict[str, Any], steps: int) -> tuple[dict[str, torch.Tensor], Simulator]:
+def _simulate(
+    cfg: dict[str, Any], steps: int, zero_gradient: tuple[int, int] | None = None
+) -> tuple[dict[str, torch.Tensor], Simulator]:
     """The simulator's aggregated gradient, handed to the runner's optimizer by the caller."""
     torch.set_num_threads(1)
     model = Module(cfg).net
@@ -120,7 +129,10 @@ def _simulate(cfg: dict[str, Any], steps: int) -> tuple[dict[str, torch.Tensor],
             for micro in range(acc):
                 x, y = rank_batch(data, rank, 2, cfg["batch_size"], step * acc + micro)
                 (loss_fn(model, x, y) / acc).backward()
-            grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+            skipped = zero_gradient == (step, rank)
+            grads.append(
+                {n: torch.zeros_like(p) if skipped else p.grad.clone() for n, p in model.named_parameters()}
+            )
         direction = sim.step(grads, points, lr)[0]
         for name, p in model.named_parameters():
             p.grad = direction[name]
@@ -184,7 +196,9 @@ def test_identity_compressor_equals_dense_training_with_the_users_optimizer(
         assert ef[0]["optimizer_groups"][1]["momentum"] == 0.9
 
 
-def test_topk_with_adamw_equals_ef_by_hand_and_the_simulator(tmp_path: Path) -> None:
+def test_topk_with_adamw_equals_ef_by_hand_and_the_simulator_across_a_nonfinite_step(
+    tmp_path: Path,
+) -> None:
     steps = 8
     density = 0.02
     cfg = {
@@ -193,14 +207,17 @@ def test_topk_with_adamw_equals_ef_by_hand_and_the_simulator(tmp_path: Path) -> 
         "max_steps": steps,
         "strategy_kwargs": {"method": "ef", "compressor": "topk", "density": density},
     }
-    results = run_distributed(tmp_path, cfg)
+    # rank 0's gradient is NaN at step 2: the default policy sends zero for it that step
+    results = run_distributed(tmp_path, {**cfg, "nan_at_step": 2, "nan_rank": 0})
     _assert_two_buckets(results, steps)
     _assert_replicas_identical(results)
-    by_hand = replay_ef(cfg, topk_by_hand(density), steps)
+    skips = [m["gmc/nonfinite_skips"] for m in results[0]["metrics"] if "gmc/nonfinite_skips" in m]
+    assert skips == [0, 0] + [len(results[0]["bucket_numels"])] * (steps - 2)
+    by_hand = replay_ef(cfg, topk_by_hand(density), steps, zero_gradient=(2, 0))
     assert_close(results[0]["params"], by_hand["params"])
     for rank in range(2):
         assert_close(_residual(results[rank]), by_hand["residual"][rank])
-    simulated, sim = _simulate(cfg, steps)
+    simulated, sim = _simulate(cfg, steps, zero_gradient=(2, 0))
     assert_close(results[0]["params"], simulated)
     for rank in range(2):
         expected = {n: t.view_as(by_hand["residual"][rank][n]) for n, t in sim.residual(rank).items()}
