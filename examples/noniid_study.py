@@ -115,6 +115,7 @@ def adamw_arms() -> dict[str, dict[str, Any]]:
         DENSE: {"method": "dmsgd"},
         "AdamW (dense)": {"method": "ef", "compressor": "none", "optimizer": "adamw"},
         "EF + AdamW (top-k)": {"method": "ef", "compressor": "topk", "optimizer": "adamw"},
+        "EF21 + AdamW (top-k)": {"method": "ef21", "compressor": "topk", "optimizer": "adamw"},
         # The same error feedback under the other arms' SGD: separates the optimizer from the method.
         "EF + SGD momentum (top-k)": {"method": "ef", "compressor": "topk", "optimizer": "sgd"},
         "GMC": {"method": "gmc", "compressor": "topk"},

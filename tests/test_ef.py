@@ -57,14 +57,33 @@ def _ef_by_hand(
     return means, e
 
 
+def _ef21_by_hand(
+    compress: Compress, grads: list[list[dict[str, torch.Tensor]]]
+) -> list[dict[str, torch.Tensor]]:
+    """EF21 (Richtarik et al., 2021, Algorithm 1; docs/algorithms.md 2.11) from zero estimates: per
+    step the aggregate ``h`` the optimizer steps on."""
+    h = [{name: torch.zeros(shape, dtype=torch.float64) for name, shape in SHAPES.items()} for _ in range(K)]
+    aggregate = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in SHAPES.items()}
+    out = []
+    for t, per_worker in enumerate(grads):
+        for k in range(K):
+            for index, name in enumerate(SHAPES):
+                d = per_worker[k][name] - h[k][name]
+                c = compress(d.reshape(-1), t, index).view_as(d)
+                h[k][name] = h[k][name] + c
+                aggregate[name] = aggregate[name] + c / K
+        out.append({name: t.clone() for name, t in aggregate.items()})
+    return out
+
+
 def _simulate(
-    compressor: str, density: float, seed: int = 0
+    compressor: str, density: float, seed: int = 0, method: str = "ef"
 ) -> tuple[list[dict[str, torch.Tensor]], Simulator]:
     grads = _gradients()
     sim = Simulator(
         {name: torch.zeros(shape) for name, shape in SHAPES.items()},
         num_workers=K,
-        method="ef",
+        method=method,
         compressor=compressor,
         density=density,
         seed=seed,
@@ -98,6 +117,24 @@ def test_ef_steps_equal_the_hand_written_rule(compressor: str, compress: Compres
             torch.testing.assert_close(actual, expected_residuals[k][name], rtol=1e-6, atol=1e-6)
     # top-k keeps 2 of a's 6 and 1 of b's 4 coordinates per worker: the mean has at most K times that
     assert int(torch.count_nonzero(means[0]["a"])) <= 2 * K
+
+
+@pytest.mark.parametrize(
+    ("compressor", "compress"),
+    [("topk", topk_by_hand(0.34)), ("rbgs", rbgs_by_hand(0.34, 7))],
+    ids=["topk", "rbgs"],
+)
+def test_ef21_steps_equal_the_hand_written_rule(compressor: str, compress: Compress) -> None:
+    aggregates, sim = _simulate(compressor, 0.34, seed=7, method="ef21")
+    expected = _ef21_by_hand(compress, _gradients())
+    for t in range(STEPS):
+        for name in SHAPES:
+            torch.testing.assert_close(aggregates[t][name].double(), expected[t][name], rtol=1e-5, atol=1e-5)
+    # the aggregate is every worker's estimate averaged, and it is shared (saved once)
+    for name, shape in SHAPES.items():
+        estimates = [sim.workers[k].state_dict("local")["estimate"][name] for k in range(K)]
+        shared = sim.workers[0].state_dict("shared")["aggregate"][name]
+        torch.testing.assert_close(shared.view(shape), (estimates[0] + estimates[1]).view(shape) / K)
 
 
 @pytest.mark.parametrize("compressor", sorted(lightning_gmc.COMPRESSORS))
@@ -191,6 +228,16 @@ def test_ef_refuses_options_that_belong_to_the_optimizer() -> None:
         Simulator({"w": (4,)}, K, method="ef", momentum=0.9)
     # methods that take over keep the simulator's defaults (beta = 0.9)
     assert Simulator({"w": (4,)}, K, method="gmc").momentum == pytest.approx(0.9)
+
+
+def test_ef21_leaves_the_optimizer_alone_too() -> None:
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    state = GMCHookState.from_config(GMCConfig(method="ef21", compressor="topk", density=0.5))
+    state.attach(model, optimizer)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.05
+    saved = state.state_dict()
+    assert set(saved["local"]) == {"estimate"} and set(saved["shared"]) == {"aggregate"}
 
 
 def test_ef_is_a_registered_strategy_with_topk_by_default() -> None:

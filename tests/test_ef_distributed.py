@@ -62,6 +62,7 @@ def replay_ef(
     steps: int,
     world_size: int = 2,
     zero_gradient: tuple[int, int] | None = None,
+    ef21: bool = False,
 ) -> dict[str, Any]:
     """Error feedback written out by hand (``docs/algorithms.md`` 2.10), one parameter at a time, with
     the torch optimizer stepping on the mean of the compressed vectors::
@@ -69,6 +70,8 @@ def replay_ef(
         p_k = e_k + g_k;  e_k <- p_k - C(p_k);  p.grad = (1/K) sum_k C(p_k);  optimizer.step()
 
     ``zero_gradient``: ``(step, rank)`` whose gradient counts as zero (a skipped non-finite bucket).
+    ``ef21``: EF21 instead (``docs/algorithms.md`` 2.11): ``c_k = C(g_k - h_k)``, ``h_k += c_k``,
+    ``h += mean_k c_k``, the optimizer steps on ``h`` (``e`` holds the estimates ``h_k``).
     """
     torch.set_num_threads(1)  # the runner's ranks use one thread: same matmul rounding
     module = Module(cfg)
@@ -78,6 +81,7 @@ def replay_ef(
     acc = cfg.get("accumulate_grad_batches", 1)
     names = [name for name, _ in model.named_parameters()]
     e = [{name: torch.zeros_like(p) for name, p in model.named_parameters()} for _ in range(world_size)]
+    aggregate = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     for step in range(steps):
         sent = []
         for rank in range(world_size):
@@ -88,18 +92,25 @@ def replay_ef(
             compressed = {}
             for index, (name, p) in enumerate(model.named_parameters()):
                 g = torch.zeros_like(p) if zero_gradient == (step, rank) else p.grad.detach()
-                u = e[rank][name] + g
-                c = compress(u.reshape(-1), step, index).view_as(u)
-                e[rank][name] = u - c
+                if ef21:
+                    c = compress((g - e[rank][name]).reshape(-1), step, index).view_as(g)
+                    e[rank][name] = e[rank][name] + c
+                else:
+                    u = e[rank][name] + g
+                    c = compress(u.reshape(-1), step, index).view_as(u)
+                    e[rank][name] = u - c
                 compressed[name] = c
             sent.append(compressed)
         for name, p in model.named_parameters():
-            p.grad = sum(c[name] for c in sent) / world_size
+            mean = sum(c[name] for c in sent) / world_size
+            if ef21:
+                aggregate[name] = aggregate[name] + mean
+            p.grad = aggregate[name].clone() if ef21 else mean
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
     params = {name: p.detach().clone() for name, p in model.named_parameters()}
-    return {"params": params, "residual": e, "names": names}
+    return {"params": params, "residual": e, "aggregate": aggregate, "names": names}
 
 
 def _simulate(
@@ -278,3 +289,25 @@ def test_gradient_accumulation_compresses_once_per_optimizer_step(tmp_path: Path
     assert_close(results[0]["params"], by_hand["params"])
     for rank in range(2):
         assert_close(_residual(results[rank]), by_hand["residual"][rank])
+
+
+def test_ef21_with_topk_and_adamw_equals_the_rule_by_hand(tmp_path: Path) -> None:
+    steps = 6
+    cfg = {
+        **BASE,
+        "total_steps": steps,
+        "max_steps": steps,
+        "strategy_kwargs": {"method": "ef21", "compressor": "topk", "density": 0.02},
+    }
+    results = run_distributed(tmp_path, cfg)
+    _assert_two_buckets(results, steps)
+    _assert_replicas_identical(results)
+    by_hand = replay_ef(cfg, topk_by_hand(0.02), steps, ef21=True)
+    assert_close(results[0]["params"], by_hand["params"])
+    for rank in range(2):
+        estimate = {n[len("net.") :]: t for n, t in results[rank]["gmc_state"]["local"]["estimate"].items()}
+        assert_close(estimate, by_hand["residual"][rank])
+        aggregate = {
+            n[len("net.") :]: t for n, t in results[rank]["gmc_state"]["shared"]["aggregate"].items()
+        }
+        assert_close(aggregate, by_hand["aggregate"])

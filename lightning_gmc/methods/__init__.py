@@ -15,12 +15,14 @@ from lightning_gmc.methods.def_a import DEFA, DEFEvaluation
 from lightning_gmc.methods.dense import DMSGD
 from lightning_gmc.methods.dgc import DGC, PAPER_SPARSITY_WARMUP
 from lightning_gmc.methods.ef import ErrorFeedback
+from lightning_gmc.methods.ef21 import EF21
 from lightning_gmc.methods.gmc import GMC, MomentumConvention
 from lightning_gmc.methods.registry import METHODS, build_method, method_option_names, register_method
 
 register_method(GMC)
 # Error feedback under the user's own optimizer (Adam, AdamW, ...).
 register_method(ErrorFeedback)
+register_method(EF21)  # EF21 (Richtarik et al., 2021): compressed gradient differences
 # Baselines of the GMC paper (§5).
 register_method(DMSGD)
 register_method(DGC)
@@ -33,6 +35,7 @@ __all__ = [
     "CSER",
     "DEFA",
     "DGC",
+    "EF21",
     "DMSGD",
     "GMC",
     "METHODS",
