@@ -204,7 +204,7 @@ def main() -> None:
         max_epochs=cfg.get("max_epochs", -1),
         accumulate_grad_batches=cfg.get("accumulate_grad_batches", 1),
         logger=logger,
-        log_every_n_steps=1,
+        log_every_n_steps=cfg.get("log_every_n_steps", 1),
         callbacks=callbacks,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -151,6 +151,22 @@ def test_bare_strategy_name(name: str, tmp_path: Path) -> None:
     assert cli.trainer.global_step == 1
 
 
+def test_single_strategy_fields_override_from_the_command_line() -> None:
+    # The README's overrides: one field of the config's strategy, the rest kept...
+    path = str(CONFIG_DIR / "digits" / "gmc_noniid.yaml")
+    for flag in ("--trainer.strategy.init_args.density=0.05", "--trainer.strategy.density=0.05"):
+        cli = cli_main(
+            ["--config", path, flag, "--trainer.accelerator=cpu", "--trainer.devices=1"], run=False
+        )
+        config = cli.trainer.strategy.gmc_config
+        assert (config.density, config.compressor) == (0.05, "topk_approx"), flag
+    # ...and the class plus one field on a config whose strategy is plain DDP
+    path = str(CONFIG_DIR / "digits" / "ddp_noniid.yaml")
+    args = ["--trainer.strategy=lightning_gmc.GMCStrategy", "--trainer.strategy.density=0.05"]
+    cli = cli_main(["--config", path, *args, "--trainer.accelerator=cpu", "--trainer.devices=1"], run=False)
+    assert cli.trainer.strategy.gmc_config.density == 0.05
+
+
 def test_digits_config_on_two_processes(tmp_path: Path) -> None:
     """The real path: LightningCLI launching 2 gloo ranks, GMC metrics in the CSV log."""
     cmd = [
