@@ -248,3 +248,29 @@ def test_ef_is_a_registered_strategy_with_topk_by_default() -> None:
     assert method.compressor.name == "topk"
     assert method.evaluation_point == "params"
     assert math.isclose(GMCStrategy(method="ef", density=0.02).gmc_method.compressor.density, 0.02)  # type: ignore[attr-defined]
+
+
+def test_fabric_with_adamw_clips_and_steps_on_the_compressed_gradient() -> None:
+    from gmc_reference import topk_by_hand
+    from helpers import loss_fn, make_model
+
+    from lightning_gmc import GMCFabricStrategy
+
+    strategy = GMCFabricStrategy(method="ef", compressor="topk", density=0.5)
+    fabric = L.Fabric(strategy=strategy, accelerator="cpu", devices=1)
+    fabric.launch()
+    model, reference = make_model("small"), make_model("small")
+    x, y = torch.randn(8, 24, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 6
+    loss_fn(reference, x, y).backward()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    model, optimizer = fabric.setup(model, optimizer)
+    fabric.backward(loss_fn(model, x, y))
+    # one rank: the gradient the optimizer sees is C(e + g) with e = 0, top-k per parameter
+    compress = topk_by_hand(0.5)
+    for index, (p, q) in enumerate(zip(model.parameters(), reference.parameters(), strict=True)):
+        expected = compress(q.grad.reshape(-1), 0, index).view_as(q)
+        torch.testing.assert_close(p.grad, expected, rtol=1e-6, atol=1e-7)
+    fabric.clip_gradients(model, optimizer, max_norm=1.0)  # acts on the averaged gradient, as under DDP
+    optimizer.step()
+    assert optimizer.param_groups[0]["weight_decay"] == 0.05
+    assert set(optimizer.state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
