@@ -106,7 +106,8 @@ class GMCConfig:
         density: fraction of each parameter sent per step, in (0, 1] (sparsifiers).
         detach: GMC+'s detach coefficient; None takes the method's default (0 for GMC). Only for
             methods that have one (``docs/algorithms.md`` section 2.3).
-        momentum: overrides the optimizer's momentum when not None.
+        momentum: overrides the optimizer's momentum when not None (methods that take over the
+            optimizer; ``ef`` leaves momentum to the optimizer and refuses it).
         seed: seed of the shared random streams (RBGS blocks, random-k); equal on every rank.
         method_options: further options of the method.
         compressor_options: further options of the compressor.
@@ -149,6 +150,11 @@ class GMCConfig:
                 raise ValueError(f"method {self.method!r} has no detach coefficient; leave `detach` unset")
         if self.momentum is not None:
             check_momentum(self.momentum)
+            if not METHODS[self.method_name].takes_over_optimizer:
+                raise ValueError(
+                    f"method {self.method!r} leaves momentum to the optimizer; set it there (e.g. "
+                    f"AdamW(betas=...), SGD(momentum=...)) and leave `momentum` unset"
+                )
         check_nonfinite_policy(self.nonfinite)
         check_world_size_policy(self.on_world_size_change)
         check_hierarchy(self.hierarchy)

@@ -48,6 +48,8 @@ class GMCStrategy(DDPStrategy):
     exact top-k at 1 % density. The LightningModule stays unchanged: its ``torch.optim.SGD(lr,
     momentum, weight_decay)`` (per param group, any LR scheduler) is honoured, with momentum and coupled
     weight decay applied inside the method and the optimizer's own step reduced to plain SGD.
+    ``method="ef"`` (strategy name ``"ef"``) is error feedback on the gradient alone and leaves any
+    optimizer (Adam, AdamW, Nesterov SGD, ...) in charge of momentum, weight decay and its schedule.
 
     Args:
         compressor: compressor name (see ``lightning_gmc.COMPRESSORS``) or a :class:`Compressor`; None
@@ -56,7 +58,8 @@ class GMCStrategy(DDPStrategy):
         detach: GMC+'s detach coefficient (``> 0`` evaluates gradients at ``w - detach * lr *
             residual``); None takes the method's default (0 for GMC).
         method: method name (see ``lightning_gmc.METHODS``).
-        momentum: overrides the optimizer's momentum when not None.
+        momentum: overrides the optimizer's momentum when not None (not for ``ef``, whose optimizer
+            keeps its own).
         seed: seed of the shared random streams (RBGS blocks, random-k); equal on all ranks.
         method_options: further options of the method (e.g. ``{"momentum_lr_convention": "cur"}``).
         compressor_options: further options of the compressor (e.g. ``{"sample_ratio": 0.01}``).
@@ -196,9 +199,10 @@ class GMCStrategy(DDPStrategy):
                 "Lightning's optimizer step. Set `self.automatic_optimization = True`."
             )
         if len(self.optimizers) != 1:
+            kind = "torch.optim.SGD" if self.gmc_method.takes_over_optimizer else "any torch.optim.Optimizer"
             raise ValueError(
-                f"GMCStrategy supports exactly one optimizer (torch.optim.SGD); configure_optimizers "
-                f"returned {len(self.optimizers)}"
+                f"GMCStrategy supports exactly one optimizer ({kind} for method "
+                f"{self.gmc_method.name!r}); configure_optimizers returned {len(self.optimizers)}"
             )
         return module
 
@@ -319,8 +323,15 @@ class GMCStrategy(DDPStrategy):
             compressor="rbgs",
             detach=0.5,
         )
+        strategy_registry.register(
+            "ef",
+            cls,
+            description="EF: top-k with error feedback on the gradient, any optimizer (Adam, AdamW)",
+            method="ef",
+            override=True,
+        )
         for name in sorted(METHODS):
-            if name != "gmc":
+            if name not in ("gmc", "ef"):
                 strategy_registry.register(
                     name, cls, description=f"lightning_gmc method {name!r}", method=name, override=True
                 )

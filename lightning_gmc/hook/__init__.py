@@ -35,6 +35,8 @@ Tuning guide:
   plain SGD with the scheduled learning rate. Coupled L2 is added to the gradient before compression.
   ``optimizer.state_dict()`` still saves the user's values, so a checkpoint resumes under plain DDP
   with them; loading a state dict takes them over again.
+* ``method="ef"`` is the exception: error feedback on the gradient alone, with any optimizer (Adam,
+  AdamW, Nesterov SGD, ...) left in charge of momentum, weight decay and adaptive scaling.
 
 State (residuals, global momentum) is kept in fp32 per parameter, whatever the parameter dtype, and
 survives DDP's bucket rebuild after the first iteration.

@@ -111,8 +111,9 @@ class GMCHookState:
         return self.clock.step
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Bind to the model's trainable parameters and take over the optimizer's momentum and weight
-        decay (see :class:`~lightning_gmc.hook.binding.OptimizerBinding` for what is raised)."""
+        """Bind to the model's trainable parameters and, for methods that do (all but ``ef``), take over
+        the optimizer's momentum and weight decay (see
+        :class:`~lightning_gmc.hook.binding.OptimizerBinding` for what is raised)."""
         binding = self.binding
         binding.attach(model, optimizer)
         device = binding.params[0].device if binding.params else torch.device("cpu")
@@ -132,11 +133,19 @@ class GMCHookState:
         residuals = self.worker.tensors.get("residual")
         collectives = self.exchange.collectives if distributed else None
         self.swap = ParameterSwap(self.method, binding.params, binding.table, residuals, collectives)
-        log.info(
-            "lightning_gmc: %s on %d parameters (%d elements); momentum=%s weight_decay=%s",
-            *(self.method.describe(), len(binding.table), binding.table.numel),
-            *(binding.group_momentum, binding.group_weight_decay),
-        )
+        if binding.takes_over:
+            log.info(
+                "lightning_gmc: %s on %d parameters (%d elements); momentum=%s weight_decay=%s",
+                *(self.method.describe(), len(binding.table), binding.table.numel),
+                *(binding.group_momentum, binding.group_weight_decay),
+            )
+        else:
+            log.info(
+                "lightning_gmc: %s on %d parameters (%d elements); %s applies its own momentum and "
+                "weight decay",
+                *(self.method.describe(), len(binding.table), binding.table.numel),
+                type(optimizer).__name__,
+            )
 
     def release_optimizer_hyperparameters(self) -> None:
         """Zero the optimizer's momentum and weight decay again (the method applies them)."""
