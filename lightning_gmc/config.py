@@ -25,11 +25,13 @@ from lightning_gmc.methods import METHODS, Method, build_method, method_option_n
 
 __all__ = [
     "GMCConfig",
+    "Hierarchy",
     "NonFinitePolicy",
     "WorldSizeChangePolicy",
     "check_density",
     "check_detach",
     "check_finite_options",
+    "check_hierarchy",
     "check_momentum",
     "check_nonfinite_policy",
     "check_world_size_policy",
@@ -37,6 +39,7 @@ __all__ = [
 
 NonFinitePolicy = Literal["skip", "raise"]
 WorldSizeChangePolicy = Literal["error", "reset_residuals"]
+Hierarchy = Literal["flat", "node"]
 
 
 def _is_finite_number(value: object) -> bool:
@@ -76,6 +79,15 @@ def check_world_size_policy(policy: object) -> WorldSizeChangePolicy:
     return policy  # type: ignore[return-value]
 
 
+def check_hierarchy(hierarchy: object) -> Hierarchy:
+    if hierarchy not in ("flat", "node"):
+        raise ValueError(
+            f"hierarchy must be 'flat' (every rank is a worker) or 'node' (one worker per node, dense "
+            f"averaging inside it), got {hierarchy!r}"
+        )
+    return hierarchy  # type: ignore[return-value]
+
+
 def _takes_wire_dtype(name: str) -> bool:
     cls = COMPRESSORS.get(name)
     return (
@@ -105,7 +117,8 @@ class GMCConfig:
         density: fraction of each parameter sent per step, in (0, 1] (sparsifiers).
         detach: GMC+'s detach coefficient; None takes the method's default (0 for GMC). Only for
             methods that have one (``docs/algorithms.md`` section 2.3).
-        momentum: overrides the optimizer's momentum when not None.
+        momentum: overrides the optimizer's momentum when not None (methods that take over the
+            optimizer; ``ef`` leaves momentum to the optimizer and refuses it).
         seed: seed of the shared random streams (RBGS blocks, random-k); equal on every rank.
         method_options: further options of the method.
         compressor_options: further options of the compressor.
@@ -114,6 +127,9 @@ class GMCConfig:
         nonfinite: ``"skip"`` or ``"raise"`` on a non-finite bucket gradient.
         on_world_size_change: resuming a checkpoint of another world size: ``"error"`` or
             ``"reset_residuals"``.
+        hierarchy: ``"flat"`` (default; every rank is a worker) or ``"node"`` (gradients averaged
+            densely inside each node, the method runs with one worker per node between nodes;
+            ``docs/algorithms.md`` section 3.11).
         wire_dtype: dtype the compressor's float values travel in: ``"fp32"`` (default), ``"bf16"``
             or ``"fp16"`` (``docs/algorithms.md`` section 3.12); only for compressors that send
             float values (``none``, ``topk``, ``topk_approx``, ``topk_shared``, ``randk``, ``rbgs``).
@@ -130,6 +146,7 @@ class GMCConfig:
     ef_scaling: bool | None = None
     nonfinite: NonFinitePolicy = "skip"
     on_world_size_change: WorldSizeChangePolicy = "error"
+    hierarchy: Hierarchy = "flat"
     wire_dtype: WireDtype = "fp32"
 
     def __post_init__(self) -> None:
@@ -148,8 +165,14 @@ class GMCConfig:
                 raise ValueError(f"method {self.method!r} has no detach coefficient; leave `detach` unset")
         if self.momentum is not None:
             check_momentum(self.momentum)
+            if not METHODS[self.method_name].takes_over_optimizer:
+                raise ValueError(
+                    f"method {self.method!r} leaves momentum to the optimizer; set it there (e.g. "
+                    f"AdamW(betas=...), SGD(momentum=...)) and leave `momentum` unset"
+                )
         check_nonfinite_policy(self.nonfinite)
         check_world_size_policy(self.on_world_size_change)
+        check_hierarchy(self.hierarchy)
         if "detach" in self.method_options:
             check_detach(self.method_options["detach"])
         check_finite_options("method", self.method_options)
