@@ -234,7 +234,13 @@ class Compressor(ABC):
         """
         out.zero_()
         self.decompress_add(summed, plan, out)
-        return out.div_(world_size)
+        return out if world_size == 1 else out.div_(world_size)  # x / 1 == x: one pass fewer
+
+    def staging_buffer(self, plan: CompressionPlan, workspace: Workspace, device: torch.device) -> Tensor | None:
+        """A buffer of the payload :meth:`compress` will write into ``workspace``, in which the caller
+        may build ``x`` so that compressing it copies nothing; only compressors that send their input
+        unchanged (``C(x) = x``, the identity) offer one. None (the default): build ``x`` anywhere."""
+        return None
 
     def subtract_own(self, x: Tensor, payload: Payload, plan: CompressionPlan, workspace: Tensor) -> None:
         """Set ``x <- x - C(x)`` for the payload this rank just produced from ``x``.

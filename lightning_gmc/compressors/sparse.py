@@ -64,15 +64,21 @@ class Identity(Compressor):
         # The caller's message slot owns the values: the transport reduces them in place, so they
         # must not be shared with another message in flight.
         values = workspace.tensor("values", plan.numel, x.dtype, x.device)
-        values.copy_(x)
+        if x is not values:  # x was built in the staging buffer: nothing to copy
+            values.copy_(x)
         return Payload({"values": values})
+
+    def staging_buffer(self, plan: CompressionPlan, workspace: Workspace, device: torch.device) -> Tensor | None:
+        return workspace.tensor("values", plan.numel, torch.float32, device)
 
     def decompress_add(self, payload: Payload, plan: CompressionPlan, out: Tensor) -> None:
         out.add_(payload.tensors["values"])
 
     def decode_summed(self, summed: Payload, plan: CompressionPlan, out: Tensor, world_size: int) -> Tensor:
-        # 0 + v, as the default's zero_() + add_() gives (it turns -0.0 into +0.0), one pass fewer.
-        return torch.add(summed.tensors["values"], 0.0, out=out).div_(world_size)
+        # 0 + v, as the default's zero_() + add_() gives (it turns -0.0 into +0.0), one pass fewer;
+        # and no division by K = 1 (x / 1 == x).
+        torch.add(summed.tensors["values"], 0.0, out=out)
+        return out if world_size == 1 else out.div_(world_size)
 
     def subtract_own(self, x: Tensor, payload: Payload, plan: CompressionPlan, workspace: Tensor) -> None:
         x.zero_()
@@ -149,7 +155,8 @@ class SparseCompressor(Compressor):
         # (0 + v) / K: values.add_(0.0) reproduces the 0 + v (-0.0 -> +0.0), and index_copy_ stores
         # the quotient as is.
         out.zero_()
-        return out.index_copy_(0, index, summed.tensors["values"].add_(0.0).div_(world_size))
+        values = summed.tensors["values"].add_(0.0)
+        return out.index_copy_(0, index, values if world_size == 1 else values.div_(world_size))
 
     def subtract_own(self, x: Tensor, payload: Payload, plan: CompressionPlan, workspace: Tensor) -> None:
         # x - C(x) is exactly x with the sent coordinates zeroed (no rounding).

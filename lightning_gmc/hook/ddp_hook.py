@@ -85,8 +85,15 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
 
     def finish(fut: Future[list[Tensor]]) -> Tensor:
         state.method.decode(step, fut.value())
-        if grad is not buffer:
-            buffer.copy_(grad)
+        direction = step.direction()
+        if direction is buffer:
+            return buffer
+        if buffer.dtype == torch.float32:
+            # A state buffer that holds the direction (e.g. GMC's momentum): DDP copies the hook's
+            # result into the parameters' gradients, so handing it over saves a copy into the bucket.
+            # The method leaves it unchanged until this bucket's next encode, after that copy.
+            return direction
+        buffer.copy_(direction)  # a bf16 bucket gets the direction rounded, as before
         return buffer
 
     return future.then(finish)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from lightning_gmc.methods._common import add_momentum, apply_lr_inside_out, check_lr
+from lightning_gmc.methods._common import add_into, add_momentum, apply_lr_inside_out, check_lr
 from lightning_gmc.methods.base import BucketStep, Message, Method
 
 __all__ = ["EFServerMomentum", "GMCLRInside"]
@@ -46,18 +46,17 @@ class EFServerMomentum(Method):
     error_feedback = True
 
     def encode(self, step: BucketStep) -> list[Message]:
-        p = step.buffer("residual")  # becomes p_k = e_k + g_k + wd w in place
-        p.add_(step.grad)
+        residual = step.buffer("residual")
+        p = step.staging(self.compressor, residual)  # p_k = e_k + g_k + wd w, in the residual
+        add_into(p, residual, step.grad)
         step.add_weight_decay(p)
-        message = step.compress(self.compressor, p)
-        step.subtract_own(message, p)
-        return [message]
+        return [step.send_residual(self.compressor, p, residual)]
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means
         momentum = step.buffer("momentum")
         add_momentum(step, momentum, mean)  # m_t = beta m_{t-1} + mean
-        step.out.copy_(momentum)
+        step.use_direction(momentum)
 
     def describe(self) -> str:
         return f"ef_server_momentum (Alg. 3) with {self.compressor.describe()}"
@@ -79,19 +78,21 @@ class GMCLRInside(Method):
     def encode(self, step: BucketStep) -> list[Message]:
         grad = step.grad
         step.add_weight_decay(grad)
-        u = step.buffer("residual")  # becomes u'_k in place
+        residual = step.buffer("residual")
+        u = step.staging(self.compressor, residual)  # u'_k, in the residual
         last_update = step.buffer("last_update")
         for sl, hyper in step.runs():
-            u[sl].add_(grad[sl], alpha=check_lr(self.name, hyper))
+            add_into(u[sl], residual[sl], grad[sl], alpha=check_lr(self.name, hyper))
             if hyper.momentum != 0.0:
                 u[sl].add_(last_update[sl], alpha=hyper.momentum)
-        message = step.compress(self.compressor, u)
-        step.subtract_own(message, u)
-        return [message]
+        # The mean is w_t - w_{t+1}, kept for the next step: decoded straight into last_update.
+        return [step.send_residual(self.compressor, u, residual, decode_into=last_update)]
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means
-        step.buffer("last_update").copy_(mean)  # w_t - w_{t+1} for the next step
+        last_update = step.buffer("last_update")
+        if mean is not last_update:
+            last_update.copy_(mean)  # w_t - w_{t+1} for the next step
         apply_lr_inside_out(self.name, step, mean)
 
     def describe(self) -> str:

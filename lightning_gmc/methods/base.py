@@ -269,7 +269,8 @@ class BucketStep:
         bucket: the worker's state for this bucket layout.
         grad: the worker's fp32 gradient for the bucket (may be modified in place).
         out: where :meth:`Method.decode` writes the update direction (fp32, bucket-sized; may alias
-            ``grad``).
+            ``grad``), unless it points at a state buffer that already holds it
+            (:meth:`use_direction`); readers take :meth:`direction`.
         hypers: current hyper-parameters per optimizer param group.
         step: optimizer step index ``t`` (0-based).
         rng: the worker's random streams.
@@ -288,6 +289,7 @@ class BucketStep:
     read_params: Callable[[Tensor], None]
     _params: Tensor | None = field(default=None, repr=False)
     _messages: int = field(default=0, repr=False)
+    _direction: Tensor | None = field(default=None, repr=False)
 
     def buffer(self, name: str) -> Tensor:
         return self.bucket.buffers[name]
@@ -326,6 +328,45 @@ class BucketStep:
     def subtract_own(self, message: Message, x: Tensor) -> None:
         """``x <- x - C(x)`` for a message this worker just produced from ``x``."""
         message.compressor.subtract_own(x, message.payload, message.plan, self.bucket.workspace("decoded"))
+
+    def staging(self, compressor: Compressor, residual: Tensor) -> Tensor:
+        """Where an error-feedback method should build the vector ``x`` it sends next and keeps
+        ``x - C(x)`` of in ``residual``: ``residual`` itself, or, for a compressor that sends its input
+        unchanged (the identity), that compressor's payload buffer of the next message, which saves
+        copying ``x`` into the payload (:meth:`Compressor.staging_buffer`). Pass the result to
+        :meth:`send_residual`."""
+        plan = self.bucket.plan(compressor)
+        slot = self.bucket.message_workspace(self._messages)
+        staged = compressor.staging_buffer(plan, slot, self.bucket.device)
+        return residual if staged is None else staged
+
+    def send_residual(
+        self,
+        compressor: Compressor,
+        x: Tensor,
+        residual: Tensor,
+        stream_offset: int = 0,
+        decode_into: Tensor | None = None,
+    ) -> Message:
+        """Compress ``x`` (built where :meth:`staging` said) and leave ``x - C(x)`` in ``residual``:
+        :meth:`compress` then :meth:`subtract_own` when ``x`` is the residual; zero otherwise, since
+        a staging buffer means ``C(x) = x``."""
+        message = self.compress(compressor, x, stream_offset, decode_into)
+        if x is residual:
+            self.subtract_own(message, residual)
+        else:
+            residual.zero_()
+        return message
+
+    def use_direction(self, direction: Tensor) -> None:
+        """Declare that ``direction`` (a bucket-sized fp32 state buffer the method keeps anyway) holds
+        the update direction, instead of copying it into ``out``. It must stay unchanged until the
+        next :meth:`Method.encode` of this bucket."""
+        self._direction = direction
+
+    def direction(self) -> Tensor:
+        """The update direction :meth:`Method.decode` produced: ``out`` or the buffer it named."""
+        return self.out if self._direction is None else self._direction
 
 
 class Method(ABC):
@@ -383,7 +424,8 @@ class Method(ABC):
     @abstractmethod
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         """Given the mean over workers of each decoded message, write the update direction into
-        ``step.out`` and update state."""
+        ``step.out`` (or name the state buffer holding it, :meth:`BucketStep.use_direction`) and update
+        state."""
 
     def detach_scale(self, hyper: GroupHyper) -> float:
         """Coefficient ``s`` of the detached gradient point ``w - s * residual`` (0: plain ``w``)."""

@@ -62,7 +62,7 @@ class DMSGD(Method):
         (mean,) = means
         momentum = step.buffer("momentum")
         add_momentum(step, momentum, mean)
-        step.out.copy_(momentum)
+        step.use_direction(momentum)  # no copy into the gradient bucket
 
     def describe(self) -> str:
         return "dmsgd (dense)"

@@ -27,6 +27,7 @@ from typing import Literal
 from torch import Tensor
 
 from lightning_gmc.compressors import Compressor
+from lightning_gmc.methods._common import add_into
 from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method
 
 __all__ = ["GMC", "MomentumConvention"]
@@ -66,26 +67,27 @@ class GMC(Method):
         self.momentum_lr_convention: MomentumConvention = momentum_lr_convention
 
     def encode(self, step: BucketStep) -> list[Message]:
-        u = step.buffer("residual")  # becomes u_k in place: e_k + g_k + wd x_k + beta c m
+        residual = step.buffer("residual")
         momentum = step.buffer("momentum")
-        u.add_(step.grad)
+        # u_k = e_k + g_k + wd x_k + beta c m, built in the residual itself (or, for the identity, in
+        # its payload: the residual then becomes zero and nothing is copied).
+        u = step.staging(self.compressor, residual)
+        add_into(u, residual, step.grad)
         step.add_weight_decay(u)
         for sl, hyper in step.runs():
             if hyper.momentum != 0.0:
                 scale = hyper.prev_lr / hyper.lr if self.momentum_lr_convention == "cur" else 1.0
                 u[sl].add_(momentum[sl], alpha=hyper.momentum * scale)
         # m_t, the mean over workers, is decoded straight into the momentum buffer (m_{t-1} is no
-        # longer needed once u_k is formed).
-        message = step.compress(self.compressor, u, decode_into=momentum)
-        step.subtract_own(message, u)  # residual e_k <- u_k - C(u_k)
-        return [message]
+        # longer needed once u_k is formed); e_k <- u_k - C(u_k).
+        return [step.send_residual(self.compressor, u, residual, decode_into=momentum)]
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means
         momentum = step.bucket.buffers["momentum"]
         if mean is not momentum:
             momentum.copy_(mean)
-        step.out.copy_(mean)
+        step.use_direction(momentum)  # the direction is m_t: no copy into the gradient bucket
 
     def detach_scale(self, hyper: GroupHyper) -> float:
         return self.detach * hyper.lr
