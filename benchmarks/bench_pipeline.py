@@ -121,7 +121,9 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--width", type=int, default=4096, help="Linear(width, width): 16.8M parameters")
     parser.add_argument("--quick", action="store_true", help="width 1024, few rounds")
     parser.add_argument("--rounds", type=int, default=None, help="measured rounds (default 15, quick 5)")
@@ -162,7 +164,8 @@ def main() -> None:
     clone = statistics.median(clones)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(
-        f"torch {torch.__version__}, {name} ({device}), backend {backend}, {torch.get_num_threads()} thread(s); "
+        f"torch {torch.__version__}, {name} ({device}), backend {backend}, "
+        f"{torch.get_num_threads()} thread(s); "
         f"Linear({width}, {width}) = {numel:,} fp32 parameters, batch 1; {rounds} interleaved rounds "
         f"(+{args.warmup} warm-up), median; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n"
     )

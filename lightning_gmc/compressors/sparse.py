@@ -45,6 +45,7 @@ class Identity(Compressor):
     name: ClassVar[str] = "none"
     shared_support: ClassVar[bool] = True
     sparse: ClassVar[bool] = False
+    sends_input: ClassVar[bool] = True
     unbiased = True
 
     def plan(self, segments: Sequence[Segment]) -> CompressionPlan:
@@ -64,12 +65,11 @@ class Identity(Compressor):
         # The caller's message slot owns the values: the transport reduces them in place, so they
         # must not be shared with another message in flight.
         values = workspace.tensor("values", plan.numel, x.dtype, x.device)
-        if x is not values:  # x was built in the staging buffer: nothing to copy
-            values.copy_(x)
+        values.copy_(x)
         return Payload({"values": values})
 
-    def staging_buffer(self, plan: CompressionPlan, workspace: Workspace, device: torch.device) -> Tensor | None:
-        return workspace.tensor("values", plan.numel, torch.float32, device)
+    def wrap_input(self, x: Tensor, plan: CompressionPlan) -> Payload:
+        return Payload({"values": x})
 
     def decompress_add(self, payload: Payload, plan: CompressionPlan, out: Tensor) -> None:
         out.add_(payload.tensors["values"])

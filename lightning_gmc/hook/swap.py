@@ -130,7 +130,8 @@ class ParameterSwap:
             self._spares = [torch.empty_like(p) for p in self.params]
         held: list[tuple[nn.Parameter, Tensor]] = []
         with torch.no_grad():
-            for p, residual, scale, spare in zip(self.params, self.residuals, scales, self._spares, strict=True):
+            shifts = zip(self.params, self.residuals, scales, self._spares, strict=True)
+            for p, residual, scale, spare in shifts:
                 if scale:
                     # The same bits as p.add_(residual.to(p.dtype), alpha=-scale) in place.
                     torch.add(p, residual.view_as(p).to(p.dtype), alpha=-scale, out=spare)

@@ -47,10 +47,13 @@ class EFServerMomentum(Method):
 
     def encode(self, step: BucketStep) -> list[Message]:
         residual = step.buffer("residual")
-        p = step.staging(self.compressor, residual)  # p_k = e_k + g_k + wd w, in the residual
+        # p_k = e_k + g_k + wd w, in the residual; for the identity in the gradient buffer (no longer
+        # needed), which the exchange then sums and decodes into in place.
+        p = step.staging(self.compressor, residual, into=step.grad)
         add_into(p, residual, step.grad)
         step.add_weight_decay(p)
-        return [step.send_residual(self.compressor, p, residual)]
+        decode_into = None if p is residual else p
+        return [step.send_residual(self.compressor, p, residual, decode_into=decode_into)]
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means
@@ -79,12 +82,15 @@ class GMCLRInside(Method):
         grad = step.grad
         step.add_weight_decay(grad)
         residual = step.buffer("residual")
-        u = step.staging(self.compressor, residual)  # u'_k, in the residual
         last_update = step.buffer("last_update")
+        # u'_k in the residual; for the identity written over last_update (as GMC over its momentum).
+        u = step.staging(self.compressor, residual, into=last_update)
         for sl, hyper in step.runs():
-            add_into(u[sl], residual[sl], grad[sl], alpha=check_lr(self.name, hyper))
+            residual[sl].add_(grad[sl], alpha=check_lr(self.name, hyper))
             if hyper.momentum != 0.0:
-                u[sl].add_(last_update[sl], alpha=hyper.momentum)
+                add_into(u[sl], residual[sl], last_update[sl], alpha=hyper.momentum)
+            elif u is not residual:
+                u[sl].copy_(residual[sl])
         # The mean is w_t - w_{t+1}, kept for the next step: decoded straight into last_update.
         return [step.send_residual(self.compressor, u, residual, decode_into=last_update)]
 

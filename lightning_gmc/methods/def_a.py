@@ -80,10 +80,13 @@ class DEFA(Method):
         momentum = step.buffer("momentum")
         add_momentum(step, momentum, grad)
         residual = step.buffer("residual")
-        p = step.staging(self.compressor, residual)  # p_k = e_k + eta_t m_k, in the residual
+        # p_k = e_k + eta_t m_k, in the residual; for the identity in the gradient buffer (no longer
+        # needed), which the exchange then sums and decodes into in place.
+        p = step.staging(self.compressor, residual, into=grad)
         for sl, hyper in step.runs():
             add_into(p[sl], residual[sl], momentum[sl], alpha=check_lr(self.name, hyper))
-        return [step.send_residual(self.compressor, p, residual)]  # e_k <- p_k - C(p_k)
+        decode_into = None if p is residual else p
+        return [step.send_residual(self.compressor, p, residual, decode_into=decode_into)]
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means

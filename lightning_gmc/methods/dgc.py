@@ -152,9 +152,12 @@ class DGC(Method):
         momentum = step.buffer("momentum")
         add_momentum(step, momentum, grad)  # u = beta u + g
         accumulation = step.buffer("residual")
-        v = step.staging(self._active, accumulation)
-        add_into(v, accumulation, momentum)  # v = v + u
-        message = step.send_residual(self._active, v, accumulation)  # v = v - C(v)
+        # v = v + u in place; for the identity in the gradient buffer (no longer needed), which the
+        # exchange then sums and decodes into in place.
+        v = step.staging(self._active, accumulation, into=grad)
+        add_into(v, accumulation, momentum)
+        decode_into = None if v is accumulation else v
+        message = step.send_residual(self._active, v, accumulation, decode_into=decode_into)  # v - C(v)
         if self.momentum_masking:
             if isinstance(self._active, Identity):
                 momentum.zero_()  # everything was sent
