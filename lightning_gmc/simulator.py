@@ -27,7 +27,7 @@ from torch import Tensor
 from lightning_gmc.compressors import Compressor
 from lightning_gmc.config import GMCConfig, check_momentum
 from lightning_gmc.methods import BucketStep, GroupHyper, Method, ParameterTable, WorkerState
-from lightning_gmc.transport import CommStats, SimulatedTransport
+from lightning_gmc.transport import CommStats, Exchange, InProcessCollectives
 
 __all__ = ["Simulator"]
 
@@ -89,7 +89,7 @@ class Simulator:
         self.momentum = check_momentum(momentum)
         self.weight_decay = float(weight_decay)
         self.stats = CommStats()
-        self.transport = SimulatedTransport(num_workers, self.stats)
+        self.exchange = Exchange(InProcessCollectives(num_workers), self.stats)
         device = torch.device("cpu")
         self.workers = [
             WorkerState(self.method, self.table, device, rank, seed) for rank in range(num_workers)
@@ -158,11 +158,10 @@ class Simulator:
             )
             messages.append(self.method.encode(step))
             steps.append(step)
-        self.stats.record_bucket(self.table.numel, self.num_workers)  # as rank 0 sees it
-        means = self.transport.exchange(messages, self.workers[0].bucket(self._key))
-        # Each worker decodes from its own copy of the means, exactly as every rank would.
-        for step, sent in zip(steps, messages, strict=True):
-            own = [_own_copy(mean, message.decode_into) for mean, message in zip(means, sent, strict=True)]
+        buckets = [step.bucket for step in steps]
+        # The same exchange as the DDP hook's; each worker decodes from its own copy of the means.
+        means = self.exchange.start(messages, buckets, self.step_index).wait()
+        for step, own in zip(steps, means, strict=True):
             self.method.decode(step, own)
         self._prev_lr = float(lr)
         self.step_index += 1
@@ -210,11 +209,6 @@ def _mean(tensors: Sequence[Tensor]) -> Tensor:
     for tensor in tensors[1:]:
         total = total + tensor
     return total / len(tensors)
-
-
-def _own_copy(mean: Tensor, target: Tensor | None) -> Tensor:
-    """A worker's copy of a mean, in the buffer its message asked for (as the real transport does)."""
-    return mean.clone() if target is None else target.copy_(mean)
 
 
 def _copier(source: Tensor) -> Callable[[Tensor], None]:

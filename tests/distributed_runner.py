@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,14 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import DDPStrategy
+from torch.futures import Future
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import loss_fn, make_dataset, make_model  # noqa: E402
 
 import lightning_gmc  # noqa: E402
-from lightning_gmc import transport as gmc_transport  # noqa: E402
-from lightning_gmc.transport import distributed as gmc_distributed  # noqa: E402
+from lightning_gmc.transport import Collectives  # noqa: E402
 
 
 class MemoryLogger(Logger):
@@ -105,27 +106,40 @@ class Module(L.LightningModule):
 
 
 class CollectiveCounter:
-    """Wraps the collectives the transport uses and records the bytes handed to them."""
+    """A collective back-end that records the bytes each call hands to the one it wraps.
 
-    def __init__(self) -> None:
+    Installed as the GMC exchange's back-end (``state.exchange.collectives``), so it sees exactly
+    the hook's traffic, whatever the torch.distributed API underneath.
+    """
+
+    def __init__(self, inner: Collectives) -> None:
+        self.inner = inner
         self.calls: list[tuple[str, int]] = []
         self.active = False
-        self._all_reduce = torch.distributed.all_reduce
-        self._gather = gmc_distributed._all_gather_single
 
-        def all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            if self.active:
-                self.calls.append(("all_reduce", tensor.numel() * tensor.element_size()))
-            return self._all_reduce(tensor, *args, **kwargs)
+    @property
+    def world_size(self) -> int:
+        return self.inner.world_size
 
-        def all_gather(output: torch.Tensor, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            if self.active:
-                self.calls.append(("all_gather", tensor.numel() * tensor.element_size()))
-            return self._gather(output, tensor, *args, **kwargs)
+    @property
+    def local_ranks(self) -> Sequence[int]:
+        return self.inner.local_ranks
 
-        torch.distributed.all_reduce = all_reduce  # type: ignore[assignment]
-        gmc_distributed.dist.all_reduce = all_reduce  # type: ignore[attr-defined]
-        gmc_distributed._all_gather_single = all_gather
+    def _record(self, kind: str, tensor: torch.Tensor) -> None:
+        if self.active:
+            self.calls.append((kind, tensor.numel() * tensor.element_size()))
+
+    def all_reduce_sum(self, tensors: Sequence[torch.Tensor]) -> Future[torch.Tensor]:
+        self._record("all_reduce", tensors[0])
+        return self.inner.all_reduce_sum(tensors)
+
+    def all_gather_bytes(self, inputs: Sequence[torch.Tensor], output: torch.Tensor) -> Future[torch.Tensor]:
+        self._record("all_gather", inputs[0])
+        return self.inner.all_gather_bytes(inputs, output)
+
+    def broadcast(self, tensors: Sequence[torch.Tensor], src: int) -> Future[torch.Tensor]:
+        self._record("broadcast", tensors[0])
+        return self.inner.broadcast(tensors, src)
 
 
 class CounterSwitch(L.Callback):
@@ -154,11 +168,15 @@ class StartState(L.Callback):
 def main() -> None:
     cfg = json.loads(Path(sys.argv[1]).read_text())
     out_dir = Path(cfg["out_dir"])
-    counter = CollectiveCounter() if cfg.get("count_collectives") else None
     kwargs = dict(cfg.get("strategy_kwargs", {}))
     kwargs.setdefault("bucket_cap_mb", cfg.get("bucket_cap_mb", 0.25))
+    counter = None
     if cfg.get("strategy", "gmc") == "gmc":
         strategy: DDPStrategy = lightning_gmc.GMCStrategy(**kwargs)
+        if cfg.get("count_collectives"):
+            exchange = strategy.gmc_state.exchange
+            counter = CollectiveCounter(exchange.collectives)
+            exchange.collectives = counter
     else:
         strategy = DDPStrategy(**kwargs)
     x, y = make_dataset(cfg.get("num_samples", 256), cfg.get("data_seed", 1))
@@ -177,7 +195,7 @@ def main() -> None:
         max_epochs=cfg.get("max_epochs", -1),
         accumulate_grad_batches=cfg.get("accumulate_grad_batches", 1),
         logger=logger,
-        log_every_n_steps=1,
+        log_every_n_steps=cfg.get("log_every_n_steps", 1),
         callbacks=callbacks,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -213,8 +231,6 @@ def main() -> None:
         result["start_state"] = start_state.state
     torch.save(result, out_dir / f"rank{trainer.global_rank}.pt")
 
-
-assert gmc_transport  # imported for the side effect of making the module importable early
 
 if __name__ == "__main__":
     main()

@@ -65,6 +65,14 @@ CASES: dict[str, dict[str, Any]] = {
     },
     "def_a": {"method": "def_a", "compressor": "rbgs", "density": 0.05, "detach": 0.3, "seed": 3},
     "ef_server_momentum": {"method": "ef_server_momentum", "compressor": "topk", "density": 0.05},
+    # "GMC+ with momentum on the aggregate": the hook's detached point on a gradient-unit residual
+    "ef_server_momentum_detached": {
+        "method": "ef_server_momentum",
+        "compressor": "rbgs",
+        "density": 0.05,
+        "detach": 0.5,
+        "seed": 4,
+    },
     "gmc_lr_inside": {"method": "gmc_lr_inside", "compressor": "topk", "density": 0.05},
 }
 

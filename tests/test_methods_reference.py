@@ -500,7 +500,7 @@ def test_impossible_combinations_fail_at_construction() -> None:
     with pytest.raises(ValueError, match="detach"):
         Simulator({"w": (10,)}, K, method="def_a", compressor="topk", detach=-1.0)
     with pytest.raises(ValueError, match="does not take"):
-        Simulator({"w": (10,)}, K, method="ef_server_momentum", compressor="topk", detach=0.3)
+        Simulator({"w": (10,)}, K, method="gmc_lr_inside", compressor="topk", detach=0.3)
 
 
 def test_lr_inside_methods_reject_a_zero_learning_rate() -> None:

@@ -46,7 +46,7 @@ def test_detach_reaches_def_a_and_is_refused_by_methods_without_it() -> None:
     assert method.evaluation_point == "params_minus_mean_residual"
     plain = GMCStrategy(method="def_a", method_options={"evaluation": "x_t"}).gmc_method
     assert plain.evaluation_point == "params"
-    for name in ("dgc", "cser", "ef_server_momentum", "gmc_lr_inside"):
+    for name in ("dgc", "cser", "gmc_lr_inside"):
         with pytest.raises(ValueError, match="no detach"):
             GMCStrategy(method=name, detach=0.3)
 

@@ -1,10 +1,13 @@
-"""The non-IID study script runs end to end, and the simulator's evaluation model is the documented one."""
+"""The non-IID study script runs end to end, its seed moves everything random, and the simulator's
+evaluation model is the documented one."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,10 +35,42 @@ def test_study_quick_mode_writes_table_and_plot(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (out / "results.md").read_text()
-    for label in ("DMSGD (dense)", "GMC", "CSER"):
+    for label in ("DMSGD (dense)", "GMC", "CSER", "GMC+ agg. momentum (RBGS, lambda=0.5)"):
         assert f"| {label} |" in table
     assert "Command: `python examples/noniid_study.py --quick" in table
-    assert (out / "curves.png").stat().st_size > 0
+    assert (out / "curves_topk.png").stat().st_size > 0
+    assert (out / "curves_rbgs.png").stat().st_size > 0
+
+
+def _dense_run(seed: int) -> dict[str, Any]:
+    from examples.noniid_study import DENSE, SeedPlan, run_one, suite_arms
+
+    args = argparse.Namespace(
+        workers=4, alpha=0.1, epochs=1, density=0.01, lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=16
+    )
+    plan = SeedPlan(seed)
+    shards, test = plan.shards(args.workers, args.alpha)
+    return run_one(suite_arms("topk", args.density)[DENSE], plan, args, shards, test)
+
+
+def test_the_seed_moves_split_init_and_batch_order_of_the_dense_baseline() -> None:
+    from examples.noniid_study import SeedPlan
+
+    torch.set_num_threads(1)
+    one, two = SeedPlan(0), SeedPlan(1)
+    assert not torch.equal(one.init_params()["conv1.weight"], two.init_params()["conv1.weight"])
+    torch.testing.assert_close(one.init_params(), SeedPlan(0).init_params())  # and only the seed
+    shards_one, test_one = one.shards(4, 0.1)
+    shards_two, test_two = two.shards(4, 0.1)
+    counts = [[torch.bincount(y, minlength=10).tolist() for _, y in s] for s in (shards_one, shards_two)]
+    assert counts[0] != counts[1]  # another Dirichlet partition
+    assert torch.equal(test_one[1], test_two[1])  # the test digits stay fixed
+    assert not torch.equal(one.batch_order(0, 0, 100), two.batch_order(0, 0, 100))
+    assert not torch.equal(one.batch_order(0, 0, 100), one.batch_order(1, 0, 100))  # reshuffled per epoch
+    # The dense arm (no compressor randomness) differs between seeds and repeats for one seed.
+    first, again, other = _dense_run(0), _dense_run(0), _dense_run(1)
+    assert first["test_loss"] == again["test_loss"]
+    assert first["test_loss"] != other["test_loss"]
 
 
 def test_evaluation_params_follow_each_method() -> None:

@@ -17,6 +17,11 @@ discussed in ``docs/algorithms.md``, "Paper experiments"):
   RCC of 0.64 % with K = 8 through the paper's eq. (9); calibrate against the measured ``gmc/rcc``).
 * RBGS runs (Tables 3-4): density 1/64 (the DEF reference scripts' ratio 64; the paper's value is
   blank). DEF-A coefficient 0.3, GMC+ coefficient 0.5; Table 3 sweeps {0, 0.3, 0.5, 0.8, 1.0}.
+* RBGS non-IID study (``rbgs_noniid/``, not a table of the paper): CIFAR-10, Dirichlet(0.1), ResNet-20
+  (GN) and the ViT, RBGS at density 1/64 for every arm (equal RCC): GMC+ for lambda in {0, 0.3, 0.5,
+  1.0}, DEF-A for c in {0, 0.3, 0.5}, and GMC+ with momentum on the aggregate
+  (``ef_server_momentum`` with ``detach``) for lambda in {0, 0.3, 0.5, 1.0}; the GPU-sized counterpart
+  of ``examples/noniid_study.py --suite rbgs``.
 * DGC: no warm-up (the GMC paper disables it); w/ and w/o momentum factor masking.
 * CSER: C1 density 0.1 %, C2 (top-k) density 0.8 % every H = 8 steps (Xie et al.'s pattern rho2 / H = rho1;
   the paper's values did not survive in the text we have).
@@ -96,10 +101,22 @@ def topk_methods(
     ]
 
 
+RBGS_STUDY_ARMS = (
+    ("gmc_plus", (0.0, 0.3, 0.5, 1.0)),
+    ("def_a", (0.0, 0.3, 0.5)),
+    ("gmc_plus_agg_momentum", (0.0, 0.3, 0.5, 1.0)),
+)
+
+
 def rbgs_method(key: str, coeff: float) -> Method:
-    """A Table 3 / Table 4 column: DEF-A or GMC+ with RBGS and detach coefficient ``coeff``."""
-    name = "def_a" if key == "def_a" else "gmc"
-    title = "DEF-A" if key == "def_a" else "GMC+"
+    """A Table 3 / Table 4 column (DEF-A or GMC+), or the aggregate-momentum variant, with RBGS and
+    detach coefficient ``coeff``."""
+    name = {"def_a": "def_a", "gmc_plus": "gmc", "gmc_plus_agg_momentum": "ef_server_momentum"}[key]
+    title = {
+        "def_a": "DEF-A",
+        "gmc_plus": "GMC+",
+        "gmc_plus_agg_momentum": "GMC+ with momentum on the aggregate",
+    }[key]
     return Method(
         key,
         f"{title} (coefficient {coeff})",
@@ -398,6 +415,18 @@ def all_configs() -> dict[str, str]:
             rel = f"table4/{dataset}_{dist}_{tag}_{key}.yaml"
             title = "Table 4 (RBGS, DEF-A c=0.3 vs GMC+ lambda=0.5): test accuracy"
             cifar(rel, title, paper, dataset, dist, model, rbgs_method(key, coeff))
+
+    for model in ("resnet20", "vit"):
+        tag = "resnet20gn" if model == "resnet20" else model
+        table4 = _T4[("cifar10", "noniid", model)]
+        for key, coeffs in RBGS_STUDY_ARMS:
+            for coeff in coeffs:
+                rel = f"rbgs_noniid/cifar10_noniid_{tag}_{key}_coeff{coeff}.yaml"
+                title = "RBGS non-IID study (equal RCC; docs/algorithms.md 2.9)"
+                paper = {("def_a", 0.3): f"Table 4, {table4[0]}", ("gmc_plus", 0.5): f"Table 4, {table4[1]}"}
+                absent = "not in the paper" if key == "gmc_plus_agg_momentum" else "not reported"
+                result = paper.get((key, coeff), absent)
+                cifar(rel, title, result, "cifar10", "noniid", model, rbgs_method(key, coeff))
 
     # Offline digits runs: 2 CPU processes (gloo), scikit-learn's bundled digits, small CNN.
     digits_methods = [

@@ -66,7 +66,7 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
     buffer = bucket.buffer()
     grad = buffer if buffer.dtype == torch.float32 else buffer.to(torch.float32)
     _screen_nonfinite(state, grad, len(params))
-    world_size = state.transport.world_size
+    world_size = state.exchange.world_size
     step = BucketStep(
         bucket=bucket_state,
         grad=grad,
@@ -77,14 +77,15 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
         world_size=world_size,
         read_params=_read_params(params),
     )
-    state.stats.record_bucket(bucket_state.numel, world_size, buffer.element_size())
     messages = state.method.encode(step)
-    future = state.transport.start(messages, bucket_state)
+    future = state.exchange.start(
+        [messages], [bucket_state], state.step, bucket.index(), dense_element_size=buffer.element_size()
+    )
     if bucket.is_last():
         state.end_step()
 
-    def finish(fut: Future[list[Tensor]]) -> Tensor:
-        state.method.decode(step, fut.value())
+    def finish(fut: Future[list[list[Tensor]]]) -> Tensor:
+        state.method.decode(step, fut.value()[0])
         direction = step.direction()
         if direction is buffer:
             return buffer

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lightning_gmc.methods import WorkerState
 from lightning_gmc.transport import CommStats
 
-__all__ = ["HookMetrics"]
+__all__ = ["HookMetrics", "residual_norm", "sum_over_ranks"]
 
 
 class HookMetrics:
@@ -61,3 +64,25 @@ def residual_norm_squared(worker: WorkerState | None) -> Tensor | None:
         return None
     norms = torch._foreach_norm(worker.tensors["residual"])
     return torch.stack(norms).to(torch.float64).square().sum()
+
+
+def residual_norm(worker: WorkerState | None) -> float:
+    """L2 norm of a worker's residual (0 for methods without one); reads the device once."""
+    squared = residual_norm_squared(worker)
+    return 0.0 if squared is None else float(squared) ** 0.5
+
+
+def sum_over_ranks(
+    values: Mapping[str, float], process_group: dist.ProcessGroup | None, device: torch.device
+) -> dict[str, float]:
+    """Each value summed over the ranks of ``process_group`` in one all-reduce of a small float64
+    vector (a collective: every rank must call it at the same point; the identity without a group).
+
+    Issued on torch.distributed directly, not through the exchange's collectives: it is logging, and
+    the exchange's back-end carries (and its wrappers count) the gradient traffic only."""
+    names = list(values)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(process_group) == 1:
+        return {name: float(values[name]) for name in names}
+    vector = torch.tensor([float(values[name]) for name in names], dtype=torch.float64, device=device)
+    dist.all_reduce(vector, group=process_group)
+    return dict(zip(names, vector.tolist(), strict=True))

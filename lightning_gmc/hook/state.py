@@ -18,7 +18,7 @@ from lightning_gmc.hook.binding import OptimizerBinding, StepClock
 from lightning_gmc.hook.metrics import HookMetrics
 from lightning_gmc.hook.swap import ParameterSwap
 from lightning_gmc.methods import GroupHyper, Method, WorkerState
-from lightning_gmc.transport import CommStats, DistributedTransport
+from lightning_gmc.transport import CommStats, Exchange, TorchCollectives
 
 __all__ = ["GMCHookState"]
 
@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 
 
 class GMCHookState:
-    """Per-rank state of :func:`gmc_hook`, in the spirit of torch's ``PowerSGDState``.
-
-    Parts: :attr:`binding` (parameters, optimizer takeover), :attr:`clock` (step and LR history),
-    :attr:`worker` (method buffers), :attr:`swap` (detached/evaluation points), :attr:`transport`.
+    """Per-rank state of :func:`gmc_hook`, in the spirit of torch's ``PowerSGDState``. Parts:
+    :attr:`binding` (parameters, optimizer takeover), :attr:`clock` (step, LR history), :attr:`worker`
+    (method buffers), :attr:`swap` (detached/evaluation points, averaging through :attr:`exchange`'s
+    collectives), :attr:`exchange` (the gradient exchange).
 
     Args:
         method: the method (holds its compressor), e.g. ``GMCConfig(compressor="rbgs").build()``.
@@ -39,7 +39,8 @@ class GMCHookState:
         nonfinite: what to do when a rank's gradient for a bucket contains inf/NaN.
             ``"skip"`` (default): that rank sends a zero gradient for the bucket this step (its
             residual and the shared momentum stay clean; counted in ``nonfinite_skips``, no extra
-            sync). ``"raise"``: raise :class:`FloatingPointError` (a device sync per bucket).
+            sync). ``"raise"``: raise :class:`FloatingPointError` (a device sync per bucket); the
+            other ranks' collectives then fail once that process ends, so they stop too.
         on_world_size_change: loading a gathered state written by another number of ranks:
             ``"error"`` (default) or ``"reset_residuals"`` (keep the step, learning-rate history and
             shared buffers; start every rank's residual from zero).
@@ -61,8 +62,8 @@ class GMCHookState:
         self.seed = int(seed)
         self.binding = OptimizerBinding(method, momentum)
         self.clock = StepClock(self.binding)
-        self.stats = CommStats()
-        self.transport = DistributedTransport(process_group, self.stats)
+        self.stats = CommStats(defer_rcc=True)  # RCC only for steps whose metrics are taken
+        self.exchange = Exchange(TorchCollectives(process_group), self.stats)
         self.hook_calls = 0
         self.worker: WorkerState | None = None
         self.swap: ParameterSwap | None = None
@@ -91,10 +92,12 @@ class GMCHookState:
         binding = self.binding
         binding.attach(model, optimizer)
         device = binding.params[0].device if binding.params else torch.device("cpu")
-        rank = dist.get_rank(self.process_group) if dist.is_available() and dist.is_initialized() else 0
+        distributed = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank(self.process_group) if distributed else 0
         self.worker = WorkerState(self.method, binding.table, device, rank, self.seed)
         residuals = self.worker.tensors.get("residual")
-        self.swap = ParameterSwap(self.method, binding.params, binding.table, residuals, self.process_group)
+        collectives = self.exchange.collectives if distributed else None
+        self.swap = ParameterSwap(self.method, binding.params, binding.table, residuals, collectives)
         log.info(
             "lightning_gmc: %s on %d parameters (%d elements); momentum=%s weight_decay=%s",
             *(self.method.describe(), len(binding.table), binding.table.numel),
@@ -119,11 +122,9 @@ class GMCHookState:
 
     @contextlib.contextmanager
     def detached_point(self) -> Iterator[None]:
-        """Evaluate the gradient at the method's detached point (GMC+, DEF-A) inside this block.
-
-        Parameters are moved to ``w - s * residual`` on entry and restored bit-exactly on exit. Wrap
-        the forward *and* backward of every micro-batch of a step.
-        """
+        """Evaluate the gradient at the method's detached point (GMC+, DEF-A) inside this block: the
+        parameters move to ``w - s * residual`` on entry and back bit-exactly on exit. Wrap the forward
+        *and* backward of every micro-batch of a step."""
         self.enter_detached_point()
         try:
             yield
@@ -194,5 +195,6 @@ class GMCHookState:
             self.binding.load_training_parameters(training_parameters)
 
     def take_metrics(self) -> dict[str, float]:
-        """This step's traffic metrics plus the residual norm; resets the per-step counters."""
+        """This step's traffic metrics plus the residual norm; resets the per-step counters. RCC
+        counts only the steps whose metrics are taken (``CommStats.defer_rcc``)."""
         return self.metrics.take(self.worker)

@@ -1,14 +1,24 @@
-"""Layer 3: how payloads cross ranks (torch.distributed, or K simulated in-process workers)."""
+"""Layer 3: how messages cross workers.
 
-from lightning_gmc.transport.base import CommStats, Route, choose_route, decode_mean, ring_allreduce_bytes
-from lightning_gmc.transport.distributed import DistributedTransport
-from lightning_gmc.transport.simulated import SimulatedTransport
+One :class:`Exchange` (routing, dense fallback, payload packing, traffic accounting) runs over a
+small collective protocol, :class:`Collectives`, with two back-ends: :class:`TorchCollectives` (any
+torch.distributed process group; the DDP hook) and :class:`InProcessCollectives` (K virtual workers
+in one process; the simulator).
+"""
+
+from lightning_gmc.transport.collectives import Collectives, InProcessCollectives, TorchCollectives
+from lightning_gmc.transport.exchange import CollectiveFailure, Exchange
+from lightning_gmc.transport.routing import Route, choose_route, decode_mean, ring_allreduce_bytes
+from lightning_gmc.transport.stats import CommStats
 
 __all__ = [
+    "CollectiveFailure",
+    "Collectives",
     "CommStats",
-    "DistributedTransport",
+    "Exchange",
+    "InProcessCollectives",
     "Route",
-    "SimulatedTransport",
+    "TorchCollectives",
     "choose_route",
     "decode_mean",
     "ring_allreduce_bytes",

@@ -1,81 +1,50 @@
-"""Aggregation maths and traffic accounting shared by every transport.
+"""Traffic accounting of one process: wire bytes per worker and the paper's RCC.
 
-How a message crosses ranks depends only on its compressor and the world size K:
+Wire bytes per worker follow the ring model: ``(K-1) B`` for an all-gather of ``B`` bytes,
+``2 (K-1)/K B`` for an all-reduce; they are what the ``bytes_sent`` metric reports.
 
-* ``allreduce``: the compressor's support is shared and decoding is linear, so the ``values`` tensors
-  are summed by one all-reduce and decoded once (identity, RBGS, shared-seed random-k).
-* ``allgather``: every rank's payload is packed into one fixed-size byte buffer, all-gathered once,
-  and each rank's part is decoded and summed in rank order (top-k, quantizers).
-* ``dense``: an all-gather would put more bytes on the wire than a dense all-reduce of the bucket
-  (``(K-1) * B > 2 (K-1)/K * 4 n``, ``spec/performance.md`` §2.2), so the rank decodes its own
-  payload locally and the dense vectors are all-reduced. The maths is unchanged: only the transport
-  differs.
+RCC (relative communication cost) follows the parameter-server accounting of the GMC paper ("Global
+Momentum Compression for Sparse Communication in Distributed Learning", section 5, eq. (9); see
+``docs/algorithms.md`` 3.8): ``sum_k bits(C(u_k))`` up plus the bits
+of ``sum_k C(u_k)`` down, over ``(K+1) * 32 * d`` per step.
 
-Wire bytes per rank follow the ring model of §2.2; they are what the ``bytes_sent`` metric reports.
-RCC follows the paper's parameter-server accounting (spec §6.5): ``sum_k bits(C(u_k))`` up plus the
-bits of ``sum_k C(u_k)`` down, over ``(K+1) * 32 * d`` per step.
+When RCC is measured: the downlink bits of an all-gathered sparse message are the union of the K
+supports, a ``unique()`` over every index (a sort, and a device sync on GPU). With
+``defer_rcc=True`` (the DDP hook's setting) that count is deferred to :meth:`CommStats.take_step`,
+so it only runs on steps whose metrics are taken; a step whose metrics are never taken (its
+successor starts first) drops its RCC numerator and denominator together, and the cumulative
+``rcc`` is the ratio over the steps that were taken. The Lightning strategy takes the metrics of
+every optimizer step, so its ``rcc`` counts every step, exactly as before. With ``defer_rcc=False``
+(the simulator) every step is counted eagerly, whenever the metrics are read.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
-import torch
-from torch import Tensor
+from lightning_gmc.transport.routing import Route, ring_allreduce_bytes
 
-from lightning_gmc.compressors import CompressionPlan, Compressor, Payload
+__all__ = ["CommStats"]
 
-__all__ = ["CommStats", "Route", "choose_route", "decode_mean", "ring_allreduce_bytes"]
-
-Route = Literal["local", "allreduce", "allgather", "dense"]
-
-
-def ring_allreduce_bytes(nbytes: int, world_size: int) -> float:
-    """Bytes each rank sends in a ring all-reduce of ``nbytes``: ``2 (K-1)/K * nbytes``."""
-    return 2.0 * (world_size - 1) / world_size * nbytes
-
-
-def choose_route(compressor: Compressor, plan: CompressionPlan, world_size: int) -> Route:
-    """Pick the collective for one message (see the module docstring)."""
-    if world_size == 1:
-        return "local"
-    if compressor.shared_support:
-        return "allreduce"
-    gather_bytes = (world_size - 1) * plan.payload_nbytes
-    if gather_bytes > ring_allreduce_bytes(4 * plan.numel, world_size):
-        return "dense"
-    return "allgather"
-
-
-def decode_mean(
-    compressor: Compressor,
-    plan: CompressionPlan,
-    payloads: Sequence[Payload],
-    out: Tensor,
-) -> Tensor:
-    """``out = (1/K) sum_k C_k`` with payloads decoded and summed in rank order (bit-identical on
-    every rank that runs it on the same payloads)."""
-    if len(payloads) == 1:
-        # One worker (K = 1): its payload is the sum, and decode_summed reproduces these bits in
-        # fewer passes (compressors override it only where they do).
-        return compressor.decode_summed(payloads[0], plan, out, 1)
-    out.zero_()
-    for payload in payloads:
-        compressor.decompress_add(payload, plan, out)
-    return out.div_(len(payloads))
+#: A step's downlink bits for RCC, computed when the metrics are taken (see the module docstring).
+BitsCounter = Callable[[], float]
 
 
 @dataclass
 class CommStats:
-    """Traffic counters of one worker, accumulated per step and over the run.
+    """Traffic counters of one process, accumulated per step and over the run.
 
-    All byte counts are per rank. ``*_total`` fields survive :meth:`take_step` and are checkpointed,
-    so cumulative RCC continues across a resume.
+    All byte counts are per worker (a rank; the simulator records what one rank would see).
+    ``*_total`` fields survive :meth:`take_step` and are checkpointed, so cumulative RCC continues
+    across a resume.
+
+    Args:
+        defer_rcc: count RCC downlink bits only for steps whose metrics are taken (module docstring).
     """
 
+    defer_rcc: bool = False
     bytes_sent: float = 0.0
     bytes_to_collectives: int = 0
     dense_bytes: float = 0.0
@@ -89,21 +58,33 @@ class CommStats:
     dense_bytes_total: float = 0.0
     rcc_bits_total: float = 0.0
     rcc_dense_bits_total: float = 0.0
+    _rcc_step: int | None = field(default=None, repr=False, compare=False)
+    _rcc_pending: list[BitsCounter] = field(default_factory=list, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, object]:
-        # The strategy is pickled by start_method="spawn"; a lock cannot be.
+        # The strategy is pickled by start_method="spawn"; a lock and pending closures cannot be.
         state = dict(self.__dict__)
         del state["_lock"]
+        state["_rcc_pending"] = []
+        state["_rcc_step"] = None
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def record_bucket(self, numel: int, world_size: int, element_size: int = 4) -> None:
+    def _enter_step(self, step: int) -> None:
+        # Caller holds the lock. A deferred step whose metrics were not taken drops its RCC.
+        if self.defer_rcc and self._rcc_step is not None and self._rcc_step != step:
+            self.rcc_bits = self.rcc_dense_bits = 0.0
+            self._rcc_pending.clear()
+        self._rcc_step = step
+
+    def record_bucket(self, numel: int, world_size: int, element_size: int, step: int) -> None:
         """Count one bucket of one step: the dense-equivalent bytes and the RCC denominator."""
         with self._lock:
+            self._enter_step(step)
             self.numel += numel
             self.dense_bytes += ring_allreduce_bytes(element_size * numel, world_size)
             self.rcc_dense_bits += (world_size + 1) * 32.0 * numel
@@ -115,6 +96,7 @@ class CommStats:
         handed_bytes: int,
         nnz: int,
         upload_bits: float,
+        step: int,
     ) -> None:
         """Count one message: bytes handed to its collective, wire bytes, and RCC upload bits."""
         if route == "allgather":
@@ -124,20 +106,33 @@ class CommStats:
         else:
             wire = ring_allreduce_bytes(handed_bytes, world_size)
         with self._lock:
+            self._enter_step(step)
             self.bytes_to_collectives += handed_bytes if route != "local" else 0
             self.collectives += 1 if route != "local" else 0
             self.bytes_sent += wire
             self.nnz += nnz
             self.rcc_bits += world_size * upload_bits
 
-    def record_broadcast(self, bits: float) -> None:
-        """Count the server-to-worker bits of one message's aggregate (RCC numerator)."""
+    def record_broadcast(self, bits: BitsCounter, step: int) -> None:
+        """Count the server-to-worker bits of one message's aggregate (RCC numerator).
+
+        ``bits`` may read the exchanged buffers: it runs now, or (``defer_rcc``) in
+        :meth:`take_step`, before the next step's exchange reuses them.
+        """
         with self._lock:
-            self.rcc_bits += bits
+            self._enter_step(step)
+            if self.defer_rcc:
+                self._rcc_pending.append(bits)
+            else:
+                self.rcc_bits += bits()
 
     def take_step(self) -> dict[str, float]:
         """Return this step's metrics, fold them into the run totals and reset the step counters."""
         with self._lock:
+            for counter in self._rcc_pending:
+                self.rcc_bits += counter()
+            self._rcc_pending.clear()
+            self._rcc_step = None
             self.bytes_sent_total += self.bytes_sent
             self.dense_bytes_total += self.dense_bytes
             self.rcc_bits_total += self.rcc_bits
@@ -159,6 +154,7 @@ class CommStats:
             return metrics
 
     def state_dict(self) -> dict[str, float]:
+        """Run totals (what a checkpoint keeps)."""
         return {
             "bytes_sent_total": self.bytes_sent_total,
             "dense_bytes_total": self.dense_bytes_total,
@@ -168,15 +164,9 @@ class CommStats:
         }
 
     def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore the run totals of :meth:`state_dict`."""
         self.bytes_sent_total = float(state["bytes_sent_total"])
         self.dense_bytes_total = float(state["dense_bytes_total"])
         self.rcc_bits_total = float(state["rcc_bits_total"])
         self.rcc_dense_bits_total = float(state["rcc_dense_bits_total"])
         self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
-
-
-def nonzero_bits(compressor: Compressor, mean: Tensor) -> float:
-    """Broadcast bits estimated from a dense aggregate (used when the dense route hides the payloads)."""
-    if compressor.sparse:
-        return 64.0 * int(torch.count_nonzero(mean))
-    return 32.0 * mean.numel()

@@ -1,0 +1,116 @@
+"""``method="ef_server_momentum"`` with a detached point ("GMC+ with momentum on the aggregate").
+
+Algorithm 3 of the GMC paper (error feedback on gradients, momentum applied to the aggregate) with the
+gradient taken at GMC+'s detached point ``w - detach * lr * e_k``. The references below are float64
+loops over K = 2 workers written out by hand; none calls the implementation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_methods_reference import (
+    BETA,
+    COSINE,
+    DENSITY,
+    GRAD,
+    LRS3,
+    W0,
+    WD,
+    Compress,
+    D,
+    K,
+    _flat,
+    alg3_by_hand,
+    close,
+    simulate,
+    topk,
+)
+
+from lightning_gmc import GMCStrategy, Simulator
+from lightning_gmc.methods import EFServerMomentum, GroupHyper
+
+
+def aggregate_momentum_by_hand(
+    compress: Compress, lrs: list[float], detach: float
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """x_k = w - detach lr e_k; p_k = e_k + g_k(x_k) + wd x_k; e_k = p_k - C(p_k);
+    m = beta m + mean_k C(p_k); w -= lr m. Returns w, the residuals and m."""
+    w = W0.clone()
+    m = torch.zeros(D, dtype=torch.float64)
+    e = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
+    for t, lr in enumerate(lrs):
+        sent = []
+        for k in range(K):
+            x = w - detach * lr * e[k]
+            p = e[k] + GRAD(k, x, t) + WD * x
+            c = compress(p, DENSITY)[0]
+            e[k] = p - c
+            sent.append(c)
+        m = BETA * m + sum(sent) / K
+        w = w - lr * m
+    return w, e, m
+
+
+@pytest.mark.parametrize("lrs", [LRS3, COSINE], ids=["three-steps", "cosine"])
+def test_detached_point_matches_the_hand_written_update(lrs: list[float]) -> None:
+    xs, sim = simulate("ef_server_momentum", "topk", lrs, detach=0.5)
+    expected, residuals, momentum = aggregate_momentum_by_hand(topk, lrs, 0.5)
+    close(xs[0], expected)
+    for k in range(K):
+        close(_flat(sim.residual(k)), residuals[k])
+        # the momentum is the same on every worker: it only ever sees the aggregate
+        close(_flat({n: sim.workers[k].tensors["momentum"][i] for i, n in enumerate(("a", "b"))}), momentum)
+
+
+def test_detach_zero_is_algorithm_3_and_detach_changes_the_trajectory() -> None:
+    plain, _ = simulate("ef_server_momentum", "topk", COSINE, detach=0.0)
+    close(plain[0], alg3_by_hand(topk, COSINE))  # the paper's Algorithm 3, written out independently
+    default, _ = simulate("ef_server_momentum", "topk", COSINE)
+    close(default[0], alg3_by_hand(topk, COSINE))
+    detached, _ = simulate("ef_server_momentum", "topk", COSINE, detach=1.0)
+    close(detached[0], aggregate_momentum_by_hand(topk, COSINE, 1.0)[0])
+    assert not torch.allclose(detached[0], plain[0], atol=1e-4)  # the detached point was active
+
+
+def test_gradient_points_are_w_minus_detach_lr_residual() -> None:
+    sim = Simulator(
+        {"w": torch.zeros(8)},
+        K,
+        method="ef_server_momentum",
+        compressor="rbgs",
+        density=0.25,
+        momentum=BETA,
+        detach=0.3,
+    )
+    w = {"w": torch.linspace(-1, 1, 8)}
+    for t, lr in enumerate([0.1, 0.05, 0.02]):
+        points = sim.gradient_points(w, lr)
+        for k in range(K):
+            expected = w["w"] - 0.3 * lr * sim.workers[k].tensors["residual"][0]
+            torch.testing.assert_close(points[k]["w"], expected)
+        grads = [{"w": torch.randn(8, generator=torch.Generator().manual_seed(10 * t + k))} for k in range(K)]
+        direction = sim.step(grads, points, lr)[0]
+        w = {"w": w["w"] - lr * direction["w"]}
+    # the residuals are non-zero after the first step, so the points really moved
+    assert all(float(worker.tensors["residual"][0].abs().max()) > 0 for worker in sim.workers)
+
+
+def test_strategy_takes_detach_and_validates_it() -> None:
+    method = GMCStrategy(method="ef_server_momentum", compressor="rbgs", detach=0.5).gmc_method
+    assert isinstance(method, EFServerMomentum) and method.detach == 0.5
+    assert method.detach_scale(_hyper(lr=0.2)) == pytest.approx(0.1)  # gradient units: detach * lr
+    assert "momentum on the aggregate" in method.describe()
+    plain = GMCStrategy(method="ef_server_momentum").gmc_method
+    assert isinstance(plain, EFServerMomentum) and plain.detach == 0.0
+    assert plain.detach_scale(_hyper(lr=0.2)) == 0.0
+    assert plain.describe().startswith("ef_server_momentum (Alg. 3)")  # unchanged: checkpoints compare it
+    for bad in (-0.5, math.nan, math.inf):
+        with pytest.raises(ValueError, match="detach"):
+            GMCStrategy(method="ef_server_momentum", detach=bad)
+
+
+def _hyper(lr: float) -> GroupHyper:
+    return GroupHyper(lr=lr, prev_lr=lr, momentum=BETA, weight_decay=WD)

@@ -1,0 +1,136 @@
+"""The exchange over the in-process back-end: routes against a hand-written mean, deferred RCC
+accounting, and the torch.distributed back-end's calls on a one-rank group."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lightning_gmc import Simulator
+from lightning_gmc.compressors import TopK, build_compressor
+from lightning_gmc.methods import Message, ParameterTable, WorkerState, build_method
+from lightning_gmc.transport import CommStats, Exchange, InProcessCollectives, TorchCollectives
+
+NUMEL = 40
+
+
+@pytest.mark.parametrize(
+    ("compressor", "density", "workers", "route"),
+    [
+        ("topk", 0.1, 3, "allgather"),
+        ("rbgs", 0.1, 3, "allreduce"),
+        ("topk", 0.9, 3, "dense"),
+        ("topk", 0.1, 1, "local"),
+    ],
+)
+def test_every_route_yields_the_mean_of_the_decoded_messages(
+    compressor: str, density: float, workers: int, route: str
+) -> None:
+    comp = build_compressor(compressor, density=density)
+    method = build_method("gmc", comp)
+    table = ParameterTable(("w",), (torch.Size([NUMEL]),), (0,))
+    states = [WorkerState(method, table, torch.device("cpu"), rank, seed=5) for rank in range(workers)]
+    buckets = [state.bucket((0,)) for state in states]
+    xs = [torch.randn(NUMEL, generator=torch.Generator().manual_seed(k)) for k in range(workers)]
+    # Reference: each worker's C(x_k) decoded on its own, averaged by hand.
+    expected = torch.zeros(NUMEL)
+    for k in range(workers):
+        plan = comp.plan(buckets[k].segments)
+        decoded = torch.zeros(NUMEL)
+        comp.decompress_add(comp.compress(xs[k], plan, states[k].rng, 0), plan, decoded)
+        expected += decoded
+    expected /= workers
+
+    stats = CommStats()
+    exchange = Exchange(InProcessCollectives(workers), stats)
+    messages = []
+    for k in range(workers):
+        plan = buckets[k].plan(comp)
+        messages.append([Message(comp, plan, comp.compress(xs[k], plan, states[k].rng, 0))])
+    means = exchange.start(messages, buckets, step=0).wait()
+    assert len(means) == workers
+    for own in means:
+        torch.testing.assert_close(own[0], expected, rtol=0, atol=1e-6)
+    assert len({own[0].data_ptr() for own in means}) == workers  # every worker decodes its own copy
+    metrics = stats.take_step()
+    assert metrics["collectives"] == (0 if route == "local" else 1)
+    payload_nbytes = buckets[0].plan(comp).payload_nbytes
+    handed = {"allgather": payload_nbytes, "allreduce": payload_nbytes, "dense": 4 * NUMEL, "local": 0}
+    assert metrics["bytes_to_collectives"] == handed[route]
+
+
+def _topk_simulator(defer_rcc: bool) -> Simulator:
+    sim = Simulator({"w": torch.zeros(NUMEL)}, 2, compressor="topk", density=0.1)
+    sim.stats = CommStats(defer_rcc=defer_rcc)
+    sim.exchange = Exchange(InProcessCollectives(2), sim.stats)
+    return sim
+
+
+def _step(sim: Simulator, t: int) -> None:
+    points = sim.gradient_points({"w": torch.zeros(NUMEL)}, 0.1)
+    grads = [{"w": torch.randn(NUMEL, generator=torch.Generator().manual_seed(10 * t + k))} for k in range(2)]
+    sim.step(grads, points, 0.1)
+
+
+def test_deferred_rcc_equals_eager_rcc_on_every_taken_step() -> None:
+    eager, deferred = _topk_simulator(False), _topk_simulator(True)
+    for t in range(4):
+        _step(eager, t)
+        _step(deferred, t)
+        assert deferred.stats.take_step() == pytest.approx(eager.stats.take_step())
+
+
+def test_deferred_rcc_counts_the_union_only_for_taken_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    original = TopK.broadcast_bits
+
+    def counting(self, payloads, plan):  # type: ignore[no-untyped-def]
+        calls.append(len(payloads))
+        return original(self, payloads, plan)
+
+    monkeypatch.setattr(TopK, "broadcast_bits", counting)
+    eager, deferred = _topk_simulator(False), _topk_simulator(True)
+    for t in range(3):
+        _step(deferred, t)
+    assert calls == []  # nothing read the metrics yet: no union was counted
+    taken = deferred.stats.take_step()
+    assert calls == [2]  # only the last step's union, when its metrics are taken
+    eager_steps = []
+    for t in range(3):
+        _step(eager, t)
+        eager_steps.append(eager.stats.take_step())
+    # RCC: the taken step only (earlier steps dropped their numerator and denominator together);
+    # traffic: every step.
+    assert taken["rcc"] == pytest.approx(eager_steps[-1]["rcc_step"])
+    assert taken["rcc_step"] == pytest.approx(eager_steps[-1]["rcc_step"])
+    assert taken["bytes_sent_total"] == pytest.approx(eager_steps[-1]["bytes_sent_total"])
+
+
+def test_in_process_broadcast_copies_the_source() -> None:
+    tensors = [torch.full((3,), float(k)) for k in range(3)]
+    assert InProcessCollectives(3).broadcast(tensors, src=2).wait().tolist() == [2.0, 2.0, 2.0]
+
+
+def test_torch_collectives_on_a_one_rank_group() -> None:
+    created = not dist.is_initialized()  # another in-process test may have left a one-rank group
+    if created:
+        dist.init_process_group(
+            "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(seconds=30)
+        )
+    assert dist.get_world_size() == 1
+    try:
+        backend = TorchCollectives()
+        assert backend.world_size == 1 and list(backend.local_ranks) == [0]
+        x = torch.arange(4, dtype=torch.float32)
+        assert backend.all_reduce_sum([x]).wait().tolist() == [0.0, 1.0, 2.0, 3.0]
+        out = torch.zeros(4, dtype=torch.uint8)
+        send = torch.arange(4, dtype=torch.uint8)
+        assert backend.all_gather_bytes([send], out).wait().tolist() == [0, 1, 2, 3]
+        ids = torch.tensor([7, 9], dtype=torch.int32)
+        assert backend.broadcast([ids], src=0).wait().tolist() == [7, 9]
+    finally:
+        if created:
+            dist.destroy_process_group()
