@@ -25,6 +25,7 @@ Run::
 
     python benchmarks/bench_compressors.py            # d = 25M, both layouts, ~5 min on 2 cores
     python benchmarks/bench_compressors.py --quick    # d = 1M, few rounds
+    python benchmarks/bench_compressors.py --device cuda --layout single   # on a GPU
 """
 
 from __future__ import annotations
