@@ -141,7 +141,9 @@ class GMCFabricStrategy(DDPStrategy):
                 "(fabric.setup(model, optimizer), or fabric.setup_module before fabric.setup_optimizers)"
             )
         if self.gmc_state.worker is not None:
-            raise ValueError("GMCFabricStrategy supports exactly one optimizer (torch.optim.SGD)")
+            method = self.gmc_state.method
+            kind = "torch.optim.SGD" if method.takes_over_optimizer else "any torch.optim.Optimizer"
+            raise ValueError(f"GMCFabricStrategy supports exactly one optimizer ({kind} for this method)")
         self.gmc_state.attach(self._model, optimizer)
         rank_zero_info(run_summary(self.gmc_config, self.gmc_state))
         return optimizer
