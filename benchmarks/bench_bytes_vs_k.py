@@ -158,9 +158,7 @@ def main() -> None:
 
     if not args.no_runs:
         print("\nmeasured (hook accounting, last of 3 steps, gloo loopback) vs formula")
-        print(
-            "| K | compressor | wire | bytes_sent | formula | measured/formula | handed | collectives |"
-        )
+        print("| K | compressor | wire | bytes_sent | formula | measured/formula | handed | collectives |")
         print("|---|---|---|---:|---:|---:|---:|---:|")
         for world in (2, 4):
             measured = measure(world)

@@ -200,7 +200,7 @@ class Simulator:
             self.method.decode(step, own)
         self._prev_lr = float(lr)
         self.step_index += 1
-        return [self._unflatten(step.out) for step in done]
+        return [self._unflatten(step.direction()) for step in done]
 
     def _encode_order(self) -> list[int]:
         """Workers in rank order, except that a ``topk_shared`` step's leader encodes first: the

@@ -63,6 +63,10 @@ class Identity(Compressor):
         object.__setattr__(self, "wire_dtype", check_wire_dtype(self.wire_dtype))
 
     @property
+    def sends_input(self) -> bool:
+        return self.wire_dtype == "fp32"  # a 16-bit wire rounds: C(x) != x
+
+    @property
     def value_dtype(self) -> torch.dtype:
         return wire_torch_dtype(self.wire_dtype)
 
@@ -89,15 +93,23 @@ class Identity(Compressor):
         values.copy_(x)  # rounds to nearest for a 16-bit wire
         return Payload({"values": values})
 
+    def wrap_input(self, x: Tensor, plan: CompressionPlan) -> Payload:
+        if not self.sends_input:
+            return super().wrap_input(x, plan)  # raises: a 16-bit wire cannot send x as is
+        return Payload({"values": x})
+
     def decompress_add(self, payload: Payload, plan: CompressionPlan, out: Tensor) -> None:
         out.add_(payload.tensors["values"])  # a 16-bit value widens to fp32 exactly
 
     def decode_summed(self, summed: Payload, plan: CompressionPlan, out: Tensor, world_size: int) -> Tensor:
         values = summed.tensors["values"]
         if values.dtype != out.dtype:
-            return out.copy_(values).add_(0.0).div_(world_size)
-        # 0 + v, as the default's zero_() + add_() gives (it turns -0.0 into +0.0), one pass fewer.
-        return torch.add(values, 0.0, out=out).div_(world_size)
+            out.copy_(values).add_(0.0)  # a 16-bit value widens exactly; +0.0 as below
+        else:
+            # 0 + v, as the default's zero_() + add_() gives (it turns -0.0 into +0.0), one pass fewer.
+            torch.add(values, 0.0, out=out)
+        # no division by K = 1 (x / 1 == x)
+        return out if world_size == 1 else out.div_(world_size)
 
     def subtract_own(self, x: Tensor, payload: Payload, plan: CompressionPlan, workspace: Tensor) -> None:
         if self.wire_dtype == "fp32":
@@ -194,7 +206,8 @@ class SparseCompressor(Compressor):
         values = summed.tensors["values"]
         if values.dtype != out.dtype:
             values = values.to(out.dtype)  # divide in fp32, as the default path does
-        return out.index_copy_(0, index, values.add_(0.0).div_(world_size))
+        values = values.add_(0.0)
+        return out.index_copy_(0, index, values if world_size == 1 else values.div_(world_size))
 
     def subtract_own(self, x: Tensor, payload: Payload, plan: CompressionPlan, workspace: Tensor) -> None:
         index = payload.context["index"]
