@@ -23,11 +23,13 @@ from lightning_gmc.methods import METHODS, Method, build_method, method_option_n
 
 __all__ = [
     "GMCConfig",
+    "Hierarchy",
     "NonFinitePolicy",
     "WorldSizeChangePolicy",
     "check_density",
     "check_detach",
     "check_finite_options",
+    "check_hierarchy",
     "check_momentum",
     "check_nonfinite_policy",
     "check_world_size_policy",
@@ -35,6 +37,7 @@ __all__ = [
 
 NonFinitePolicy = Literal["skip", "raise"]
 WorldSizeChangePolicy = Literal["error", "reset_residuals"]
+Hierarchy = Literal["flat", "node"]
 
 
 def _is_finite_number(value: object) -> bool:
@@ -74,6 +77,15 @@ def check_world_size_policy(policy: object) -> WorldSizeChangePolicy:
     return policy  # type: ignore[return-value]
 
 
+def check_hierarchy(hierarchy: object) -> Hierarchy:
+    if hierarchy not in ("flat", "node"):
+        raise ValueError(
+            f"hierarchy must be 'flat' (every rank is a worker) or 'node' (one worker per node, dense "
+            f"averaging inside it), got {hierarchy!r}"
+        )
+    return hierarchy  # type: ignore[return-value]
+
+
 def check_finite_options(owner: str, options: Mapping[str, Any]) -> None:
     """Reject ``nan``/``inf`` in float options (also inside lists and tuples, e.g. a warm-up schedule)."""
     for key, value in options.items():
@@ -94,7 +106,8 @@ class GMCConfig:
         density: fraction of each parameter sent per step, in (0, 1] (sparsifiers).
         detach: GMC+'s detach coefficient; None takes the method's default (0 for GMC). Only for
             methods that have one (``docs/algorithms.md`` section 2.3).
-        momentum: overrides the optimizer's momentum when not None.
+        momentum: overrides the optimizer's momentum when not None (methods that take over the
+            optimizer; ``ef`` leaves momentum to the optimizer and refuses it).
         seed: seed of the shared random streams (RBGS blocks, random-k); equal on every rank.
         method_options: further options of the method.
         compressor_options: further options of the compressor.
@@ -103,6 +116,9 @@ class GMCConfig:
         nonfinite: ``"skip"`` or ``"raise"`` on a non-finite bucket gradient.
         on_world_size_change: resuming a checkpoint of another world size: ``"error"`` or
             ``"reset_residuals"``.
+        hierarchy: ``"flat"`` (default; every rank is a worker) or ``"node"`` (gradients averaged
+            densely inside each node, the method runs with one worker per node between nodes;
+            ``docs/algorithms.md`` section 3.11).
     """
 
     method: str = "gmc"
@@ -116,6 +132,7 @@ class GMCConfig:
     ef_scaling: bool | None = None
     nonfinite: NonFinitePolicy = "skip"
     on_world_size_change: WorldSizeChangePolicy = "error"
+    hierarchy: Hierarchy = "flat"
 
     def __post_init__(self) -> None:
         # Own copies: a caller mutating its dict later must not change a validated config.
@@ -133,8 +150,14 @@ class GMCConfig:
                 raise ValueError(f"method {self.method!r} has no detach coefficient; leave `detach` unset")
         if self.momentum is not None:
             check_momentum(self.momentum)
+            if not METHODS[self.method_name].takes_over_optimizer:
+                raise ValueError(
+                    f"method {self.method!r} leaves momentum to the optimizer; set it there (e.g. "
+                    f"AdamW(betas=...), SGD(momentum=...)) and leave `momentum` unset"
+                )
         check_nonfinite_policy(self.nonfinite)
         check_world_size_policy(self.on_world_size_change)
+        check_hierarchy(self.hierarchy)
         if "detach" in self.method_options:
             check_detach(self.method_options["detach"])
         check_finite_options("method", self.method_options)

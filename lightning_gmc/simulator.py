@@ -14,6 +14,19 @@ Example::
         grads = [{"w": grad_fn(k, points[k]["w"])} for k in range(4)]
         direction = sim.step(grads, points, lr=0.1)[0]   # the same on every worker for GMC
         w = {name: w[name] - 0.1 * direction[name] for name in w}
+
+With ``method="ef"`` (error feedback on the gradient, ``docs/algorithms.md`` section 2.10) the
+direction is the mean of the workers' compressed gradients, and the caller applies its own optimizer
+to it, exactly as the optimizer of a real run steps on the gradient the hook leaves::
+
+    sim = Simulator(dict(model.named_parameters()), num_workers=4, method="ef", compressor="topk")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    for t in range(100):
+        points = sim.gradient_points(dict(model.named_parameters()), lr=1e-3)
+        grads = [{"w": grad_fn(k, points[k]["w"])} for k in range(4)]
+        for name, p in model.named_parameters():
+            p.grad = sim.step(grads, points, lr=1e-3)[0][name]
+        optimizer.step()
 """
 
 from __future__ import annotations
@@ -45,8 +58,10 @@ class Simulator:
         compressor: a compressor name or instance (ignored when ``method`` is an instance); None takes
             the method's default (``"topk"``; ``"none"`` for ``"dmsgd"``).
         density: compressor density.
-        momentum: ``beta``.
-        weight_decay: coupled L2 coefficient.
+        momentum: ``beta`` (None: 0.9). Methods that leave the optimizer in charge (``ef``) refuse it:
+            the caller's optimizer has its own.
+        weight_decay: coupled L2 coefficient the method applies; must stay 0 for ``ef``, whose
+            caller's optimizer applies weight decay.
         seed: seed of the shared and per-rank random streams (equal to the strategy's ``seed`` to
             reproduce a real run).
         ef_scaling: scale unbiased compressors by ``1/(1+omega)`` (None: for error-feedback methods), as
@@ -63,7 +78,7 @@ class Simulator:
         method: str | Method = "gmc",
         compressor: str | Compressor | None = None,
         density: float = 0.01,
-        momentum: float = 0.9,
+        momentum: float | None = None,
         weight_decay: float = 0.0,
         seed: int = 0,
         ef_scaling: bool | None = None,
@@ -86,8 +101,18 @@ class Simulator:
         shapes = tuple(torch.Size(v.shape if isinstance(v, Tensor) else v) for v in params.values())
         self.table = ParameterTable(names, shapes, tuple(0 for _ in names))
         self.num_workers = num_workers
-        self.momentum = check_momentum(momentum)
-        self.weight_decay = float(weight_decay)
+        if self.method.takes_over_optimizer:
+            self.momentum = check_momentum(0.9 if momentum is None else momentum)
+            self.weight_decay = float(weight_decay)
+        else:
+            if momentum is not None or weight_decay != 0.0:
+                raise ValueError(
+                    f"method {self.method.name!r} leaves momentum and weight decay to the optimizer the "
+                    f"caller applies to the returned direction; configure them there and leave the "
+                    f"simulator's `momentum` unset and `weight_decay` at 0"
+                )
+            self.momentum = 0.0
+            self.weight_decay = 0.0
         self.stats = CommStats()
         self.exchange = Exchange(InProcessCollectives(num_workers), self.stats)
         device = torch.device("cpu")
@@ -129,7 +154,9 @@ class Simulator:
         """Run one step of every worker and return each worker's update direction per parameter.
 
         For methods with a single global model (GMC, DGC, ...) every worker's direction is the same
-        tensor values; methods with per-worker models (CSER) return different ones.
+        tensor values; methods with per-worker models (CSER) return different ones. Methods that take
+        over the optimizer return ``m`` for the momentum-free step ``w <- w - lr * m``; ``ef`` returns
+        the aggregated gradient, which the caller hands to its own optimizer.
 
         Args:
             grads: per worker, the gradient of its local loss at ``points[k]``.

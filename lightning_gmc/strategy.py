@@ -15,38 +15,30 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_gmc._adapter import (
+    CHECKPOINT_KEY,
+    LOGGED_METRICS,
+    PROGRESS_BAR_METRICS,
+    check_no_gradient_clipping,
+    logged_metrics,
+    rank_aggregated_metrics,
+    reject_conflicting_ddp_args,
+    run_summary,
+)
 from lightning_gmc.compressors import Compressor
-from lightning_gmc.config import GMCConfig, NonFinitePolicy, WorldSizeChangePolicy
-from lightning_gmc.hook import GMCHookState, gmc_hook
+from lightning_gmc.config import GMCConfig, Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
+from lightning_gmc.hook import GMCHookState, build_node_groups, gmc_hook
 from lightning_gmc.methods import METHODS, Method
 
-__all__ = ["GMCStrategy", "WorldSizeChangePolicy"]
+__all__ = ["CHECKPOINT_KEY", "GMCStrategy", "WorldSizeChangePolicy"]
 
 log = logging.getLogger(__name__)
-
-# DDP options that would install a second comm hook or bypass ours.
-_CONFLICTING_DDP_ARGS = {
-    "ddp_comm_hook": "GMCStrategy installs its own DDP communication hook",
-    "ddp_comm_state": "GMCStrategy owns the hook state",
-    "ddp_comm_wrapper": "wrapping the hook (e.g. fp16_compress_wrapper) would keep residuals in low "
-    "precision; the hook already keeps state in fp32",
-    "model_averaging_period": "post-local SGD model averaging replaces the gradient all-reduce GMC relies on",
-    "mixed_precision": "DDP's native mixed_precision registers its own comm hook; use Trainer(precision="
-    "'bf16-mixed') instead",
-}
-
-CHECKPOINT_KEY = "lightning_gmc"
-
-
-def _reject_conflicting_ddp_args(ddp_kwargs: dict[str, Any]) -> None:
-    for key, reason in _CONFLICTING_DDP_ARGS.items():
-        # LightningCLI passes every DDP argument, with None for the unused ones.
-        if ddp_kwargs.pop(key, None) is not None:
-            raise ValueError(f"GMCStrategy does not accept `{key}`: {reason}. Remove the argument.")
 
 
 class GMCStrategy(DDPStrategy):
@@ -56,6 +48,8 @@ class GMCStrategy(DDPStrategy):
     exact top-k at 1 % density. The LightningModule stays unchanged: its ``torch.optim.SGD(lr,
     momentum, weight_decay)`` (per param group, any LR scheduler) is honoured, with momentum and coupled
     weight decay applied inside the method and the optimizer's own step reduced to plain SGD.
+    ``method="ef"`` (strategy name ``"ef"``) is error feedback on the gradient alone and leaves any
+    optimizer (Adam, AdamW, Nesterov SGD, ...) in charge of momentum, weight decay and its schedule.
 
     Args:
         compressor: compressor name (see ``lightning_gmc.COMPRESSORS``) or a :class:`Compressor`; None
@@ -64,7 +58,8 @@ class GMCStrategy(DDPStrategy):
         detach: GMC+'s detach coefficient (``> 0`` evaluates gradients at ``w - detach * lr *
             residual``); None takes the method's default (0 for GMC).
         method: method name (see ``lightning_gmc.METHODS``).
-        momentum: overrides the optimizer's momentum when not None.
+        momentum: overrides the optimizer's momentum when not None (not for ``ef``, whose optimizer
+            keeps its own).
         seed: seed of the shared random streams (RBGS blocks, random-k); equal on all ranks.
         method_options: further options of the method (e.g. ``{"momentum_lr_convention": "cur"}``).
         compressor_options: further options of the compressor (e.g. ``{"sample_ratio": 0.01}``).
@@ -76,16 +71,29 @@ class GMCStrategy(DDPStrategy):
         on_world_size_change: resuming a checkpoint written by a different number of ranks:
             ``"error"`` (default) or ``"reset_residuals"`` (keep the step, learning-rate history and
             global momentum; start every rank's residual from zero).
+        hierarchy: ``"flat"`` (default: every rank is a worker) or ``"node"``: gradients are averaged
+            densely inside each node (``num_nodes`` x ``devices`` from the Trainer), and the method
+            runs between nodes only, with one worker per node (residual and momentum per node). For
+            clusters whose links between nodes are much slower than inside them; needs at least 2
+            nodes with equal devices (see README "Running across nodes", ``docs/algorithms.md`` 3.11).
+        progress_bar_metrics: show ``gmc/rcc`` and ``gmc/bytes_sent`` (per rank, this step) in the
+            progress bar; False keeps them out of it (they are logged either way).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
             process_group_backend, timeout, start_method: as in
             :class:`~lightning.pytorch.strategies.DDPStrategy`.
         **ddp_kwargs: forwarded to :class:`torch.nn.parallel.DistributedDataParallel`
             (``bucket_cap_mb``, ``find_unused_parameters``, ``static_graph``, ...).
 
+    Metrics (per step, see the README's metrics section): ``gmc/bytes_sent``, ``gmc/rcc``, ... per
+    rank; at logging steps (``Trainer(log_every_n_steps)``) also ``gmc/<traffic>_sum_ranks`` and
+    ``gmc/nonfinite_skips`` summed over all ranks (one small all-reduce).
+
     Raises:
         ValueError: unknown compressor or method (the valid names are listed), density outside
             (0, 1], negative or non-finite detach, momentum outside [0, 1), a non-finite option, or a
-            DDP argument that conflicts with the hook (validation: :class:`~lightning_gmc.GMCConfig`).
+            DDP argument that conflicts with the hook (validation: :class:`~lightning_gmc.GMCConfig`);
+            at fit start, gradient clipping with a method whose hook writes its update direction into
+            ``.grad`` (every method but those that leave the step to your optimizer).
     """
 
     strategy_name = "gmc"
@@ -103,6 +111,8 @@ class GMCStrategy(DDPStrategy):
         ef_scaling: bool | None = None,
         nonfinite: NonFinitePolicy = "skip",
         on_world_size_change: WorldSizeChangePolicy = "error",
+        hierarchy: Hierarchy = "flat",
+        progress_bar_metrics: bool = True,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -113,12 +123,13 @@ class GMCStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **ddp_kwargs: Any,
     ) -> None:
-        _reject_conflicting_ddp_args(ddp_kwargs)
+        reject_conflicting_ddp_args("GMCStrategy", ddp_kwargs)
         # fmt: off
         self.gmc_config = GMCConfig(
             method=method, compressor=compressor, density=density, detach=detach, momentum=momentum,
             seed=seed, method_options=method_options or {}, compressor_options=compressor_options or {},
             ef_scaling=ef_scaling, nonfinite=nonfinite, on_world_size_change=on_world_size_change,
+            hierarchy=hierarchy,
         )
         # fmt: on
         self.gmc_state = GMCHookState.from_config(self.gmc_config, ddp_kwargs.get("process_group"))
@@ -126,6 +137,7 @@ class GMCStrategy(DDPStrategy):
         self._pending_checkpoint_state: dict[str, Any] | None = None
         self._epoch_seen: int | None = None
         self.last_metrics: dict[str, float] = {}
+        self.progress_bar_metrics = bool(progress_bar_metrics)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -140,15 +152,43 @@ class GMCStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------------------ lifecycle
     @override
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        state = self.gmc_state
+        if state.hierarchy != "node" or state.node_groups is not None:
+            return
+        groups = build_node_groups(self.num_processes, self.num_nodes)
+        topology = groups.topology
+        if (topology.node_rank, topology.local_rank) != (self.node_rank, self.local_rank):
+            raise RuntimeError(
+                f"hierarchy='node': rank {self.global_rank} is node {self.node_rank}, local rank "
+                f"{self.local_rank} for Lightning, but node {topology.node_rank}, local rank "
+                f"{topology.local_rank} by rank = node_rank * devices + local_rank; the launcher numbers "
+                f"ranks differently. Use hierarchy='flat'."
+            )
+        state.set_node_groups(groups)
+
+    @override
     def setup(self, trainer: Trainer) -> None:
         self._check_precision()
         super().setup(trainer)
         if trainer.state.fn != TrainerFn.FITTING:
             return
-        self.gmc_state.attach(self._training_module(), self.optimizers[0])
+        module = self._training_module()
+        self._check_gradient_clipping(trainer, module)
+        self.gmc_state.attach(module, self.optimizers[0])
         if self._pending_checkpoint_state is not None:
             self.gmc_state.load_state_dict(self._pending_checkpoint_state)
             self._pending_checkpoint_state = None
+        # Lightning's rank-zero logger prints at INFO without any logging configuration.
+        rank_zero_info(run_summary(self.gmc_config, self.gmc_state))
+
+    def _check_gradient_clipping(self, trainer: Trainer, module: LightningModule) -> None:
+        state = self.gmc_state
+        if trainer.gradient_clip_val:
+            check_no_gradient_clipping(state, f"Trainer(gradient_clip_val={trainer.gradient_clip_val})")
+        if is_overridden("configure_gradient_clipping", module, LightningModule):
+            check_no_gradient_clipping(state, f"{type(module).__name__}.configure_gradient_clipping")
 
     def _training_module(self) -> LightningModule:
         module = self.lightning_module
@@ -159,9 +199,10 @@ class GMCStrategy(DDPStrategy):
                 "Lightning's optimizer step. Set `self.automatic_optimization = True`."
             )
         if len(self.optimizers) != 1:
+            kind = "torch.optim.SGD" if self.gmc_method.takes_over_optimizer else "any torch.optim.Optimizer"
             raise ValueError(
-                f"GMCStrategy supports exactly one optimizer (torch.optim.SGD); configure_optimizers "
-                f"returned {len(self.optimizers)}"
+                f"GMCStrategy supports exactly one optimizer ({kind} for method "
+                f"{self.gmc_method.name!r}); configure_optimizers returned {len(self.optimizers)}"
             )
         return module
 
@@ -215,15 +256,21 @@ class GMCStrategy(DDPStrategy):
         module = self.lightning_module
         if module is None or module._trainer is None:
             return
+        trainer = module.trainer
         # Always into the trainer's callback metrics (callbacks and scripts read them there); to the
         # loggers when there are any (logging to none would only warn).
-        module.log_dict(
-            {f"gmc/{key}": value for key, value in metrics.items() if key in _LOGGED_METRICS},
-            on_step=True,
-            on_epoch=False,
-            logger=bool(module.trainer.loggers),
-            prog_bar=False,
-        )
+        to_logger = bool(trainer.loggers)
+        shown = PROGRESS_BAR_METRICS if self.progress_bar_metrics else ()
+        others = tuple(name for name in LOGGED_METRICS if name not in shown)
+        for names, prog_bar in ((shown, True), (others, False)):
+            if names:
+                values = logged_metrics(metrics, names)
+                module.log_dict(values, on_step=True, on_epoch=False, logger=to_logger, prog_bar=prog_bar)
+        if _is_logging_step(trainer):
+            # One small all-reduce, only when the loggers write: sums over ranks of the traffic and
+            # of the skipped non-finite buckets (rank 0 alone would miss the other ranks' skips).
+            summed = rank_aggregated_metrics(metrics, self.gmc_state.process_group, self.root_device)
+            module.log_dict(summed, on_step=True, on_epoch=False, logger=to_logger, prog_bar=False)
 
     # ------------------------------------------------------------------------------ checkpoints
     @override
@@ -276,8 +323,15 @@ class GMCStrategy(DDPStrategy):
             compressor="rbgs",
             detach=0.5,
         )
+        strategy_registry.register(
+            "ef",
+            cls,
+            description="EF: top-k with error feedback on the gradient, any optimizer (Adam, AdamW)",
+            method="ef",
+            override=True,
+        )
         for name in sorted(METHODS):
-            if name != "gmc":
+            if name not in ("gmc", "ef"):
                 strategy_registry.register(
                     name, cls, description=f"lightning_gmc method {name!r}", method=name, override=True
                 )
@@ -330,14 +384,12 @@ class GMCStrategy(DDPStrategy):
         super().teardown()
 
 
-_LOGGED_METRICS = (
-    "bytes_sent",
-    "dense_bytes",
-    "bytes_sent_total",
-    "dense_bytes_total",
-    "rcc",
-    "density",
-    "residual_norm",
-    "nonfinite_skips",
-)
-
+def _is_logging_step(trainer: Trainer) -> bool:
+    """Whether the loggers write this optimizer step (``log_every_n_steps``), decided the same way on
+    every rank: Lightning's own test also logs when ``trainer.should_stop``, which is not a value
+    every rank is guaranteed to share, and this decides a collective."""
+    # log_every_n_steps is set by the Trainer's __init__, not declared on the class
+    every: int = trainer.log_every_n_steps  # type: ignore[attr-defined]
+    if not every:
+        return False
+    return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0

@@ -85,8 +85,11 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(model(x), y)
 
 
-def run_distributed(tmp_path: Path, config: dict[str, Any], timeout: float = 240.0) -> list[dict[str, Any]]:
-    """Run ``distributed_runner.py`` with ``config`` and return each rank's result dict.
+def run_distributed(
+    tmp_path: Path, config: dict[str, Any], timeout: float = 240.0, runner: Path = RUNNER
+) -> list[dict[str, Any]]:
+    """Run ``distributed_runner.py`` (or another ``runner`` script) with ``config`` and return each
+    rank's result dict.
 
     ``record_start_state: true`` adds ``start_state``: the GMC hook state as training starts, after
     a checkpoint was restored.
@@ -111,7 +114,7 @@ def run_distributed(tmp_path: Path, config: dict[str, Any], timeout: float = 240
         "MASTER_PORT": str(_free_port()),
     }
     proc = subprocess.run(
-        [sys.executable, str(RUNNER), str(config_path)],
+        [sys.executable, str(runner), str(config_path)],
         cwd=out_dir,
         env=env,
         capture_output=True,

@@ -67,7 +67,10 @@ def test_configs_cover_the_paper_tables() -> None:
         cfg = yaml.safe_load(path.read_text())
         trainer = cfg["trainer"]
         assert trainer["use_distributed_sampler"] is False
-        assert cfg["model"]["momentum"] == 0.9 and cfg["model"]["weight_decay"] == 1e-4
+        if path.parent.name == "adamw":  # AdamW runs (method="ef" and its DDP baseline)
+            assert cfg["model"]["optimizer"] == "adamw" and cfg["model"]["weight_decay"] == 0.05
+        else:
+            assert cfg["model"]["momentum"] == 0.9 and cfg["model"]["weight_decay"] == 1e-4
         if path.parent.name.startswith("table") or path.parent.name == "rbgs_noniid":
             assert trainer["devices"] == 8 and trainer["max_epochs"] == 200
             assert cfg["data"]["init_args"]["batch_size"] * trainer["devices"] == 128
@@ -146,6 +149,22 @@ def test_bare_strategy_name(name: str, tmp_path: Path) -> None:
     strategy = cli.trainer.strategy
     assert isinstance(strategy, lightning_gmc.GMCStrategy)
     assert cli.trainer.global_step == 1
+
+
+def test_single_strategy_fields_override_from_the_command_line() -> None:
+    # The README's overrides: one field of the config's strategy, the rest kept...
+    path = str(CONFIG_DIR / "digits" / "gmc_noniid.yaml")
+    for flag in ("--trainer.strategy.init_args.density=0.05", "--trainer.strategy.density=0.05"):
+        cli = cli_main(
+            ["--config", path, flag, "--trainer.accelerator=cpu", "--trainer.devices=1"], run=False
+        )
+        config = cli.trainer.strategy.gmc_config
+        assert (config.density, config.compressor) == (0.05, "topk_approx"), flag
+    # ...and the class plus one field on a config whose strategy is plain DDP
+    path = str(CONFIG_DIR / "digits" / "ddp_noniid.yaml")
+    args = ["--trainer.strategy=lightning_gmc.GMCStrategy", "--trainer.strategy.density=0.05"]
+    cli = cli_main(["--config", path, *args, "--trainer.accelerator=cpu", "--trainer.devices=1"], run=False)
+    assert cli.trainer.strategy.gmc_config.density == 0.05
 
 
 def test_digits_config_on_two_processes(tmp_path: Path) -> None:

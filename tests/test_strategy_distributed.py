@@ -256,6 +256,26 @@ def test_nonfinite_gradient_is_skipped_without_poisoning_state(tmp_path: Path) -
     assert_close(momentum, by_hand["momentum"])
 
 
+def test_logged_skips_and_traffic_are_summed_over_ranks_at_logging_steps(tmp_path: Path) -> None:
+    # Rank 1 skips every bucket at step 2; rank 0 (the only rank whose loggers write) must report it.
+    cfg = {**BASE, "strategy_kwargs": {"compressor": "topk", "density": 0.05}, "max_steps": 6}
+    results = run_distributed(tmp_path, {**cfg, "nan_at_step": 2, "nan_rank": 1, "log_every_n_steps": 2})
+    records = results[0]["metrics"]
+    summed = [m for m in records if "gmc/nonfinite_skips" in m]
+    # the all-reduce runs only at logging steps (every 2nd optimizer step), and every one of them logs
+    assert [m["step"] for m in summed] == [1, 3, 5]
+    rank1_buckets = len(results[1]["bucket_numels"])
+    assert [m["gmc/nonfinite_skips"] for m in summed] == [0, rank1_buckets, rank1_buckets]
+    # the loggers write this rank's traffic and the sum over ranks (named so) at the same steps
+    totals = [r["gmc_state"]["stats"]["bytes_sent_total"] for r in results]
+    assert summed[-1]["gmc/bytes_sent_total_sum_ranks"] == pytest.approx(sum(totals))
+    assert summed[-1]["gmc/bytes_sent_total"] == pytest.approx(totals[0])
+    dense = [r["gmc_state"]["stats"]["dense_bytes_total"] for r in results]
+    assert summed[-1]["gmc/dense_bytes_total_sum_ranks"] == pytest.approx(sum(dense))
+    # top-k payloads have a fixed size: both ranks sent the same bytes this step
+    assert summed[-1]["gmc/bytes_sent_sum_ranks"] == pytest.approx(2 * summed[-1]["gmc/bytes_sent"])
+
+
 def test_nonfinite_gradient_raises_when_asked(tmp_path: Path) -> None:
     cfg = {
         **BASE,

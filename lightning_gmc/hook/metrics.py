@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from lightning_gmc.hook.hierarchy import IntraNodeTraffic
 from lightning_gmc.methods import WorkerState
 from lightning_gmc.transport import CommStats
 
-__all__ = ["HookMetrics"]
+__all__ = ["HookMetrics", "residual_norm", "sum_over_ranks"]
 
 
 class HookMetrics:
@@ -21,6 +25,9 @@ class HookMetrics:
     def __init__(self, stats: CommStats) -> None:
         self.stats = stats
         self._nonfinite_pending: Tensor | None = None
+        #: bytes sent inside the node (hierarchy="node" only); then ``stats`` counts the inter-node
+        #: exchange, reported as ``bytes_sent`` and ``bytes_sent_inter``.
+        self.intra: IntraNodeTraffic | None = None
 
     def count_nonfinite(self, skipped: Tensor) -> None:
         """Accumulate skipped-bucket events on the device (read once per step by :meth:`take`)."""
@@ -36,6 +43,9 @@ class HookMetrics:
             self._nonfinite_pending = None
         metrics = self.stats.take_step()
         metrics["residual_norm"] = residual_norm(worker)
+        if self.intra is not None:
+            metrics["bytes_sent_inter"] = metrics["bytes_sent"]
+            metrics["bytes_sent_intra"] = self.intra.take_step()
         return metrics
 
 
@@ -44,3 +54,19 @@ def residual_norm(worker: WorkerState | None) -> float:
     if worker is None or "residual" not in worker.tensors:
         return 0.0
     return worker.squared_norm("residual") ** 0.5
+
+
+def sum_over_ranks(
+    values: Mapping[str, float], process_group: dist.ProcessGroup | None, device: torch.device
+) -> dict[str, float]:
+    """Each value summed over the ranks of ``process_group`` in one all-reduce of a small float64
+    vector (a collective: every rank must call it at the same point; the identity without a group).
+
+    Issued on torch.distributed directly, not through the exchange's collectives: it is logging, and
+    the exchange's back-end carries (and its wrappers count) the gradient traffic only."""
+    names = list(values)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(process_group) == 1:
+        return {name: float(values[name]) for name in names}
+    vector = torch.tensor([float(values[name]) for name in names], dtype=torch.float64, device=device)
+    dist.all_reduce(vector, group=process_group)
+    return dict(zip(names, vector.tolist(), strict=True))

@@ -14,27 +14,27 @@ One backup buffer serves both; only one swap can be active at a time.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_gmc.methods import GroupHyper, Method, ParameterTable
+from lightning_gmc.transport import Collectives
 
 __all__ = ["ParameterSwap", "all_reduce_mean"]
 
 
-def all_reduce_mean(flat: Tensor, process_group: dist.ProcessGroup | None) -> None:
-    """In-place mean over the ranks of ``process_group`` (identity without a process group).
+def all_reduce_mean(flat: Tensor, collectives: Collectives | None) -> None:
+    """In-place mean over the workers of ``collectives`` (None: a single worker, nothing to do).
 
-    The evaluation point's one collective; it runs outside training steps, so it is not counted as
-    gradient traffic.
+    The evaluation point's one collective, through the same protocol as the gradient exchange; it
+    runs outside training steps and is not counted as gradient traffic.
     """
-    world_size = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
-    if world_size > 1:
-        dist.all_reduce(flat, group=process_group)
-    flat.div_(world_size)
+    if collectives is None or collectives.world_size == 1:
+        return
+    collectives.all_reduce_sum([flat]).wait()
+    flat.div_(collectives.world_size)
 
 
 class ParameterSwap:
@@ -45,7 +45,7 @@ class ParameterSwap:
         params: the trainable parameters (in the :class:`ParameterTable` order).
         table: their names, shapes and param groups.
         residuals: this rank's residual per parameter (flat fp32), or None for methods without one.
-        process_group: where the evaluation point averages.
+        collectives: where the evaluation point averages (None: a single worker).
     """
 
     def __init__(
@@ -54,15 +54,13 @@ class ParameterSwap:
         params: Sequence[nn.Parameter],
         table: ParameterTable,
         residuals: Sequence[Tensor] | None,
-        process_group: dist.ProcessGroup | None = None,
-        reduce_mean: Callable[[Tensor, dist.ProcessGroup | None], None] = all_reduce_mean,
+        collectives: Collectives | None = None,
     ) -> None:
         self.method = method
         self.params = list(params)
         self.table = table
         self.residuals = residuals
-        self.process_group = process_group
-        self.reduce_mean = reduce_mean
+        self.collectives = collectives
         self.active: str | None = None  # "detached" or "evaluation" while moved
         self._backup: list[Tensor] | None = None
 
@@ -145,7 +143,7 @@ class ParameterSwap:
                         for r, group in zip(self.residuals, self.table.groups, strict=True)
                     ]
                 )
-            self.reduce_mean(flat, self.process_group)
+            all_reduce_mean(flat, self.collectives)
             offset = 0
             for p in self.params:
                 chunk = flat[offset : offset + p.numel()].view_as(p)

@@ -1,0 +1,262 @@
+"""Layer 5 (Fabric): GMC in a Lightning Fabric training loop, registered as ``Fabric(strategy="gmc")``.
+
+::
+
+    fabric = L.Fabric(strategy="gmc", accelerator="cpu", devices=2)  # or GMCFabricStrategy(...)
+    fabric.launch()
+    model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    for x, y in loader:
+        loss = loss_fn(model(x), y)      # GMC+: evaluated at the detached point
+        fabric.backward(loss)            # the hook compresses, exchanges and applies the method
+        optimizer.step()                 # plain SGD on the method's direction
+        optimizer.zero_grad()
+    fabric.save("ckpt.pt", {"model": model, "optimizer": optimizer})  # with every rank's GMC state
+
+The strategy does for a Fabric loop what :class:`~lightning_gmc.GMCStrategy` does for the Trainer:
+it registers :func:`~lightning_gmc.gmc_hook` on the DDP module, attaches the optimizer (its momentum
+and weight decay move into the method), moves the parameters to the detached point for each training
+forward (``module.training`` with gradients enabled) and back after the backward, and saves and
+loads the per-rank state with ``fabric.save`` / ``fabric.load``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+from lightning.fabric.accelerators import Accelerator
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import DDPStrategy
+from lightning.fabric.utilities.rank_zero import rank_zero_info
+from lightning.fabric.utilities.types import Optimizable
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_gmc._adapter import (
+    CHECKPOINT_KEY,
+    LOGGED_METRICS,
+    check_no_gradient_clipping,
+    logged_metrics,
+    rank_aggregated_metrics,
+    reject_conflicting_ddp_args,
+    run_summary,
+)
+from lightning_gmc.compressors import Compressor
+from lightning_gmc.config import GMCConfig, NonFinitePolicy, WorldSizeChangePolicy
+from lightning_gmc.hook import GMCHookState, gmc_hook
+from lightning_gmc.methods import METHODS
+
+__all__ = ["GMCFabricStrategy"]
+
+log = logging.getLogger(__name__)
+
+
+class GMCFabricStrategy(DDPStrategy):
+    """Fabric's DDP with compressed gradient communication, error feedback and global momentum.
+
+    The GMC arguments are those of :class:`~lightning_gmc.GMCStrategy` (validated by
+    :class:`~lightning_gmc.GMCConfig`); the rest are Fabric's
+    :class:`~lightning.fabric.strategies.DDPStrategy` arguments, and ``**ddp_kwargs`` go to
+    :class:`~torch.nn.parallel.DistributedDataParallel`. Set up one module with one optimizer
+    (``fabric.setup(model, optimizer)``, or ``setup_module`` before ``setup_optimizers``).
+
+    Metrics: :meth:`gmc_metrics` (call it on every rank at the steps you log).
+    Evaluation: wrap evaluation in ``strategy.gmc_state.evaluation_point()`` for methods that evaluate
+    another model than the training parameters (e.g. CSER's average; a no-op for GMC).
+
+    Raises:
+        ValueError: what :class:`~lightning_gmc.GMCConfig` rejects; a DDP argument that conflicts with
+            the hook; a second optimizer; ``fabric.clip_gradients`` with a method whose hook writes its
+            update direction into ``.grad``.
+    """
+
+    def __init__(
+        self,
+        compressor: str | Compressor | None = None,
+        density: float = 0.01,
+        detach: float | None = None,
+        method: str = "gmc",
+        momentum: float | None = None,
+        seed: int = 0,
+        method_options: dict[str, Any] | None = None,
+        compressor_options: dict[str, Any] | None = None,
+        ef_scaling: bool | None = None,
+        nonfinite: NonFinitePolicy = "skip",
+        on_world_size_change: WorldSizeChangePolicy = "error",
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        **ddp_kwargs: Any,
+    ) -> None:
+        reject_conflicting_ddp_args("GMCFabricStrategy", ddp_kwargs)
+        # fmt: off
+        self.gmc_config = GMCConfig(
+            method=method, compressor=compressor, density=density, detach=detach, momentum=momentum,
+            seed=seed, method_options=method_options or {}, compressor_options=compressor_options or {},
+            ef_scaling=ef_scaling, nonfinite=nonfinite, on_world_size_change=on_world_size_change,
+        )
+        # fmt: on
+        self.gmc_state = GMCHookState.from_config(self.gmc_config, ddp_kwargs.get("process_group"))
+        self.last_metrics: dict[str, float] = {}
+        self._model: nn.Module | None = None
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision=precision,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+            **ddp_kwargs,
+        )
+
+    # ---------------------------------------------------------------------------------- setup
+    @override
+    def setup_module(self, module: nn.Module) -> DistributedDataParallel:
+        if self._model is not None:
+            raise ValueError("GMCFabricStrategy serves one module; set up a single model")
+        ddp = super().setup_module(module)
+        ddp.register_comm_hook(state=self.gmc_state, hook=gmc_hook)
+        ddp.register_forward_pre_hook(self._enter_detached_point)
+        self._model = ddp.module
+        return ddp
+
+    @override
+    def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        if self._model is None:
+            raise ValueError(
+                "GMCFabricStrategy attaches the optimizer to the model's parameters: set up the model first "
+                "(fabric.setup(model, optimizer), or fabric.setup_module before fabric.setup_optimizers)"
+            )
+        if self.gmc_state.worker is not None:
+            method = self.gmc_state.method
+            kind = "torch.optim.SGD" if method.takes_over_optimizer else "any torch.optim.Optimizer"
+            raise ValueError(f"GMCFabricStrategy supports exactly one optimizer ({kind} for this method)")
+        self.gmc_state.attach(self._model, optimizer)
+        rank_zero_info(run_summary(self.gmc_config, self.gmc_state))
+        return optimizer
+
+    def _enter_detached_point(self, module: nn.Module, args: Any) -> None:
+        # GMC+ / DEF-A evaluate the gradient at w - s * residual: every training forward of a step
+        # (micro-batches too) runs there; backward / optimizer_step restore w.
+        if module.training and torch.is_grad_enabled():
+            self.gmc_state.enter_detached_point()
+
+    # ----------------------------------------------------------------------------- the step
+    @override
+    def backward(self, tensor: torch.Tensor, module: nn.Module | None, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().backward(tensor, module, *args, **kwargs)
+        finally:
+            self.gmc_state.exit_detached_point()
+
+    @override
+    def optimizer_step(self, optimizer: Optimizable, **kwargs: Any) -> Any:
+        self.gmc_state.exit_detached_point()  # loss.backward() called without fabric.backward
+        output = super().optimizer_step(optimizer, **kwargs)
+        self.last_metrics = self.gmc_state.take_metrics()
+        return output
+
+    @override
+    def clip_gradients_norm(
+        self,
+        module: nn.Module,
+        optimizer: Optimizer,
+        max_norm: float | int,
+        norm_type: float | int = 2.0,
+        error_if_nonfinite: bool = True,
+    ) -> torch.Tensor:
+        check_no_gradient_clipping(self.gmc_state, f"fabric.clip_gradients(max_norm={max_norm})")
+        return super().clip_gradients_norm(module, optimizer, max_norm, norm_type, error_if_nonfinite)
+
+    @override
+    def clip_gradients_value(self, module: nn.Module, optimizer: Optimizer, clip_val: float | int) -> None:
+        check_no_gradient_clipping(self.gmc_state, f"fabric.clip_gradients(clip_val={clip_val})")
+        super().clip_gradients_value(module, optimizer, clip_val)
+
+    def gmc_metrics(self, sum_over_ranks: bool = True) -> dict[str, float]:
+        """The last optimizer step's metrics as ``gmc/<name>`` (this rank), for ``fabric.log_dict``.
+
+        With ``sum_over_ranks`` (a collective: call it on every rank at the same step) also
+        ``gmc/<traffic>_sum_ranks`` and ``gmc/nonfinite_skips``, summed over all ranks.
+        """
+        metrics = logged_metrics(self.last_metrics, LOGGED_METRICS)
+        if sum_over_ranks:
+            group = self.gmc_state.process_group
+            metrics.update(rank_aggregated_metrics(self.last_metrics, group, self.root_device))
+        return metrics
+
+    # ---------------------------------------------------------------------------- checkpoints
+    @override
+    def save_checkpoint(
+        self,
+        path: Any,
+        state: dict[str, nn.Module | Optimizer | Any],
+        storage_options: Any | None = None,
+        filter: dict[str, Callable[[str, Any], bool]] | None = None,
+    ) -> None:
+        # fabric.save runs on every rank: the collective that brings every rank's residual into
+        # rank 0's file. The training parameters are the module's weights (no evaluation swap here).
+        if self.gmc_state.worker is not None:
+            state = {**state, CHECKPOINT_KEY: self.gmc_state.gathered_state_dict()}
+        super().save_checkpoint(path, state, storage_options=storage_options, filter=filter)
+
+    @override
+    def load_checkpoint(
+        self,
+        path: Any,
+        state: nn.Module | Optimizer | dict[str, nn.Module | Optimizer | Any] | None = None,
+        strict: bool = True,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        remainder = super().load_checkpoint(path, state, strict=strict, weights_only=weights_only)
+        if not isinstance(state, dict) or not state:
+            return remainder  # the raw checkpoint went back to the caller
+        gmc_state = remainder.pop(CHECKPOINT_KEY, None)
+        if gmc_state is not None:
+            self.gmc_state.load_state_dict(gmc_state)
+        elif any(isinstance(obj, Optimizer) for obj in state.values()):
+            log.warning(
+                "lightning_gmc: the checkpoint has no GMC state (written by another strategy?); residuals "
+                "and momentum start from zero"
+            )
+        return remainder
+
+    @override
+    def teardown(self) -> None:
+        self.gmc_state.exit_detached_point()
+        self.gmc_state.exit_evaluation_point()
+        super().teardown()
+
+    # --------------------------------------------------------------------------------- registry
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        # Fabric's own registry (not the Trainer's): Fabric(strategy="gmc"), "gmc_plus", one per method.
+        strategy_registry.register(
+            "gmc", cls, description="GMC: top-k compression with error feedback and global momentum"
+        )
+        strategy_registry.register(
+            "gmc_plus",
+            cls,
+            description="GMC+: RBGS compression, gradients at the detached point (detach=0.5)",
+            compressor="rbgs",
+            detach=0.5,
+        )
+        for name in sorted(METHODS):
+            if name != "gmc":
+                strategy_registry.register(
+                    name, cls, description=f"lightning_gmc method {name!r}", method=name, override=True
+                )
