@@ -46,6 +46,8 @@ METHOD_OPTIONS = {
     "def_a": {"detach": 0.3, "evaluation": "x_t"},
     "cser": {"reset_interval": 2},
     "dmsgd": {},
+    "ef": {},
+    "ef21": {},
 }
 
 
@@ -55,7 +57,8 @@ def test_identity_in_place_equals_the_copying_path(name: str) -> None:
     runs = []
     for compressor in (Identity(), _CopyingIdentity()):
         method = build_method(name, compressor, **METHOD_OPTIONS[name])
-        sim = Simulator(shapes, num_workers=3, method=method, momentum=0.9, weight_decay=0.01)
+        hyper = {"momentum": 0.9, "weight_decay": 0.01} if method.takes_over_optimizer else {}
+        sim = Simulator(shapes, num_workers=3, method=method, **hyper)  # type: ignore[arg-type]
         gen = torch.Generator().manual_seed(0)
         w = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
         out = []
