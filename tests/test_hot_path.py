@@ -122,11 +122,15 @@ def test_detached_point_is_exact_and_restores_the_same_tensors() -> None:
 
 
 def test_the_hook_hands_ddp_the_momentum_as_gradient() -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    # An in-process Trainer of an earlier test may have left its one-rank group: use it then.
+    created = not dist.is_initialized()
+    if created:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    assert dist.get_world_size() == 1
     try:
         model, opt, state = _attached(detach=0.0)
         ddp = DistributedDataParallel(model)
@@ -142,4 +146,5 @@ def test_the_hook_hands_ddp_the_momentum_as_gradient() -> None:
                 assert p.grad.data_ptr() != m.data_ptr()  # DDP's copy, not the state buffer
             opt.step()
     finally:
-        dist.destroy_process_group()
+        if created:
+            dist.destroy_process_group()
