@@ -192,7 +192,7 @@ class Simulator:
             self.method.decode(step, own)
         self._prev_lr = float(lr)
         self.step_index += 1
-        return [self._unflatten(step.out) for step in steps]
+        return [self._unflatten(step.direction()) for step in steps]
 
     def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         result = {}

@@ -192,6 +192,7 @@ class Compressor(ABC):
             RBGS, shared-seed random-k). Otherwise payloads travel by all-gather and each is decoded.
         sparse: True when the output has at most ``plan`` selected coordinates per segment and the
             residual ``x - C(x)`` is ``x`` with the selected coordinates zeroed.
+        sends_input: True when ``C(x) = x`` and the payload may be ``x`` itself (:meth:`wrap_input`).
         unbiased: True when ``E[C(x)] = x`` (a class attribute, or a field derived from the options
             when it depends on them).
     """
@@ -199,6 +200,11 @@ class Compressor(ABC):
     name: ClassVar[str] = ""
     shared_support: ClassVar[bool] = False
     sparse: ClassVar[bool] = False
+    #: ``C(x) = x`` bit for bit and the payload can be ``x`` itself (:meth:`wrap_input`): callers may
+    #: build ``x`` in a buffer of their choice and send it without a copy (the identity). Needs
+    #: ``shared_support`` and a :meth:`decode_summed` whose ``out`` may be the summed values tensor
+    #: itself (the mean is then decoded in place).
+    sends_input: ClassVar[bool] = False
     unbiased: bool = False
 
     @abstractmethod
@@ -234,7 +240,15 @@ class Compressor(ABC):
         """
         out.zero_()
         self.decompress_add(summed, plan, out)
-        return out.div_(world_size)
+        return out if world_size == 1 else out.div_(world_size)  # x / 1 == x: one pass fewer
+
+    def wrap_input(self, x: Tensor, plan: CompressionPlan) -> Payload:
+        """The payload of ``x`` that *is* ``x`` (no copy), for compressors with :attr:`sends_input`.
+
+        The caller gives ``x`` up until the exchange of this payload has finished: the transport may
+        sum into it in place. Compressors without :attr:`sends_input` raise.
+        """
+        raise TypeError(f"{self.name!r} does not send its input unchanged (sends_input is False)")
 
     def subtract_own(self, x: Tensor, payload: Payload, plan: CompressionPlan, workspace: Tensor) -> None:
         """Set ``x <- x - C(x)`` for the payload this rank just produced from ``x``.

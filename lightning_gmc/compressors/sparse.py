@@ -45,6 +45,7 @@ class Identity(Compressor):
     name: ClassVar[str] = "none"
     shared_support: ClassVar[bool] = True
     sparse: ClassVar[bool] = False
+    sends_input: ClassVar[bool] = True
     unbiased = True
 
     def plan(self, segments: Sequence[Segment]) -> CompressionPlan:
@@ -67,12 +68,17 @@ class Identity(Compressor):
         values.copy_(x)
         return Payload({"values": values})
 
+    def wrap_input(self, x: Tensor, plan: CompressionPlan) -> Payload:
+        return Payload({"values": x})
+
     def decompress_add(self, payload: Payload, plan: CompressionPlan, out: Tensor) -> None:
         out.add_(payload.tensors["values"])
 
     def decode_summed(self, summed: Payload, plan: CompressionPlan, out: Tensor, world_size: int) -> Tensor:
-        # 0 + v, as the default's zero_() + add_() gives (it turns -0.0 into +0.0), one pass fewer.
-        return torch.add(summed.tensors["values"], 0.0, out=out).div_(world_size)
+        # 0 + v, as the default's zero_() + add_() gives (it turns -0.0 into +0.0), one pass fewer;
+        # and no division by K = 1 (x / 1 == x).
+        torch.add(summed.tensors["values"], 0.0, out=out)
+        return out if world_size == 1 else out.div_(world_size)
 
     def subtract_own(self, x: Tensor, payload: Payload, plan: CompressionPlan, workspace: Tensor) -> None:
         x.zero_()
@@ -149,7 +155,8 @@ class SparseCompressor(Compressor):
         # (0 + v) / K: values.add_(0.0) reproduces the 0 + v (-0.0 -> +0.0), and index_copy_ stores
         # the quotient as is.
         out.zero_()
-        return out.index_copy_(0, index, summed.tensors["values"].add_(0.0).div_(world_size))
+        values = summed.tensors["values"].add_(0.0)
+        return out.index_copy_(0, index, values if world_size == 1 else values.div_(world_size))
 
     def subtract_own(self, x: Tensor, payload: Payload, plan: CompressionPlan, workspace: Tensor) -> None:
         # x - C(x) is exactly x with the sent coordinates zeroed (no rounding).

@@ -89,8 +89,15 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
 
     def finish(fut: Future[list[list[Tensor]]]) -> Tensor:
         state.method.decode(step, fut.value()[0])
-        if grad is not buffer:
-            buffer.copy_(grad)
+        direction = step.direction()
+        if direction is buffer:
+            return buffer
+        if buffer.dtype == torch.float32:
+            # A state buffer that holds the direction (e.g. GMC's momentum): DDP copies the hook's
+            # result into the parameters' gradients, so handing it over saves a copy into the bucket.
+            # The method leaves it unchanged until this bucket's next encode, after that copy.
+            return direction
+        buffer.copy_(direction)  # a bf16 bucket gets the direction rounded, as before
         return buffer
 
     return future.then(finish)
@@ -135,7 +142,7 @@ def _hierarchical_bucket(state: GMCHookState, bucket: dist.GradBucket, groups: N
         messages = state.method.encode(step)
         means = state.exchange.start([messages], [bucket_state], state.step, bucket.index()).wait()
         state.method.decode(step, means[0])
-        layout.scatter(owned, 0)
+        layout.scatter(step.direction(), 0)  # owned, or the state buffer holding the direction
         for section, name in enumerate(state.method.buffers, start=1):
             layout.scatter(bucket_state.buffers[name], section)
     state.intra_traffic.record_allreduce(layout.share.numel() * 4, ranks_per_node)

@@ -52,6 +52,10 @@ def decode_mean(
 ) -> Tensor:
     """``out = (1/K) sum_k C_k`` with payloads decoded and summed in rank order (bit-identical on
     every worker that runs it on the same payloads)."""
+    if len(payloads) == 1:
+        # One worker (K = 1): its payload is the sum, and decode_summed reproduces these bits in
+        # fewer passes (compressors override it only where they do).
+        return compressor.decode_summed(payloads[0], plan, out, 1)
     out.zero_()
     for payload in payloads:
         compressor.decompress_add(payload, plan, out)
