@@ -51,6 +51,8 @@ VARIANTS: tuple[tuple[str, str, str, float, dict[str, object]], ...] = (
     ("GMC lr inside, none", "gmc_lr_inside", "none", 1.0, {}),
     ("DEF-A, none (detach 0.3)", "def_a", "none", 1.0, {"detach": 0.3, "evaluation": "x_t"}),
     ("CSER, none", "cser", "none", 1.0, {}),
+    ("EF (the optimizer keeps its momentum), none", "ef", "none", 1.0, {}),
+    ("EF21 (the optimizer keeps its momentum), none", "ef21", "none", 1.0, {}),
 )
 
 

@@ -46,6 +46,8 @@ METHOD_OPTIONS = {
     "def_a": {"detach": 0.3, "evaluation": "x_t"},
     "cser": {"reset_interval": 2},
     "dmsgd": {},
+    "ef": {},
+    "ef21": {},
 }
 
 
@@ -55,7 +57,8 @@ def test_identity_in_place_equals_the_copying_path(name: str) -> None:
     runs = []
     for compressor in (Identity(), _CopyingIdentity()):
         method = build_method(name, compressor, **METHOD_OPTIONS[name])
-        sim = Simulator(shapes, num_workers=3, method=method, momentum=0.9, weight_decay=0.01)
+        hyper = {"momentum": 0.9, "weight_decay": 0.01} if method.takes_over_optimizer else {}
+        sim = Simulator(shapes, num_workers=3, method=method, **hyper)  # type: ignore[arg-type]
         gen = torch.Generator().manual_seed(0)
         w = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
         out = []
@@ -119,11 +122,15 @@ def test_detached_point_is_exact_and_restores_the_same_tensors() -> None:
 
 
 def test_the_hook_hands_ddp_the_momentum_as_gradient() -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    # An in-process Trainer of an earlier test may have left its one-rank group: use it then.
+    created = not dist.is_initialized()
+    if created:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    assert dist.get_world_size() == 1
     try:
         model, opt, state = _attached(detach=0.0)
         ddp = DistributedDataParallel(model)
@@ -139,4 +146,5 @@ def test_the_hook_hands_ddp_the_momentum_as_gradient() -> None:
                 assert p.grad.data_ptr() != m.data_ptr()  # DDP's copy, not the state buffer
             opt.step()
     finally:
-        dist.destroy_process_group()
+        if created:
+            dist.destroy_process_group()

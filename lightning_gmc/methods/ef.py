@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from lightning_gmc.methods._common import add_into
 from lightning_gmc.methods.base import BucketStep, Message, Method
 
 __all__ = ["ErrorFeedback"]
@@ -49,12 +50,17 @@ class ErrorFeedback(Method):
     takes_over_optimizer = False
 
     def encode(self, step: BucketStep) -> list[Message]:
-        p = step.buffer("residual")  # becomes p_k = e_k + g_k in place
-        p.add_(step.grad)
-        message = step.compress(self.compressor, p)
-        step.subtract_own(message, p)  # e_k <- p_k - C(p_k)
-        return [message]
+        residual = step.buffer("residual")
+        # p_k = e_k + g_k in place in the residual; for the identity in the gradient buffer (no
+        # longer needed), which the exchange then sums and decodes into in place.
+        p = step.staging(self.compressor, residual, into=step.grad)
+        add_into(p, residual, step.grad)
+        decode_into = None if p is residual else p
+        return [
+            step.send_residual(self.compressor, p, residual, decode_into=decode_into)
+        ]  # e_k <- p_k - C(p_k)
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means
-        step.out.copy_(mean)  # the optimizer's gradient
+        # The optimizer's gradient: the mean stays in its buffer until this bucket's next exchange.
+        step.use_direction(mean)

@@ -61,4 +61,4 @@ class EF21(Method):
         (mean,) = means
         aggregate = step.buffer("aggregate")
         aggregate.add_(mean)
-        step.out.copy_(aggregate)
+        step.use_direction(aggregate)  # the optimizer's gradient, handed over without a copy
