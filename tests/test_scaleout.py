@@ -94,7 +94,9 @@ def test_topk_shared_alone_is_exact_topk_and_rcc_counts_the_indices() -> None:
     )
 
 
-@pytest.mark.parametrize("method", ["dgc", "cser", "def_a"])
+@pytest.mark.parametrize(
+    "method", ["dgc", "cser", "def_a", "ef", "ef21", "ef_server_momentum", "gmc_lr_inside"]
+)
 def test_topk_shared_runs_with_the_other_methods(method: str) -> None:
     sim = Simulator(SHAPES, num_workers=2, method=method, compressor="topk_shared", density=0.1)
     gen = torch.Generator().manual_seed(3)
@@ -173,6 +175,8 @@ def test_wire_dtype_is_validated_with_the_choices_named() -> None:
 
 CASES: dict[str, dict[str, Any]] = {
     "gmc_topk_shared": {"method": "gmc", "compressor": "topk_shared", "density": 0.05},
+    # the all-gather route packs bf16 values and int32 indices into one byte buffer
+    "gmc_topk_bf16": {"method": "gmc", "compressor": "topk", "density": 0.05, "wire_dtype": "bf16"},
     "gmc_plus_topk_shared_bf16": {
         "method": "gmc",
         "compressor": "topk_shared",
@@ -197,11 +201,15 @@ def test_two_ranks_equal_the_simulator_bit_for_bit_and_resume(tmp_path: Path, ca
                 assert torch.equal(result[rank]["params"][name], tensor), (case, step, rank, name)
     rcc = [m["gmc/rcc"] for r in (first, resumed) for m in r[0]["metrics"] if "gmc/rcc" in m]
     assert rcc == pytest.approx(expected["rcc"], rel=1e-6)  # logged through Lightning in fp32
-    # bytes on the wire per step, from the formula: k int32 broadcast + ring all-reduce of k values
+    # bytes on the wire per step (K = 2), from the formulas: topk_shared, k int32 broadcast + ring
+    # all-reduce of k values; topk, an all-gather of k values and k int32 indices
     k = sum(max(1, int(0.05 * p.numel() + 1e-9)) for p in _small_params())
     value_bytes = 2 if strategy.get("wire_dtype") == "bf16" else 4
     sent = [m["gmc/bytes_sent"] for r in (first, resumed) for m in r[0]["metrics"] if "gmc/bytes_sent" in m]
-    assert sent == [0.5 * 4 * k + 2 * 0.5 * value_bytes * k] * STEPS
+    if strategy["compressor"] == "topk_shared":
+        assert sent == [0.5 * 4 * k + 2 * 0.5 * value_bytes * k] * STEPS
+    else:
+        assert sent == [(value_bytes + 4) * k] * STEPS
 
 
 def _small_params() -> list[torch.Tensor]:
