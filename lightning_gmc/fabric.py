@@ -47,7 +47,7 @@ from lightning_gmc._adapter import (
     reject_conflicting_ddp_args,
     run_summary,
 )
-from lightning_gmc.compressors import Compressor
+from lightning_gmc.compressors import Compressor, WireDtype
 from lightning_gmc.config import GMCConfig, NonFinitePolicy, WorldSizeChangePolicy
 from lightning_gmc.hook import GMCHookState, gmc_hook
 from lightning_gmc.methods import METHODS
@@ -89,6 +89,7 @@ class GMCFabricStrategy(DDPStrategy):
         ef_scaling: bool | None = None,
         nonfinite: NonFinitePolicy = "skip",
         on_world_size_change: WorldSizeChangePolicy = "error",
+        wire_dtype: WireDtype = "fp32",
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -105,6 +106,7 @@ class GMCFabricStrategy(DDPStrategy):
             method=method, compressor=compressor, density=density, detach=detach, momentum=momentum,
             seed=seed, method_options=method_options or {}, compressor_options=compressor_options or {},
             ef_scaling=ef_scaling, nonfinite=nonfinite, on_world_size_change=on_world_size_change,
+            wire_dtype=wire_dtype,
         )
         # fmt: on
         self.gmc_state = GMCHookState.from_config(self.gmc_config, ddp_kwargs.get("process_group"))
