@@ -13,12 +13,14 @@ non-finite and train nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lightning_gmc.compressors import Compressor, build_compressor
+from lightning_gmc.compressors import COMPRESSORS, Compressor, build_compressor, check_wire_dtype
+from lightning_gmc.compressors.wire import WireDtype
 from lightning_gmc.methods import METHODS, Method, build_method, method_option_names
 
 __all__ = [
@@ -86,6 +88,15 @@ def check_hierarchy(hierarchy: object) -> Hierarchy:
     return hierarchy  # type: ignore[return-value]
 
 
+def _takes_wire_dtype(name: str) -> bool:
+    cls = COMPRESSORS.get(name)
+    return (
+        cls is not None
+        and dataclasses.is_dataclass(cls)
+        and any(f.name == "wire_dtype" for f in dataclasses.fields(cls))
+    )
+
+
 def check_finite_options(owner: str, options: Mapping[str, Any]) -> None:
     """Reject ``nan``/``inf`` in float options (also inside lists and tuples, e.g. a warm-up schedule)."""
     for key, value in options.items():
@@ -119,6 +130,9 @@ class GMCConfig:
         hierarchy: ``"flat"`` (default; every rank is a worker) or ``"node"`` (gradients averaged
             densely inside each node, the method runs with one worker per node between nodes;
             ``docs/algorithms.md`` section 3.11).
+        wire_dtype: dtype the compressor's float values travel in: ``"fp32"`` (default), ``"bf16"``
+            or ``"fp16"`` (``docs/algorithms.md`` section 3.12); only for compressors that send
+            float values (``none``, ``topk``, ``topk_approx``, ``topk_shared``, ``randk``, ``rbgs``).
     """
 
     method: str = "gmc"
@@ -133,6 +147,7 @@ class GMCConfig:
     nonfinite: NonFinitePolicy = "skip"
     on_world_size_change: WorldSizeChangePolicy = "error"
     hierarchy: Hierarchy = "flat"
+    wire_dtype: WireDtype = "fp32"
 
     def __post_init__(self) -> None:
         # Own copies: a caller mutating its dict later must not change a validated config.
@@ -162,6 +177,27 @@ class GMCConfig:
             check_detach(self.method_options["detach"])
         check_finite_options("method", self.method_options)
         check_finite_options("compressor", self.compressor_options)
+        check_wire_dtype(self.wire_dtype)
+        if "wire_dtype" in self.compressor_options:
+            raise ValueError("set wire_dtype as GMCConfig(wire_dtype=...), not in compressor_options")
+        if self.wire_dtype != "fp32":
+            name = self.compressor_name
+            if name is not None and not _takes_wire_dtype(name):
+                raise ValueError(
+                    f"wire_dtype={self.wire_dtype!r} applies to compressors that send float values "
+                    f"({', '.join(sorted(n for n in COMPRESSORS if _takes_wire_dtype(n)))}); {name!r} "
+                    f"sends its own packed codes. Use wire_dtype='fp32' with it."
+                )
+
+    @property
+    def compressor_name(self) -> str | None:
+        """The compressor's registry name (None for an instance of an unregistered class)."""
+        compressor = self.compressor
+        if compressor is None:
+            compressor = METHODS[self.method_name].default_compressor
+        if isinstance(compressor, Compressor):
+            return compressor.name if compressor.name in COMPRESSORS else None
+        return compressor.lower() if compressor.lower() in COMPRESSORS else None  # build() names it
 
     @property
     def method_name(self) -> str:
@@ -179,4 +215,14 @@ class GMCConfig:
         if compressor is None:
             compressor = METHODS[self.method_name].default_compressor
         built = build_compressor(compressor, density=self.density, **self.compressor_options)
+        built_wire = getattr(built, "wire_dtype", "fp32")
+        if self.wire_dtype != built_wire:
+            if not any(f.name == "wire_dtype" for f in dataclasses.fields(built)):  # type: ignore[arg-type]
+                raise ValueError(f"wire_dtype={self.wire_dtype!r} does not apply to {built.describe()!r}")
+            if built_wire != "fp32":
+                raise ValueError(
+                    f"the compressor instance has wire_dtype={built_wire!r} and the configuration "
+                    f"{self.wire_dtype!r}; set one of them"
+                )
+            built = dataclasses.replace(built, wire_dtype=self.wire_dtype)  # type: ignore[type-var]
         return build_method(self.method, built, ef_scaling=self.ef_scaling, **options)

@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gmc.compressors import Compressor
+from lightning_gmc.compressors import Compressor, WireDtype
 from lightning_gmc.config import GMCConfig, check_momentum
-from lightning_gmc.methods import BucketStep, GroupHyper, Method, ParameterTable, WorkerState
-from lightning_gmc.transport import CommStats, Exchange, InProcessCollectives
+from lightning_gmc.methods import BucketStep, GroupHyper, Message, Method, ParameterTable, WorkerState
+from lightning_gmc.transport import CommStats, Exchange, InProcessCollectives, LeaderSupport, leader_of
 
 __all__ = ["Simulator"]
 
@@ -66,6 +66,8 @@ class Simulator:
             reproduce a real run).
         ef_scaling: scale unbiased compressors by ``1/(1+omega)`` (None: for error-feedback methods), as
             :class:`~lightning_gmc.GMCStrategy` does.
+        wire_dtype: dtype the compressed values travel in (``"fp32"``, ``"bf16"``, ``"fp16"``), as
+            :class:`~lightning_gmc.GMCStrategy`'s option.
         method_options: passed to the method (e.g. ``detach=0.5``).
 
     Names and options are validated by :class:`~lightning_gmc.config.GMCConfig`, as for the strategy.
@@ -82,6 +84,7 @@ class Simulator:
         weight_decay: float = 0.0,
         seed: int = 0,
         ef_scaling: bool | None = None,
+        wire_dtype: WireDtype = "fp32",
         **method_options: Any,
     ) -> None:
         if isinstance(method, Method):
@@ -95,6 +98,7 @@ class Simulator:
                 seed=seed,
                 method_options=method_options,
                 ef_scaling=ef_scaling,
+                wire_dtype=wire_dtype,
             )
             self.method = config.build()
         names = tuple(params)
@@ -115,6 +119,7 @@ class Simulator:
             self.weight_decay = 0.0
         self.stats = CommStats()
         self.exchange = Exchange(InProcessCollectives(num_workers), self.stats)
+        self.support = LeaderSupport(self.exchange.collectives, self.stats)
         device = torch.device("cpu")
         self.workers = [
             WorkerState(self.method, self.table, device, rank, seed) for rank in range(num_workers)
@@ -170,9 +175,10 @@ class Simulator:
         if len(grads) != self.num_workers or len(points) != self.num_workers:
             raise ValueError(f"expected {self.num_workers} gradients and points")
         hyper = self._hyper(lr)
-        steps = []
-        messages = []
-        for worker, grad, point in zip(self.workers, grads, points, strict=True):
+        steps: list[BucketStep | None] = [None] * self.num_workers
+        messages: list[list[Message]] = [[] for _ in range(self.num_workers)]
+        for rank in self._encode_order():
+            worker, grad, point = self.workers[rank], grads[rank], points[rank]
             bucket = worker.bucket(self._key)
             flat_grad = self._flat(grad)
             flat_point = self._flat(point)
@@ -185,17 +191,28 @@ class Simulator:
                 rng=worker.rng,
                 world_size=self.num_workers,
                 read_params=_copier(flat_point),
+                agree_support=self.support.bind(self.step_index, rank),
             )
-            messages.append(self.method.encode(step))
-            steps.append(step)
-        buckets = [step.bucket for step in steps]
+            messages[rank] = self.method.encode(step)
+            steps[rank] = step
+        done = [step for step in steps if step is not None]
+        buckets = [step.bucket for step in done]
         # The same exchange as the DDP hook's; each worker decodes from its own copy of the means.
         means = self.exchange.start(messages, buckets, self.step_index).wait()
-        for step, own in zip(steps, means, strict=True):
+        for step, own in zip(done, means, strict=True):
             self.method.decode(step, own)
         self._prev_lr = float(lr)
         self.step_index += 1
-        return [self._unflatten(step.direction()) for step in steps]
+        return [self._unflatten(step.direction()) for step in done]
+
+    def _encode_order(self) -> list[int]:
+        """Workers in rank order, except that a ``topk_shared`` step's leader encodes first: the
+        others compress on the support it chooses (what its broadcast gives them in a real run)."""
+        ranks = list(range(self.num_workers))
+        if not any(c.leader_support for c in self.method.compressors()):
+            return ranks
+        leader = leader_of(self.step_index, self.num_workers)
+        return ranks[leader:] + ranks[:leader]
 
     def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         result = {}

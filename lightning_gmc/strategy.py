@@ -31,7 +31,7 @@ from lightning_gmc._adapter import (
     reject_conflicting_ddp_args,
     run_summary,
 )
-from lightning_gmc.compressors import Compressor
+from lightning_gmc.compressors import Compressor, WireDtype
 from lightning_gmc.config import GMCConfig, Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
 from lightning_gmc.hook import GMCHookState, build_node_groups, gmc_hook
 from lightning_gmc.methods import METHODS, Method
@@ -76,6 +76,9 @@ class GMCStrategy(DDPStrategy):
             runs between nodes only, with one worker per node (residual and momentum per node). For
             clusters whose links between nodes are much slower than inside them; needs at least 2
             nodes with equal devices (see README "Running across nodes", ``docs/algorithms.md`` 3.11).
+        wire_dtype: dtype the compressed values travel in, ``"fp32"`` (default), ``"bf16"`` or
+            ``"fp16"``; the rounding error stays in the residual and decoding accumulates in fp32
+            (``docs/algorithms.md`` section 3.12; fp16 raises on overflow, bf16 cannot overflow).
         progress_bar_metrics: show ``gmc/rcc`` and ``gmc/bytes_sent`` (per rank, this step) in the
             progress bar; False keeps them out of it (they are logged either way).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
@@ -112,6 +115,7 @@ class GMCStrategy(DDPStrategy):
         nonfinite: NonFinitePolicy = "skip",
         on_world_size_change: WorldSizeChangePolicy = "error",
         hierarchy: Hierarchy = "flat",
+        wire_dtype: WireDtype = "fp32",
         progress_bar_metrics: bool = True,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
@@ -130,6 +134,7 @@ class GMCStrategy(DDPStrategy):
             seed=seed, method_options=method_options or {}, compressor_options=compressor_options or {},
             ef_scaling=ef_scaling, nonfinite=nonfinite, on_world_size_change=on_world_size_change,
             hierarchy=hierarchy,
+            wire_dtype=wire_dtype,
         )
         # fmt: on
         self.gmc_state = GMCHookState.from_config(self.gmc_config, ddp_kwargs.get("process_group"))

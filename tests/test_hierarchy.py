@@ -39,6 +39,8 @@ CFG: dict[str, Any] = {
     "cases": {
         "gmc_topk": {"compressor": "topk", "density": 0.05},
         "gmc_plus_rbgs": {"compressor": "rbgs", "density": 0.05, "detach": 0.5, "seed": 3},
+        # the leader's support broadcast runs over the inter-node group (leader = step mod nodes)
+        "gmc_topk_shared_bf16": {"compressor": "topk_shared", "density": 0.05, "wire_dtype": "bf16"},
     },
 }
 

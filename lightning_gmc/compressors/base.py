@@ -189,7 +189,11 @@ class Compressor(ABC):
         name: registry name.
         shared_support: True when every rank's payload has the same layout *and* decoding is linear in
             the payload values, so payloads can be summed by an all-reduce before decoding (identity,
-            RBGS, shared-seed random-k). Otherwise payloads travel by all-gather and each is decoded.
+            RBGS, shared-seed random-k, topk_shared). Otherwise payloads travel by all-gather and each
+            is decoded.
+        leader_support: True when the shared support is chosen by one rank per step and handed to
+            every rank before compression (``topk_shared``): the caller supplies it through
+            :meth:`propose` and :meth:`compress_on` (``docs/algorithms.md`` 3.13).
         sparse: True when the output has at most ``plan`` selected coordinates per segment and the
             residual ``x - C(x)`` is ``x`` with the selected coordinates zeroed.
         sends_input: True when ``C(x) = x`` and the payload may be ``x`` itself (:meth:`wrap_input`).
@@ -199,13 +203,19 @@ class Compressor(ABC):
 
     name: ClassVar[str] = ""
     shared_support: ClassVar[bool] = False
+    leader_support: ClassVar[bool] = False
     sparse: ClassVar[bool] = False
     #: ``C(x) = x`` bit for bit and the payload can be ``x`` itself (:meth:`wrap_input`): callers may
     #: build ``x`` in a buffer of their choice and send it without a copy (the identity). Needs
     #: ``shared_support`` and a :meth:`decode_summed` whose ``out`` may be the summed values tensor
     #: itself (the mean is then decoded in place).
-    sends_input: ClassVar[bool] = False
     unbiased: bool = False
+
+    @property
+    def sends_input(self) -> bool:
+        """True when ``C(x) = x`` and the payload may be ``x`` itself (:meth:`wrap_input`); a
+        property, so that an option can decide it (the identity in a 16-bit ``wire_dtype`` rounds)."""
+        return False
 
     @abstractmethod
     def plan(self, segments: Sequence[Segment]) -> CompressionPlan:
@@ -230,6 +240,20 @@ class Compressor(ABC):
     @abstractmethod
     def decompress_add(self, payload: Payload, plan: CompressionPlan, out: Tensor) -> None:
         """Add the decoded vector ``C(x)`` to ``out`` in place."""
+
+    def propose(self, x: Tensor, plan: CompressionPlan) -> Tensor:
+        """``leader_support`` compressors: the support (flat int64 indices) the leader picks from ``x``."""
+        raise NotImplementedError(f"{self.name} does not choose a support for other ranks (leader_support)")
+
+    def compress_on(
+        self, x: Tensor, plan: CompressionPlan, index: Tensor, workspace: Workspace | None = None
+    ) -> Payload:
+        """``leader_support`` compressors: encode ``x`` on the agreed support ``index``."""
+        raise NotImplementedError(f"{self.name} does not compress on a given support (leader_support)")
+
+    def support_numel(self, plan: CompressionPlan) -> int:
+        """``leader_support`` compressors: number of indices of an agreed support (sent as int32)."""
+        raise NotImplementedError(f"{self.name} has no agreed support (leader_support)")
 
     def decode_summed(self, summed: Payload, plan: CompressionPlan, out: Tensor, world_size: int) -> Tensor:
         """``out = C(summed) / K`` for a shared-support payload whose ``values`` hold the sum over ranks
@@ -280,6 +304,12 @@ class Compressor(ABC):
         The default is a dense fp32 vector; sparse and shared-support compressors override it.
         """
         return 32 * plan.numel
+
+    @property
+    def value_dtype(self) -> torch.dtype:
+        """The dtype this compressor's float values travel in (``wire_dtype``; fp32 unless the
+        compressor takes a ``wire_dtype`` option, see :mod:`lightning_gmc.compressors.wire`)."""
+        return torch.float32
 
     def describe(self) -> str:
         """Short human-readable configuration, used in logs and errors."""

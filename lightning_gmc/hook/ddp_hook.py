@@ -50,7 +50,8 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
     """DDP communication hook running ``state.method`` with its compressor on one gradient bucket.
 
     Issues exactly one collective per message (one per bucket for every method except at CSER-style
-    reset steps) in the hook body; only local decoding runs in the future's callback.
+    reset steps) in the hook body, preceded by the support's broadcast for ``topk_shared``; only
+    local decoding runs in the future's callback.
     """
     if not isinstance(bucket, dist.GradBucket):
         raise TypeError(
@@ -79,6 +80,7 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
         rng=state.worker.rng,
         world_size=world_size,
         read_params=_read_params(params),
+        agree_support=state.support.bind(state.step, state.worker.rank, bucket.index()),
     )
     messages = state.method.encode(step)
     future = state.exchange.start(
@@ -138,6 +140,7 @@ def _hierarchical_bucket(state: GMCHookState, bucket: dist.GradBucket, groups: N
             rng=worker.rng,
             world_size=state.exchange.world_size,
             read_params=_read_params(owned_params),
+            agree_support=state.support.bind(state.step, worker.rank, bucket.index()),
         )
         messages = state.method.encode(step)
         means = state.exchange.start([messages], [bucket_state], state.step, bucket.index()).wait()

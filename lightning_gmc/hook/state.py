@@ -19,7 +19,7 @@ from lightning_gmc.hook.hierarchy import IntraNodeTraffic, NodeGroups, NodeLayou
 from lightning_gmc.hook.metrics import HookMetrics
 from lightning_gmc.hook.swap import ParameterSwap
 from lightning_gmc.methods import GroupHyper, Method, WorkerState
-from lightning_gmc.transport import CommStats, Exchange, TorchCollectives
+from lightning_gmc.transport import CommStats, Exchange, LeaderSupport, TorchCollectives
 
 __all__ = ["GMCHookState"]
 
@@ -69,6 +69,8 @@ class GMCHookState:
         self.clock = StepClock(self.binding)
         self.stats = CommStats(defer_rcc=True)  # RCC only for steps whose metrics are taken
         self.exchange = Exchange(TorchCollectives(process_group), self.stats)
+        #: the selection stage of topk_shared (a broadcast of the leader's indices)
+        self.support = LeaderSupport(self.exchange.collectives, self.stats)
         self.hook_calls = 0
         self.worker: WorkerState | None = None
         self.swap: ParameterSwap | None = None
@@ -103,6 +105,7 @@ class GMCHookState:
             raise RuntimeError("set_node_groups() must run before attach()")
         self.node_groups = groups
         self.exchange = Exchange(TorchCollectives(groups.inter), self.stats)
+        self.support = LeaderSupport(self.exchange.collectives, self.stats)
         self.metrics.intra = self.intra_traffic
 
     @property

@@ -8,6 +8,7 @@ from lightning_gmc.methods.base import (
     Message,
     Method,
     ParameterTable,
+    SupportAgreement,
     WorkerState,
 )
 from lightning_gmc.methods.cser import CSER
@@ -51,6 +52,7 @@ __all__ = [
     "Method",
     "MomentumConvention",
     "ParameterTable",
+    "SupportAgreement",
     "WorkerState",
     "build_method",
     "method_option_names",

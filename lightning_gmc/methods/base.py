@@ -30,10 +30,16 @@ __all__ = [
     "Message",
     "Method",
     "ParameterTable",
+    "SupportAgreement",
     "WorkerState",
 ]
 
 BufferScope = Literal["local", "shared"]
+#: Agrees on a ``leader_support`` compressor's support with the other workers (the transport's, see
+#: ``lightning_gmc.transport.support``): ``(compressor, plan, x, buffer, slot) -> int64 indices``,
+#: where ``buffer`` is an int32 workspace of ``compressor.support_numel(plan)`` elements the
+#: broadcast may use and ``slot`` is the message's index within the step.
+SupportAgreement = Callable[[Compressor, CompressionPlan, Tensor, Tensor, int], Tensor]
 EvaluationPoint = Literal["params", "mean_params", "params_minus_mean_residual"]
 
 
@@ -108,6 +114,8 @@ class BucketStep:
         world_size: number of workers K.
         read_params: fills a flat fp32 tensor with the worker's current parameter values (the
             gradient-evaluation point).
+        agree_support: how a ``leader_support`` compressor (``topk_shared``) learns the step's
+            support (a collective); None allows such compressors only with one worker.
     """
 
     bucket: BucketState
@@ -118,6 +126,7 @@ class BucketStep:
     rng: RandomStreams
     world_size: int
     read_params: Callable[[Tensor], None]
+    agree_support: SupportAgreement | None = None
     _params: Tensor | None = field(default=None, repr=False)
     _messages: int = field(default=0, repr=False)
     _direction: Tensor | None = field(default=None, repr=False)
@@ -151,10 +160,26 @@ class BucketStep:
         random draws from the first's within one step; ``decode_into`` receives the mean over workers
         (see :attr:`Message.decode_into`). Each message of the step gets its own payload workspace."""
         plan = self.bucket.plan(compressor)
-        slot = self.bucket.message_workspace(self._messages)
+        index = self._messages
+        slot = self.bucket.message_workspace(index)
         self._messages += 1
-        payload = compressor.compress(x, plan, self.rng.salted(stream_offset), self.step, slot)
+        if compressor.leader_support:
+            support = self._agreed_support(compressor, plan, x, index)
+            payload = compressor.compress_on(x, plan, support, slot)
+        else:
+            payload = compressor.compress(x, plan, self.rng.salted(stream_offset), self.step, slot)
         return Message(compressor, plan, payload, decode_into)
+
+    def _agreed_support(self, compressor: Compressor, plan: CompressionPlan, x: Tensor, index: int) -> Tensor:
+        if self.agree_support is None:
+            if self.world_size != 1:
+                raise RuntimeError(
+                    f"{compressor.name} needs every worker to agree on the support (a broadcast from the "
+                    f"step's leader); run it under gmc_hook or the Simulator, which provide agree_support"
+                )
+            return compressor.propose(x, plan)
+        buffer = self.bucket.workspace(f"support{index}", compressor.support_numel(plan), torch.int32)
+        return self.agree_support(compressor, plan, x, buffer, index)
 
     def subtract_own(self, message: Message, x: Tensor) -> None:
         """``x <- x - C(x)`` for a message this worker just produced from ``x``."""
