@@ -142,8 +142,11 @@ class Simulator:
             for index, name in enumerate(self.table.names):
                 w = params[name].detach().to(torch.float32)
                 if scale:
-                    w = w - scale * worker.tensors["residual"][index].view_as(w)
-                point[name] = w.clone()
+                    # The same operation as the hook's detached point (one fused add), so a real
+                    # run and the simulator evaluate gradients at the same bits.
+                    point[name] = torch.add(w, worker.tensors["residual"][index].view_as(w), alpha=-scale)
+                else:
+                    point[name] = w.clone()
             points.append(point)
         return points
 

@@ -57,7 +57,7 @@ class GMC(Method):
         momentum_lr_convention: MomentumConvention = "prev",
     ) -> None:
         super().__init__(compressor)
-        if detach < 0:
+        if not detach >= 0:  # also rejects nan
             raise ValueError(f"detach must be >= 0 (0 = GMC, > 0 = GMC+), got {detach}")
         if momentum_lr_convention not in ("prev", "cur"):
             raise ValueError(
