@@ -191,21 +191,25 @@ CASES: dict[str, dict[str, Any]] = {
 def test_two_ranks_equal_the_simulator_bit_for_bit_and_resume(tmp_path: Path, case: str) -> None:
     strategy = CASES[case]
     cfg = {**BASE, "strategy_kwargs": {**strategy, "bucket_cap_mb": 0.25}}
-    ckpt = tmp_path / "half.ckpt"
-    first = run_distributed(tmp_path, {**cfg, "max_steps": STEPS // 2, "save_checkpoint": str(ckpt)})
-    resumed = run_distributed(tmp_path, {**cfg, "max_steps": STEPS, "resume_from": str(ckpt)})
+    if strategy["compressor"] == "topk_shared":  # resume: the leader is step mod K after it too
+        ckpt = tmp_path / "half.ckpt"
+        first = run_distributed(tmp_path, {**cfg, "max_steps": STEPS // 2, "save_checkpoint": str(ckpt)})
+        resumed = run_distributed(tmp_path, {**cfg, "max_steps": STEPS, "resume_from": str(ckpt)})
+        runs = ((first, STEPS // 2), (resumed, STEPS))
+    else:  # one uninterrupted run keeps the suite short
+        runs = ((run_distributed(tmp_path, {**cfg, "max_steps": STEPS}), STEPS),)
     expected = _replay(strategy)
-    for result, step in ((first, STEPS // 2), (resumed, STEPS)):
+    for result, step in runs:
         for rank in range(2):
             for name, tensor in expected["params"][step - 1][rank].items():
                 assert torch.equal(result[rank]["params"][name], tensor), (case, step, rank, name)
-    rcc = [m["gmc/rcc"] for r in (first, resumed) for m in r[0]["metrics"] if "gmc/rcc" in m]
+    rcc = [m["gmc/rcc"] for r, _ in runs for m in r[0]["metrics"] if "gmc/rcc" in m]
     assert rcc == pytest.approx(expected["rcc"], rel=1e-6)  # logged through Lightning in fp32
     # bytes on the wire per step (K = 2), from the formulas: topk_shared, k int32 broadcast + ring
     # all-reduce of k values; topk, an all-gather of k values and k int32 indices
     k = sum(max(1, int(0.05 * p.numel() + 1e-9)) for p in _small_params())
     value_bytes = 2 if strategy.get("wire_dtype") == "bf16" else 4
-    sent = [m["gmc/bytes_sent"] for r in (first, resumed) for m in r[0]["metrics"] if "gmc/bytes_sent" in m]
+    sent = [m["gmc/bytes_sent"] for r, _ in runs for m in r[0]["metrics"] if "gmc/bytes_sent" in m]
     if strategy["compressor"] == "topk_shared":
         assert sent == [0.5 * 4 * k + 2 * 0.5 * value_bytes * k] * STEPS
     else:
