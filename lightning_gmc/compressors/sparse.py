@@ -27,6 +27,7 @@ from lightning_gmc.compressors.base import (
     mix_seed,
     selected_count,
 )
+from lightning_gmc.compressors.selection import mask_nonzero, random_subset
 from lightning_gmc.compressors.wire import check_wire_dtype, wire_torch_dtype
 from lightning_gmc.compressors.workspace import Workspace
 
@@ -288,7 +289,7 @@ class TopKApprox(SparseCompressor):
         magnitude = plan.workspace.tensor("abs", plan.numel, x.dtype, x.device)
         torch.abs(x, out=magnitude)
         # One bool mask, reused by every segment and step (a 1 B/param workspace instead of a fresh
-        # d-sized allocation per step); padded to whole 8-byte words for _mask_nonzero.
+        # d-sized allocation per step); padded to whole 8-byte words for mask_nonzero.
         longest = max(s.numel for s in plan.segments)
         mask = plan.workspace.tensor("mask", -(-longest // 8) * 8, torch.bool, x.device)
         parts = []
@@ -315,7 +316,7 @@ class TopKApprox(SparseCompressor):
         expected = samples.numel() * k / n
         top_samples = min(samples.numel(), max(1, math.ceil(1.1 * expected + 3 * math.sqrt(expected) + 1)))
         threshold = torch.topk(samples, top_samples, sorted=False).values.min()
-        candidates = _mask_nonzero(torch.ge(chunk, threshold, out=mask[:n]), mask)
+        candidates = mask_nonzero(torch.ge(chunk, threshold, out=mask[:n]), mask)
         if candidates.numel() < k:
             return torch.topk(chunk, k, sorted=False).indices
         if candidates.numel() > k:
@@ -323,28 +324,6 @@ class TopKApprox(SparseCompressor):
             best = torch.topk(chunk.index_select(0, candidates), k, sorted=False).indices
             candidates = candidates.index_select(0, best)
         return candidates
-
-
-# Below this many elements a plain nonzero is as fast as the word-wise scan.
-_WORDWISE_NONZERO_MIN = 1 << 16
-
-
-def _mask_nonzero(flags: Tensor, mask: Tensor) -> Tensor:
-    """``torch.nonzero(flags).squeeze(1)`` (ascending int64 positions) for ``flags = mask[:n]``.
-
-    On CPU a large, sparse mask is scanned as 64-bit words first, then only the non-zero words are
-    expanded: the same indices in the same order, about half the time of one ``nonzero`` over every
-    byte. ``mask`` is the word-aligned workspace ``flags`` starts at; its padding is cleared here.
-    """
-    n = flags.numel()
-    if flags.device.type != "cpu" or n < _WORDWISE_NONZERO_MIN:
-        return torch.nonzero(flags).squeeze(1)
-    padded = -(-n // 8) * 8
-    mask[n:padded] = False
-    words = mask[:padded].view(torch.int64)
-    hit_words = torch.nonzero(words).squeeze(1)
-    row_col = torch.nonzero(mask[:padded].view(-1, 8).index_select(0, hit_words))
-    return hit_words.index_select(0, row_col[:, 0]).mul_(8).add_(row_col[:, 1])
 
 
 @dataclass(frozen=True)
@@ -365,29 +344,8 @@ class RandomK(SparseCompressor):
                 parts.append(torch.arange(seg.offset, seg.offset + k, device=x.device))
                 continue
             gen = rng.shared(x.device, step, self.name, seg.param_index)
-            parts.append(_random_subset(seg.numel, k, gen, x.device).add_(seg.offset))
+            parts.append(random_subset(seg.numel, k, gen, x.device).add_(seg.offset))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _random_subset(n: int, k: int, gen: torch.Generator, device: torch.device) -> Tensor:
-    """``k`` distinct indices drawn uniformly from ``range(n)``, in O(k log k) when ``k << n``.
-
-    Draws with replacement and keeps the first ``k`` distinct values in draw order, which is exactly
-    sampling without replacement; ``randperm(n)`` would cost O(n) time and 8 bytes per element per
-    step. Dense requests fall back to ``randperm``.
-    """
-    if 4 * k > n:
-        return torch.randperm(n, generator=gen, device=device)[:k]
-    draws = k + 2 * math.isqrt(k) + 16
-    while True:
-        sample = torch.randint(n, (draws,), generator=gen, device=device)
-        unique, inverse = torch.unique(sample, return_inverse=True)
-        if unique.numel() >= k:
-            break
-        draws *= 2
-    first_draw = torch.full((unique.numel(),), draws, dtype=torch.int64, device=device)
-    first_draw.scatter_reduce_(0, inverse, torch.arange(draws, device=device), reduce="amin")
-    return unique.index_select(0, first_draw.argsort()[:k])
 
 
 @dataclass(frozen=True)
