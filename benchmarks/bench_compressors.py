@@ -25,6 +25,7 @@ Run::
 
     python benchmarks/bench_compressors.py            # d = 25M, both layouts, ~5 min on 2 cores
     python benchmarks/bench_compressors.py --quick    # d = 1M, few rounds
+    python benchmarks/bench_compressors.py --device cuda --layout single   # on a GPU
 """
 
 from __future__ import annotations
@@ -85,6 +86,15 @@ class Op:
     setup: Callable[[], object] | None = None
 
 
+#: Where the benchmark runs (``--device``); CUDA timings synchronize before and after every op.
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def interleaved(ops: list[Op], rounds: int, warmup: int) -> dict[str, float]:
     """Median seconds per op over ``rounds`` rounds; each round runs every op once, in order."""
     times: dict[str, list[float]] = {op.name: [] for op in ops}
@@ -92,8 +102,10 @@ def interleaved(ops: list[Op], rounds: int, warmup: int) -> dict[str, float]:
         for op in ops:
             if op.setup is not None:
                 op.setup()
+            _sync()
             t0 = time.perf_counter()
             op.run()
+            _sync()
             dt = time.perf_counter() - t0
             if r >= warmup:
                 times[op.name].append(dt)
@@ -151,9 +163,9 @@ class Pipeline:
             shapes=tuple(torch.Size([n]) for n in numels),
             groups=(0,) * len(numels),
         )
-        self.worker = WorkerState(self.method, table, torch.device("cpu"), rank=0, seed=0)
+        self.worker = WorkerState(self.method, table, DEVICE, rank=0, seed=0)
         self.bucket = self.worker.bucket(tuple(range(len(numels))))
-        self.grad = torch.empty(self.bucket.numel)
+        self.grad = torch.empty(self.bucket.numel, device=DEVICE)
         self.hypers = [GroupHyper(lr=0.1, prev_lr=0.1, momentum=0.9, weight_decay=0.0)]
         self.t = 0
 
@@ -172,6 +184,7 @@ class Pipeline:
         means = []
         for index, message in enumerate(messages):
             mean = self.bucket.workspace(f"mean{index}", message.plan.numel)
+            mean = message.decode_into if message.decode_into is not None else mean
             decode_mean(message.compressor, message.plan, [message.payload], mean)
             means.append(mean)
         self.method.decode(step, means)
@@ -198,11 +211,11 @@ def run_layout(name: str, numel: int, rounds: int, warmup: int) -> None:
     segments = layout(name, numel)
     d = sum(s.numel for s in segments)
     torch.manual_seed(0)
-    x = torch.randn(d)
-    buf = torch.empty(d)
-    work = torch.empty(d)
-    out = torch.zeros(d)
-    absx = torch.empty(d)
+    x = torch.randn(d, device=DEVICE)
+    buf = torch.empty(d, device=DEVICE)
+    work = torch.empty(d, device=DEVICE)
+    out = torch.zeros(d, device=DEVICE)
+    absx = torch.empty(d, device=DEVICE)
     print(f"\n### Layout `{name}`: {len(segments)} segments, d = {d:,} fp32 ({4 * d / 2**20:.0f} MiB)\n")
 
     ops = [Op("copy_ (preallocated)", lambda: buf.copy_(x)), Op("clone() (allocating)", lambda: x.clone())]
@@ -240,20 +253,27 @@ def run_layout(name: str, numel: int, rounds: int, warmup: int) -> None:
         ("GMC+, rbgs 0.1% (detach 0.5)", "gmc", "rbgs", 0.001, 0.5),
     ]
     pipes = {label: Pipeline(m, c, dens, det, segments) for label, m, c, dens, det in configs}
-    pops = [Op("copy_ (preallocated)", lambda: buf.copy_(x))]
+    pops = [Op("copy_ (preallocated)", lambda: buf.copy_(x)), Op("clone() (allocating)", lambda: x.clone())]
     for label, pipe in pipes.items():
         pops.append(Op(label, pipe.step, setup=lambda pipe=pipe: pipe.grad.copy_(x)))
     pmed = interleaved(pops, rounds, warmup)
     print("\nPer-bucket GMC pipeline, one worker (encode + local decode + method decode):\n")
-    print("| Pipeline | median ms | × copy_ | d-sized allocations per step | MiB allocated per step |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| Pipeline | median ms | × copy_ | × clone() | d-sized allocations per step "
+        "| MiB allocated per step |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for label, pipe in pipes.items():
-        pipe.grad.copy_(x)
-        pipe.step()  # the profiled step is a steady-state one
-        pipe.grad.copy_(x)
-        large, mib = allocations(pipe.step, d // 2)
+        large_s, mib_s = "n/a", "n/a"  # the profiler's memory counts are CPU allocations
+        if DEVICE.type == "cpu":
+            pipe.grad.copy_(x)
+            pipe.step()  # the profiled step is a steady-state one
+            pipe.grad.copy_(x)
+            large, mib = allocations(pipe.step, d // 2)
+            large_s, mib_s = str(large), f"{mib:.1f}"
         ratio = pmed[label] / pmed["copy_ (preallocated)"]
-        print(f"| {label} | {pmed[label] * 1e3:.2f} | {ratio:.2f} | {large} | {mib:.1f} |")
+        vs_clone = pmed[label] / pmed["clone() (allocating)"]
+        print(f"| {label} | {pmed[label] * 1e3:.2f} | {ratio:.2f} | {vs_clone:.2f} | {large_s} | {mib_s} |")
 
 
 def main() -> None:
@@ -266,13 +286,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--layout", choices=("single", "resnet50", "both"), default="both")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     numel = 1_000_000 if args.quick else args.numel
     rounds = args.rounds or (3 if args.quick else 9)
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "CPU"
     print(
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} on {where}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, "
         f"{args.threads} thread(s); load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
         f"{rounds} interleaved rounds (+{args.warmup} warm-up), median"
     )

@@ -7,10 +7,10 @@
   MLP ratio 2) with the 4 Transformer blocks the GMC paper uses; no SPT/LSA. About 1.21M parameters
   for 10 classes, 1.23M for 100.
 * :class:`DigitsCNN` and :class:`MLP`: small models for the offline digits and synthetic data sets.
-* :class:`ClassificationModule`: cross-entropy training with ``SGD(lr, momentum, weight_decay)`` and a
-  cosine schedule stepped once per epoch, logging ``train/loss`` (per step, this rank),
-  ``train/loss_epoch`` (epoch mean over all ranks), ``train/acc``, ``val/loss``,
-  ``val/acc``, ``test/loss`` and ``test/acc``.
+* :class:`ClassificationModule`: cross-entropy training with ``SGD(lr, momentum, weight_decay)`` (or
+  ``AdamW``, for ``method="ef"``) and a cosine schedule stepped once per epoch, logging
+  ``train/loss`` (per step, this rank), ``train/loss_epoch`` (epoch mean over all ranks),
+  ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc``.
 """
 
 from __future__ import annotations
@@ -288,7 +288,8 @@ class MLP(nn.Module):
 
 
 class ClassificationModule(LightningModule):
-    """Cross-entropy classification with SGD + momentum + weight decay and a per-epoch cosine schedule.
+    """Cross-entropy classification with SGD + momentum + weight decay (or AdamW) and a per-epoch cosine
+    schedule.
 
     The schedule is ``CosineAnnealingLR(T_max=max_epochs)`` stepped once per epoch, i.e.
     ``lr_e = lr * (1 + cos(pi * e / max_epochs)) / 2`` in epoch ``e``: the paper's setting
@@ -297,10 +298,15 @@ class ClassificationModule(LightningModule):
     Args:
         model: the network; it should expose ``num_classes`` unless ``num_classes`` is given here.
         lr: initial learning rate ``eta_0``.
-        momentum: SGD momentum ``beta``.
-        weight_decay: coupled L2 weight decay (added to the gradient by the optimizer).
+        momentum: SGD momentum ``beta`` (unused by AdamW).
+        weight_decay: SGD: coupled L2 weight decay (added to the gradient by the optimizer); AdamW:
+            decoupled weight decay.
         max_epochs: cosine period in epochs; ``None`` uses ``trainer.max_epochs``.
         num_classes: number of classes for the accuracy metric; ``None`` reads ``model.num_classes``.
+        optimizer: ``"sgd"`` (``SGD(lr, momentum, weight_decay)``, what every GMC-paper method needs)
+            or ``"adamw"`` (``AdamW(lr, betas, weight_decay)``, for ``GMCStrategy(method="ef")`` and
+            plain DDP).
+        betas: AdamW's ``(beta1, beta2)``.
     """
 
     def __init__(
@@ -311,8 +317,12 @@ class ClassificationModule(LightningModule):
         weight_decay: float = 1e-4,
         max_epochs: int | None = None,
         num_classes: int | None = None,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        betas: tuple[float, float] = (0.9, 0.999),
     ) -> None:
         super().__init__()
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
         # The model is a module (already saved in the state dict); keep it out of hparams.yaml.
         self.save_hyperparameters(ignore=["model"])
         self.model = model
@@ -324,6 +334,8 @@ class ClassificationModule(LightningModule):
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.max_epochs = max_epochs
+        self.optimizer_name = optimizer
+        self.betas = (float(betas[0]), float(betas[1]))
         self.train_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
@@ -359,10 +371,16 @@ class ClassificationModule(LightningModule):
         self._eval_step(batch, "test", self.test_acc)
 
     def configure_optimizers(self) -> Any:
-        """``SGD(lr, momentum, weight_decay)`` and ``CosineAnnealingLR`` stepped every epoch."""
-        optimizer = torch.optim.SGD(
-            self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-        )
+        """``SGD(lr, momentum, weight_decay)`` (or AdamW) and ``CosineAnnealingLR`` stepped every epoch."""
+        optimizer: torch.optim.Optimizer
+        if self.optimizer_name == "adamw":
+            optimizer = torch.optim.AdamW(
+                self.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
+            )
+        else:
+            optimizer = torch.optim.SGD(
+                self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            )
         epochs = self.max_epochs
         if epochs is None:
             epochs = self.trainer.max_epochs if self._trainer is not None else None

@@ -10,6 +10,11 @@ Suites (``--suite``, several allowed; ``all`` is every suite):
 
 * ``topk``: every method with top-k at ``--density`` (CSER splits it between its two compressors
   following Xie et al.'s pattern ``rho2 / H = rho1``).
+* ``adamw``: error feedback on the gradient (``method="ef"``) with top-k at ``--density`` under AdamW,
+  next to dense AdamW (``ef`` with the identity compressor is exactly data-parallel AdamW), the same
+  error feedback under the SGD of the other arms, and GMC with SGD for reference. AdamW's learning
+  rate and decay are ``--adamw-lr`` / ``--adamw-weight-decay`` (library-default-like values, not
+  tuned); the optimizer steps on the simulator's aggregated gradient (:func:`run_one_with_optimizer`).
 * ``rbgs``: the GMC paper's Tables 3-4 comparison under RBGS at ``--density`` (equal RCC): GMC+ for
   lambda in {0 (= GMC), 0.3, 0.5, 1.0}, DEF-A for c in {0, 0.3, 0.5}, and "GMC+ with momentum on the
   aggregate" (``ef_server_momentum`` with ``detach``) for lambda in {0 (= Algorithm 3), 0.3, 0.5, 1.0}.
@@ -52,14 +57,15 @@ from examples.data import DigitsDataModule  # noqa: E402
 from examples.models import DigitsCNN  # noqa: E402
 from lightning_gmc import Simulator  # noqa: E402
 
-SUITES = ("topk", "rbgs")
+SUITES = ("topk", "rbgs", "adamw")
 DENSE = "DMSGD (dense)"
 # The arm each suite's paired column compares with: the paper's method (top-k) and the baseline the
 # paper's Tables 3-4 compare GMC+ with (RBGS).
-REFERENCE = {"topk": "GMC", "rbgs": "DEF-A (RBGS, c=0.3)"}
+REFERENCE = {"topk": "GMC", "rbgs": "DEF-A (RBGS, c=0.3)", "adamw": "AdamW (dense)"}
 QUICK_ARMS = {
     "topk": [DENSE, "GMC", "CSER"],
     "rbgs": ["GMC+ (RBGS, lambda=0.5)", "DEF-A (RBGS, c=0.3)", "GMC+ agg. momentum (RBGS, lambda=0.5)"],
+    "adamw": ["AdamW (dense)", "EF + AdamW (top-k)"],
 }
 
 
@@ -95,7 +101,25 @@ def suite_arms(suite: str, density: float) -> dict[str, dict[str, Any]]:
             label = "Alg. 3 (RBGS, no detach)" if lam == 0 else f"GMC+ agg. momentum (RBGS, lambda={lam:g})"
             arms[label] = {"method": "ef_server_momentum", "compressor": "rbgs", "detach": lam}
         return arms
+    if suite == "adamw":
+        return adamw_arms()
     raise ValueError(f"unknown suite {suite!r}; choose from {[*SUITES, 'all']}")
+
+
+def adamw_arms() -> dict[str, dict[str, Any]]:
+    """The ``adamw`` suite: ``ef`` under AdamW (dense and top-k), and GMC with SGD for reference.
+
+    Arms with an ``"optimizer"`` key run through :func:`run_one_with_optimizer`.
+    """
+    return {
+        DENSE: {"method": "dmsgd"},
+        "AdamW (dense)": {"method": "ef", "compressor": "none", "optimizer": "adamw"},
+        "EF + AdamW (top-k)": {"method": "ef", "compressor": "topk", "optimizer": "adamw"},
+        "EF21 + AdamW (top-k)": {"method": "ef21", "compressor": "topk", "optimizer": "adamw"},
+        # The same error feedback under the other arms' SGD: separates the optimizer from the method.
+        "EF + SGD momentum (top-k)": {"method": "ef", "compressor": "topk", "optimizer": "sgd"},
+        "GMC": {"method": "gmc", "compressor": "topk"},
+    }
 
 
 @dataclass(frozen=True)
@@ -203,6 +227,75 @@ def run_one(
     }
 
 
+def run_one_with_optimizer(
+    spec: dict[str, Any],
+    plan: SeedPlan,
+    args: argparse.Namespace,
+    shards: list[tuple[Tensor, Tensor]],
+    test: tuple[Tensor, Tensor],
+) -> dict[str, Any]:
+    """:func:`run_one` for a method that leaves the optimizer in charge (``ef``): the simulator
+    returns the aggregated gradient and ``torch.optim.AdamW`` (``"optimizer": "adamw"``) or
+    ``torch.optim.SGD`` with the other arms' momentum and weight decay (``"sgd"``) steps on it, cosine
+    per epoch, with the same data, batches, initialisation and evaluation as every other arm of the
+    seed."""
+    options = dict(spec)
+    optimizer_name = options.pop("optimizer")
+    if optimizer_name not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer_name!r}")
+    method = options.pop("method")
+    compressor = options.pop("compressor", None)
+    density = options.pop("density", args.density)
+    params0 = plan.init_params()
+    sim = Simulator(
+        params0, num_workers=args.workers, method=method, compressor=compressor, density=density,
+        seed=plan.seed, **options,
+    )  # fmt: skip
+    model = DigitsCNN()
+    _load(model, params0)
+    base_lr = args.adamw_lr if optimizer_name == "adamw" else args.lr
+    optimizer: torch.optim.Optimizer
+    if optimizer_name == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=args.adamw_weight_decay)
+    else:  # the other arms' SGD, applied by torch instead of inside the method
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=base_lr, momentum=args.momentum, weight_decay=args.weight_decay
+        )
+    loss_fn = nn.CrossEntropyLoss()
+    steps_per_epoch = min(len(y) for _, y in shards) // args.batch_size
+    curve: list[float] = []
+    losses: list[float] = []
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        lr = 0.5 * base_lr * (1 + math.cos(math.pi * epoch / args.epochs))  # cosine per epoch
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        orders = [plan.batch_order(epoch, k, len(y)) for k, (_, y) in enumerate(shards)]
+        for step in range(steps_per_epoch):
+            weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+            points = sim.gradient_points(weights, lr)
+            grads = []
+            for k, (x_all, y_all) in enumerate(shards):
+                idx = orders[k][step * args.batch_size : (step + 1) * args.batch_size]
+                model.zero_grad()
+                loss_fn(model(x_all[idx]), y_all[idx]).backward()
+                grads.append({name: p.grad.detach().clone() for name, p in model.named_parameters()})
+            gradient = sim.step(grads, points, lr)[0]
+            for name, p in model.named_parameters():
+                p.grad = gradient[name]
+            optimizer.step()
+        with torch.no_grad():
+            logits = model(test[0])
+            curve.append(float((logits.argmax(1) == test[1]).float().mean()))
+            losses.append(float(loss_fn(logits, test[1])))
+    return {
+        "curve": curve,
+        "test_loss": losses,
+        "rcc": sim.stats.take_step()["rcc"],
+        "seconds": time.perf_counter() - start,
+    }
+
+
 def _load(model: nn.Module, values: dict[str, Tensor]) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -222,6 +315,8 @@ def main() -> None:
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--adamw-lr", type=float, default=2e-3, help="AdamW arms (suite adamw)")
+    parser.add_argument("--adamw-weight-decay", type=float, default=0.01, help="AdamW arms (suite adamw)")
     parser.add_argument("--methods", nargs="*", default=None, help="subset of arm labels")
     parser.add_argument("--out", type=Path, default=Path("docs/study"))
     parser.add_argument("--quick", action="store_true", help="2 epochs, 1 seed, 3 arms per suite")
@@ -246,7 +341,8 @@ def main() -> None:
         shards, test = plan.shards(args.workers, args.alpha)
         fingerprints[seed] = plan.fingerprint(shards)
         for label in labels:
-            result = run_one(known[label], plan, args, shards, test)
+            run = run_one_with_optimizer if "optimizer" in known[label] else run_one
+            result = run(known[label], plan, args, shards, test)
             results[label].append(result)
             done += 1
             eta = (time.perf_counter() - started) / done * (total - done)
@@ -302,6 +398,8 @@ def write_markdown(
     titles = {
         "topk": "Top-k suite (CSER: rho1 = density/2, rho2 = 4 density, H = 8)",
         "rbgs": "RBGS suite (one random block per parameter, equal RCC)",
+        "adamw": f"AdamW suite (lr {args.adamw_lr}, cosine per epoch, decoupled weight decay "
+        f"{args.adamw_weight_decay}; ef = error feedback on the gradient)",
     }
     for suite, labels in groups.items():
         if not labels:

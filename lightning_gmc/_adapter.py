@@ -31,6 +31,8 @@ CHECKPOINT_KEY = "lightning_gmc"
 #: per-rank metrics logged as ``gmc/<name>`` every step
 LOGGED_METRICS = (
     "bytes_sent",
+    "bytes_sent_inter",  # hierarchy="node" only (as are the next)
+    "bytes_sent_intra",
     "dense_bytes",
     "bytes_sent_total",
     "dense_bytes_total",

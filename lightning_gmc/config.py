@@ -13,21 +13,25 @@ non-finite and train nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lightning_gmc.compressors import Compressor, build_compressor
+from lightning_gmc.compressors import COMPRESSORS, Compressor, build_compressor, check_wire_dtype
+from lightning_gmc.compressors.wire import WireDtype
 from lightning_gmc.methods import METHODS, Method, build_method, method_option_names
 
 __all__ = [
     "GMCConfig",
+    "Hierarchy",
     "NonFinitePolicy",
     "WorldSizeChangePolicy",
     "check_density",
     "check_detach",
     "check_finite_options",
+    "check_hierarchy",
     "check_momentum",
     "check_nonfinite_policy",
     "check_world_size_policy",
@@ -35,6 +39,7 @@ __all__ = [
 
 NonFinitePolicy = Literal["skip", "raise"]
 WorldSizeChangePolicy = Literal["error", "reset_residuals"]
+Hierarchy = Literal["flat", "node"]
 
 
 def _is_finite_number(value: object) -> bool:
@@ -74,6 +79,24 @@ def check_world_size_policy(policy: object) -> WorldSizeChangePolicy:
     return policy  # type: ignore[return-value]
 
 
+def check_hierarchy(hierarchy: object) -> Hierarchy:
+    if hierarchy not in ("flat", "node"):
+        raise ValueError(
+            f"hierarchy must be 'flat' (every rank is a worker) or 'node' (one worker per node, dense "
+            f"averaging inside it), got {hierarchy!r}"
+        )
+    return hierarchy  # type: ignore[return-value]
+
+
+def _takes_wire_dtype(name: str) -> bool:
+    cls = COMPRESSORS.get(name)
+    return (
+        cls is not None
+        and dataclasses.is_dataclass(cls)
+        and any(f.name == "wire_dtype" for f in dataclasses.fields(cls))
+    )
+
+
 def check_finite_options(owner: str, options: Mapping[str, Any]) -> None:
     """Reject ``nan``/``inf`` in float options (also inside lists and tuples, e.g. a warm-up schedule)."""
     for key, value in options.items():
@@ -94,7 +117,8 @@ class GMCConfig:
         density: fraction of each parameter sent per step, in (0, 1] (sparsifiers).
         detach: GMC+'s detach coefficient; None takes the method's default (0 for GMC). Only for
             methods that have one (``docs/algorithms.md`` section 2.3).
-        momentum: overrides the optimizer's momentum when not None.
+        momentum: overrides the optimizer's momentum when not None (methods that take over the
+            optimizer; ``ef`` leaves momentum to the optimizer and refuses it).
         seed: seed of the shared random streams (RBGS blocks, random-k); equal on every rank.
         method_options: further options of the method.
         compressor_options: further options of the compressor.
@@ -103,6 +127,12 @@ class GMCConfig:
         nonfinite: ``"skip"`` or ``"raise"`` on a non-finite bucket gradient.
         on_world_size_change: resuming a checkpoint of another world size: ``"error"`` or
             ``"reset_residuals"``.
+        hierarchy: ``"flat"`` (default; every rank is a worker) or ``"node"`` (gradients averaged
+            densely inside each node, the method runs with one worker per node between nodes;
+            ``docs/algorithms.md`` section 3.11).
+        wire_dtype: dtype the compressor's float values travel in: ``"fp32"`` (default), ``"bf16"``
+            or ``"fp16"`` (``docs/algorithms.md`` section 3.12); only for compressors that send
+            float values (``none``, ``topk``, ``topk_approx``, ``topk_shared``, ``randk``, ``rbgs``).
     """
 
     method: str = "gmc"
@@ -116,6 +146,8 @@ class GMCConfig:
     ef_scaling: bool | None = None
     nonfinite: NonFinitePolicy = "skip"
     on_world_size_change: WorldSizeChangePolicy = "error"
+    hierarchy: Hierarchy = "flat"
+    wire_dtype: WireDtype = "fp32"
 
     def __post_init__(self) -> None:
         # Own copies: a caller mutating its dict later must not change a validated config.
@@ -133,12 +165,39 @@ class GMCConfig:
                 raise ValueError(f"method {self.method!r} has no detach coefficient; leave `detach` unset")
         if self.momentum is not None:
             check_momentum(self.momentum)
+            if not METHODS[self.method_name].takes_over_optimizer:
+                raise ValueError(
+                    f"method {self.method!r} leaves momentum to the optimizer; set it there (e.g. "
+                    f"AdamW(betas=...), SGD(momentum=...)) and leave `momentum` unset"
+                )
         check_nonfinite_policy(self.nonfinite)
         check_world_size_policy(self.on_world_size_change)
+        check_hierarchy(self.hierarchy)
         if "detach" in self.method_options:
             check_detach(self.method_options["detach"])
         check_finite_options("method", self.method_options)
         check_finite_options("compressor", self.compressor_options)
+        check_wire_dtype(self.wire_dtype)
+        if "wire_dtype" in self.compressor_options:
+            raise ValueError("set wire_dtype as GMCConfig(wire_dtype=...), not in compressor_options")
+        if self.wire_dtype != "fp32":
+            name = self.compressor_name
+            if name is not None and not _takes_wire_dtype(name):
+                raise ValueError(
+                    f"wire_dtype={self.wire_dtype!r} applies to compressors that send float values "
+                    f"({', '.join(sorted(n for n in COMPRESSORS if _takes_wire_dtype(n)))}); {name!r} "
+                    f"sends its own packed codes. Use wire_dtype='fp32' with it."
+                )
+
+    @property
+    def compressor_name(self) -> str | None:
+        """The compressor's registry name (None for an instance of an unregistered class)."""
+        compressor = self.compressor
+        if compressor is None:
+            compressor = METHODS[self.method_name].default_compressor
+        if isinstance(compressor, Compressor):
+            return compressor.name if compressor.name in COMPRESSORS else None
+        return compressor.lower() if compressor.lower() in COMPRESSORS else None  # build() names it
 
     @property
     def method_name(self) -> str:
@@ -156,4 +215,14 @@ class GMCConfig:
         if compressor is None:
             compressor = METHODS[self.method_name].default_compressor
         built = build_compressor(compressor, density=self.density, **self.compressor_options)
+        built_wire = getattr(built, "wire_dtype", "fp32")
+        if self.wire_dtype != built_wire:
+            if not any(f.name == "wire_dtype" for f in dataclasses.fields(built)):  # type: ignore[arg-type]
+                raise ValueError(f"wire_dtype={self.wire_dtype!r} does not apply to {built.describe()!r}")
+            if built_wire != "fp32":
+                raise ValueError(
+                    f"the compressor instance has wire_dtype={built_wire!r} and the configuration "
+                    f"{self.wire_dtype!r}; set one of them"
+                )
+            built = dataclasses.replace(built, wire_dtype=self.wire_dtype)  # type: ignore[type-var]
         return build_method(self.method, built, ef_scaling=self.ef_scaling, **options)

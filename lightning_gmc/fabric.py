@@ -47,7 +47,7 @@ from lightning_gmc._adapter import (
     reject_conflicting_ddp_args,
     run_summary,
 )
-from lightning_gmc.compressors import Compressor
+from lightning_gmc.compressors import Compressor, WireDtype
 from lightning_gmc.config import GMCConfig, NonFinitePolicy, WorldSizeChangePolicy
 from lightning_gmc.hook import GMCHookState, gmc_hook
 from lightning_gmc.methods import METHODS
@@ -89,6 +89,7 @@ class GMCFabricStrategy(DDPStrategy):
         ef_scaling: bool | None = None,
         nonfinite: NonFinitePolicy = "skip",
         on_world_size_change: WorldSizeChangePolicy = "error",
+        wire_dtype: WireDtype = "fp32",
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -105,6 +106,7 @@ class GMCFabricStrategy(DDPStrategy):
             method=method, compressor=compressor, density=density, detach=detach, momentum=momentum,
             seed=seed, method_options=method_options or {}, compressor_options=compressor_options or {},
             ef_scaling=ef_scaling, nonfinite=nonfinite, on_world_size_change=on_world_size_change,
+            wire_dtype=wire_dtype,
         )
         # fmt: on
         self.gmc_state = GMCHookState.from_config(self.gmc_config, ddp_kwargs.get("process_group"))
@@ -141,7 +143,9 @@ class GMCFabricStrategy(DDPStrategy):
                 "(fabric.setup(model, optimizer), or fabric.setup_module before fabric.setup_optimizers)"
             )
         if self.gmc_state.worker is not None:
-            raise ValueError("GMCFabricStrategy supports exactly one optimizer (torch.optim.SGD)")
+            method = self.gmc_state.method
+            kind = "torch.optim.SGD" if method.takes_over_optimizer else "any torch.optim.Optimizer"
+            raise ValueError(f"GMCFabricStrategy supports exactly one optimizer ({kind} for this method)")
         self.gmc_state.attach(self._model, optimizer)
         rank_zero_info(run_summary(self.gmc_config, self.gmc_state))
         return optimizer

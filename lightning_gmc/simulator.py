@@ -14,6 +14,19 @@ Example::
         grads = [{"w": grad_fn(k, points[k]["w"])} for k in range(4)]
         direction = sim.step(grads, points, lr=0.1)[0]   # the same on every worker for GMC
         w = {name: w[name] - 0.1 * direction[name] for name in w}
+
+With ``method="ef"`` (error feedback on the gradient, ``docs/algorithms.md`` section 2.10) the
+direction is the mean of the workers' compressed gradients, and the caller applies its own optimizer
+to it, exactly as the optimizer of a real run steps on the gradient the hook leaves::
+
+    sim = Simulator(dict(model.named_parameters()), num_workers=4, method="ef", compressor="topk")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    for t in range(100):
+        points = sim.gradient_points(dict(model.named_parameters()), lr=1e-3)
+        grads = [{"w": grad_fn(k, points[k]["w"])} for k in range(4)]
+        for name, p in model.named_parameters():
+            p.grad = sim.step(grads, points, lr=1e-3)[0][name]
+        optimizer.step()
 """
 
 from __future__ import annotations
@@ -24,10 +37,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gmc.compressors import Compressor
+from lightning_gmc.compressors import Compressor, WireDtype
 from lightning_gmc.config import GMCConfig, check_momentum
-from lightning_gmc.methods import BucketStep, GroupHyper, Method, ParameterTable, WorkerState
-from lightning_gmc.transport import CommStats, Exchange, InProcessCollectives
+from lightning_gmc.methods import BucketStep, GroupHyper, Message, Method, ParameterTable, WorkerState
+from lightning_gmc.transport import CommStats, Exchange, InProcessCollectives, LeaderSupport, leader_of
 
 __all__ = ["Simulator"]
 
@@ -45,12 +58,16 @@ class Simulator:
         compressor: a compressor name or instance (ignored when ``method`` is an instance); None takes
             the method's default (``"topk"``; ``"none"`` for ``"dmsgd"``).
         density: compressor density.
-        momentum: ``beta``.
-        weight_decay: coupled L2 coefficient.
+        momentum: ``beta`` (None: 0.9). Methods that leave the optimizer in charge (``ef``) refuse it:
+            the caller's optimizer has its own.
+        weight_decay: coupled L2 coefficient the method applies; must stay 0 for ``ef``, whose
+            caller's optimizer applies weight decay.
         seed: seed of the shared and per-rank random streams (equal to the strategy's ``seed`` to
             reproduce a real run).
         ef_scaling: scale unbiased compressors by ``1/(1+omega)`` (None: for error-feedback methods), as
             :class:`~lightning_gmc.GMCStrategy` does.
+        wire_dtype: dtype the compressed values travel in (``"fp32"``, ``"bf16"``, ``"fp16"``), as
+            :class:`~lightning_gmc.GMCStrategy`'s option.
         method_options: passed to the method (e.g. ``detach=0.5``).
 
     Names and options are validated by :class:`~lightning_gmc.config.GMCConfig`, as for the strategy.
@@ -63,10 +80,11 @@ class Simulator:
         method: str | Method = "gmc",
         compressor: str | Compressor | None = None,
         density: float = 0.01,
-        momentum: float = 0.9,
+        momentum: float | None = None,
         weight_decay: float = 0.0,
         seed: int = 0,
         ef_scaling: bool | None = None,
+        wire_dtype: WireDtype = "fp32",
         **method_options: Any,
     ) -> None:
         if isinstance(method, Method):
@@ -80,16 +98,28 @@ class Simulator:
                 seed=seed,
                 method_options=method_options,
                 ef_scaling=ef_scaling,
+                wire_dtype=wire_dtype,
             )
             self.method = config.build()
         names = tuple(params)
         shapes = tuple(torch.Size(v.shape if isinstance(v, Tensor) else v) for v in params.values())
         self.table = ParameterTable(names, shapes, tuple(0 for _ in names))
         self.num_workers = num_workers
-        self.momentum = check_momentum(momentum)
-        self.weight_decay = float(weight_decay)
+        if self.method.takes_over_optimizer:
+            self.momentum = check_momentum(0.9 if momentum is None else momentum)
+            self.weight_decay = float(weight_decay)
+        else:
+            if momentum is not None or weight_decay != 0.0:
+                raise ValueError(
+                    f"method {self.method.name!r} leaves momentum and weight decay to the optimizer the "
+                    f"caller applies to the returned direction; configure them there and leave the "
+                    f"simulator's `momentum` unset and `weight_decay` at 0"
+                )
+            self.momentum = 0.0
+            self.weight_decay = 0.0
         self.stats = CommStats()
         self.exchange = Exchange(InProcessCollectives(num_workers), self.stats)
+        self.support = LeaderSupport(self.exchange.collectives, self.stats)
         device = torch.device("cpu")
         self.workers = [
             WorkerState(self.method, self.table, device, rank, seed) for rank in range(num_workers)
@@ -112,8 +142,11 @@ class Simulator:
             for index, name in enumerate(self.table.names):
                 w = params[name].detach().to(torch.float32)
                 if scale:
-                    w = w - scale * worker.tensors["residual"][index].view_as(w)
-                point[name] = w.clone()
+                    # The same operation as the hook's detached point (one fused add), so a real
+                    # run and the simulator evaluate gradients at the same bits.
+                    point[name] = torch.add(w, worker.tensors["residual"][index].view_as(w), alpha=-scale)
+                else:
+                    point[name] = w.clone()
             points.append(point)
         return points
 
@@ -129,7 +162,9 @@ class Simulator:
         """Run one step of every worker and return each worker's update direction per parameter.
 
         For methods with a single global model (GMC, DGC, ...) every worker's direction is the same
-        tensor values; methods with per-worker models (CSER) return different ones.
+        tensor values; methods with per-worker models (CSER) return different ones. Methods that take
+        over the optimizer return ``m`` for the momentum-free step ``w <- w - lr * m``; ``ef`` returns
+        the aggregated gradient, which the caller hands to its own optimizer.
 
         Args:
             grads: per worker, the gradient of its local loss at ``points[k]``.
@@ -140,9 +175,10 @@ class Simulator:
         if len(grads) != self.num_workers or len(points) != self.num_workers:
             raise ValueError(f"expected {self.num_workers} gradients and points")
         hyper = self._hyper(lr)
-        steps = []
-        messages = []
-        for worker, grad, point in zip(self.workers, grads, points, strict=True):
+        steps: list[BucketStep | None] = [None] * self.num_workers
+        messages: list[list[Message]] = [[] for _ in range(self.num_workers)]
+        for rank in self._encode_order():
+            worker, grad, point = self.workers[rank], grads[rank], points[rank]
             bucket = worker.bucket(self._key)
             flat_grad = self._flat(grad)
             flat_point = self._flat(point)
@@ -155,17 +191,28 @@ class Simulator:
                 rng=worker.rng,
                 world_size=self.num_workers,
                 read_params=_copier(flat_point),
+                agree_support=self.support.bind(self.step_index, rank),
             )
-            messages.append(self.method.encode(step))
-            steps.append(step)
-        buckets = [step.bucket for step in steps]
+            messages[rank] = self.method.encode(step)
+            steps[rank] = step
+        done = [step for step in steps if step is not None]
+        buckets = [step.bucket for step in done]
         # The same exchange as the DDP hook's; each worker decodes from its own copy of the means.
         means = self.exchange.start(messages, buckets, self.step_index).wait()
-        for step, own in zip(steps, means, strict=True):
+        for step, own in zip(done, means, strict=True):
             self.method.decode(step, own)
         self._prev_lr = float(lr)
         self.step_index += 1
-        return [self._unflatten(step.out) for step in steps]
+        return [self._unflatten(step.direction()) for step in done]
+
+    def _encode_order(self) -> list[int]:
+        """Workers in rank order, except that a ``topk_shared`` step's leader encodes first: the
+        others compress on the support it chooses (what its broadcast gives them in a real run)."""
+        ranks = list(range(self.num_workers))
+        if not any(c.leader_support for c in self.method.compressors()):
+            return ranks
+        leader = leader_of(self.step_index, self.num_workers)
+        return ranks[leader:] + ranks[:leader]
 
     def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         result = {}

@@ -31,9 +31,9 @@ from lightning_gmc._adapter import (
     reject_conflicting_ddp_args,
     run_summary,
 )
-from lightning_gmc.compressors import Compressor
-from lightning_gmc.config import GMCConfig, NonFinitePolicy, WorldSizeChangePolicy
-from lightning_gmc.hook import GMCHookState, gmc_hook
+from lightning_gmc.compressors import Compressor, WireDtype
+from lightning_gmc.config import GMCConfig, Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
+from lightning_gmc.hook import GMCHookState, build_node_groups, gmc_hook
 from lightning_gmc.methods import METHODS, Method
 
 __all__ = ["CHECKPOINT_KEY", "GMCStrategy", "WorldSizeChangePolicy"]
@@ -48,6 +48,8 @@ class GMCStrategy(DDPStrategy):
     exact top-k at 1 % density. The LightningModule stays unchanged: its ``torch.optim.SGD(lr,
     momentum, weight_decay)`` (per param group, any LR scheduler) is honoured, with momentum and coupled
     weight decay applied inside the method and the optimizer's own step reduced to plain SGD.
+    ``method="ef"`` (strategy name ``"ef"``) is error feedback on the gradient alone and leaves any
+    optimizer (Adam, AdamW, Nesterov SGD, ...) in charge of momentum, weight decay and its schedule.
 
     Args:
         compressor: compressor name (see ``lightning_gmc.COMPRESSORS``) or a :class:`Compressor`; None
@@ -56,7 +58,8 @@ class GMCStrategy(DDPStrategy):
         detach: GMC+'s detach coefficient (``> 0`` evaluates gradients at ``w - detach * lr *
             residual``); None takes the method's default (0 for GMC).
         method: method name (see ``lightning_gmc.METHODS``).
-        momentum: overrides the optimizer's momentum when not None.
+        momentum: overrides the optimizer's momentum when not None (not for ``ef``, whose optimizer
+            keeps its own).
         seed: seed of the shared random streams (RBGS blocks, random-k); equal on all ranks.
         method_options: further options of the method (e.g. ``{"momentum_lr_convention": "cur"}``).
         compressor_options: further options of the compressor (e.g. ``{"sample_ratio": 0.01}``).
@@ -68,6 +71,14 @@ class GMCStrategy(DDPStrategy):
         on_world_size_change: resuming a checkpoint written by a different number of ranks:
             ``"error"`` (default) or ``"reset_residuals"`` (keep the step, learning-rate history and
             global momentum; start every rank's residual from zero).
+        hierarchy: ``"flat"`` (default: every rank is a worker) or ``"node"``: gradients are averaged
+            densely inside each node (``num_nodes`` x ``devices`` from the Trainer), and the method
+            runs between nodes only, with one worker per node (residual and momentum per node). For
+            clusters whose links between nodes are much slower than inside them; needs at least 2
+            nodes with equal devices (see README "Running across nodes", ``docs/algorithms.md`` 3.11).
+        wire_dtype: dtype the compressed values travel in, ``"fp32"`` (default), ``"bf16"`` or
+            ``"fp16"``; the rounding error stays in the residual and decoding accumulates in fp32
+            (``docs/algorithms.md`` section 3.12; fp16 raises on overflow, bf16 cannot overflow).
         progress_bar_metrics: show ``gmc/rcc`` and ``gmc/bytes_sent`` (per rank, this step) in the
             progress bar; False keeps them out of it (they are logged either way).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
@@ -103,6 +114,8 @@ class GMCStrategy(DDPStrategy):
         ef_scaling: bool | None = None,
         nonfinite: NonFinitePolicy = "skip",
         on_world_size_change: WorldSizeChangePolicy = "error",
+        hierarchy: Hierarchy = "flat",
+        wire_dtype: WireDtype = "fp32",
         progress_bar_metrics: bool = True,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
@@ -120,6 +133,8 @@ class GMCStrategy(DDPStrategy):
             method=method, compressor=compressor, density=density, detach=detach, momentum=momentum,
             seed=seed, method_options=method_options or {}, compressor_options=compressor_options or {},
             ef_scaling=ef_scaling, nonfinite=nonfinite, on_world_size_change=on_world_size_change,
+            hierarchy=hierarchy,
+            wire_dtype=wire_dtype,
         )
         # fmt: on
         self.gmc_state = GMCHookState.from_config(self.gmc_config, ddp_kwargs.get("process_group"))
@@ -141,6 +156,23 @@ class GMCStrategy(DDPStrategy):
         )
 
     # ------------------------------------------------------------------------------ lifecycle
+    @override
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        state = self.gmc_state
+        if state.hierarchy != "node" or state.node_groups is not None:
+            return
+        groups = build_node_groups(self.num_processes, self.num_nodes)
+        topology = groups.topology
+        if (topology.node_rank, topology.local_rank) != (self.node_rank, self.local_rank):
+            raise RuntimeError(
+                f"hierarchy='node': rank {self.global_rank} is node {self.node_rank}, local rank "
+                f"{self.local_rank} for Lightning, but node {topology.node_rank}, local rank "
+                f"{topology.local_rank} by rank = node_rank * devices + local_rank; the launcher numbers "
+                f"ranks differently. Use hierarchy='flat'."
+            )
+        state.set_node_groups(groups)
+
     @override
     def setup(self, trainer: Trainer) -> None:
         self._check_precision()
@@ -172,9 +204,10 @@ class GMCStrategy(DDPStrategy):
                 "Lightning's optimizer step. Set `self.automatic_optimization = True`."
             )
         if len(self.optimizers) != 1:
+            kind = "torch.optim.SGD" if self.gmc_method.takes_over_optimizer else "any torch.optim.Optimizer"
             raise ValueError(
-                f"GMCStrategy supports exactly one optimizer (torch.optim.SGD); configure_optimizers "
-                f"returned {len(self.optimizers)}"
+                f"GMCStrategy supports exactly one optimizer ({kind} for method "
+                f"{self.gmc_method.name!r}); configure_optimizers returned {len(self.optimizers)}"
             )
         return module
 
@@ -295,8 +328,15 @@ class GMCStrategy(DDPStrategy):
             compressor="rbgs",
             detach=0.5,
         )
+        strategy_registry.register(
+            "ef",
+            cls,
+            description="EF: top-k with error feedback on the gradient, any optimizer (Adam, AdamW)",
+            method="ef",
+            override=True,
+        )
         for name in sorted(METHODS):
-            if name != "gmc":
+            if name not in ("gmc", "ef"):
                 strategy_registry.register(
                     name, cls, description=f"lightning_gmc method {name!r}", method=name, override=True
                 )

@@ -87,18 +87,27 @@ class Module(L.LightningModule):
     def configure_optimizers(self) -> Any:
         cfg = self.cfg
         lr, momentum, wd = cfg.get("lr", 0.1), cfg.get("momentum", 0.9), cfg.get("weight_decay", 0.0)
-        if cfg.get("optimizer") == "adam":
-            return torch.optim.Adam(self.parameters(), lr=lr)
+        # "optimizer": "sgd" (default; "nesterov": true for Nesterov momentum), "adam" or "adamw"
+        # ("betas" optional); "two_groups" and "schedule" apply to every one of them.
+        name = cfg.get("optimizer", "sgd")
+        options: dict[str, Any]
+        if name == "sgd":
+            optimizer_class: type[torch.optim.Optimizer] = torch.optim.SGD
+            options = {"momentum": momentum, "nesterov": bool(cfg.get("nesterov", False))}
+        elif name in ("adam", "adamw"):
+            optimizer_class = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+            options = {"betas": tuple(cfg.get("betas", (0.9, 0.999)))}
+        else:
+            raise ValueError(f"unknown optimizer {name!r}")
+        params: Any = self.parameters()
         if cfg.get("two_groups"):
             first = list(self.net[0].parameters())
             rest = [p for p in self.net.parameters() if all(p is not q for q in first)]
-            groups = [
-                {"params": first, "lr": lr * 0.5, "momentum": momentum, "weight_decay": wd * 2},
-                {"params": rest},
-            ]
-            optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=wd)
-        else:
-            optimizer = torch.optim.SGD(self.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+            own = {"lr": lr * 0.5, "weight_decay": wd * 2}
+            if name == "sgd":
+                own["momentum"] = momentum
+            params = [{"params": first, **own}, {"params": rest}]
+        optimizer = optimizer_class(params, lr=lr, weight_decay=wd, **options)
         if cfg.get("schedule", "constant") == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["total_steps"])
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -216,6 +225,7 @@ def main() -> None:
         "lrs": module.lrs,
         "metrics": logger.records,
     }
+    result["optimizer_state"] = trainer.optimizers[0].state_dict()
     if isinstance(strategy, lightning_gmc.GMCStrategy):
         state = strategy.gmc_state
         result["gmc_state"] = state.state_dict()

@@ -190,3 +190,14 @@ def test_checkpoint_of_another_model_is_rejected() -> None:
     different_method.attach(small, torch.optim.SGD(small.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="checkpoint was written by"):
         different_method.load_state_dict(saved.state_dict())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_build_method_rejects_non_finite_options_without_the_config(value: float) -> None:
+    # Plain-DDP users may call build_method directly, bypassing GMCConfig's validation.
+    from lightning_gmc import build_compressor, build_method
+
+    with pytest.raises(ValueError, match="finite"):
+        build_method("gmc", build_compressor("topk", density=0.1), detach=value)
+    with pytest.raises(ValueError, match="finite"):
+        build_method("def_a", build_compressor("topk", density=0.1), detach=value)

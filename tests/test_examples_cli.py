@@ -67,7 +67,10 @@ def test_configs_cover_the_paper_tables() -> None:
         cfg = yaml.safe_load(path.read_text())
         trainer = cfg["trainer"]
         assert trainer["use_distributed_sampler"] is False
-        assert cfg["model"]["momentum"] == 0.9 and cfg["model"]["weight_decay"] == 1e-4
+        if path.parent.name == "adamw":  # AdamW runs (method="ef" and its DDP baseline)
+            assert cfg["model"]["optimizer"] == "adamw" and cfg["model"]["weight_decay"] == 0.05
+        else:
+            assert cfg["model"]["momentum"] == 0.9 and cfg["model"]["weight_decay"] == 1e-4
         if path.parent.name.startswith("table") or path.parent.name == "rbgs_noniid":
             assert trainer["devices"] == 8 and trainer["max_epochs"] == 200
             assert cfg["data"]["init_args"]["batch_size"] * trainer["devices"] == 128

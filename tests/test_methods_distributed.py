@@ -95,6 +95,7 @@ def _replay(strategy: dict[str, Any]) -> dict[str, list[Any]]:
         momentum=BASE["momentum"],
         weight_decay=BASE["weight_decay"],
         seed=strategy.get("seed", 0),
+        wire_dtype=strategy.get("wire_dtype", "fp32"),
         **options,
     )
     names = [name for name, _ in model.named_parameters()]
@@ -124,7 +125,8 @@ def _replay(strategy: dict[str, Any]) -> dict[str, list[Any]]:
             grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
         directions = sim.step(grads, points, lr)
         for rank in range(2):
-            xs[rank] = {name: xs[rank][name] - lr * directions[rank][name] for name in names}
+            # w - lr d as torch.optim.SGD computes it (one fused add), so a run can match bit for bit
+            xs[rank] = {name: xs[rank][name].add(directions[rank][name], alpha=-lr) for name in names}
         if sim.method.evaluation_point == "mean_params":
             evaluation = {name: (xs[0][name] + xs[1][name]) / 2 for name in names}
         elif sim.method.evaluation_point == "params_minus_mean_residual":

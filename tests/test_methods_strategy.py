@@ -27,7 +27,7 @@ def test_unknown_method_error_lists_every_name() -> None:
         GMCStrategy(method="sgd")
     for name in [*BASELINES, "gmc"]:
         assert name in str(err.value)
-    assert sorted(lightning_gmc.METHODS) == sorted([*BASELINES, "gmc"])
+    assert sorted(lightning_gmc.METHODS) == sorted([*BASELINES, "gmc", "ef", "ef21"])
 
 
 def test_dmsgd_defaults_to_the_identity_and_rejects_compression() -> None:

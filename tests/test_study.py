@@ -40,6 +40,7 @@ def test_study_quick_mode_writes_table_and_plot(tmp_path: Path) -> None:
     assert "Command: `python examples/noniid_study.py --quick" in table
     assert (out / "curves_topk.png").stat().st_size > 0
     assert (out / "curves_rbgs.png").stat().st_size > 0
+    assert "| EF + AdamW (top-k) |" in table and (out / "curves_adamw.png").stat().st_size > 0
 
 
 def _dense_run(seed: int) -> dict[str, Any]:
@@ -85,3 +86,21 @@ def test_evaluation_params_follow_each_method() -> None:
     for k, worker in enumerate(def_a.workers):
         worker.tensors["residual"][0].fill_(float(k + 1))
     torch.testing.assert_close(def_a.evaluation_params(workers, 0.1)["w"], workers[0]["w"] - 2.0)
+
+
+def test_the_optimizer_path_reproduces_the_method_path() -> None:
+    # ef with the identity compressor and torch's SGD(momentum, weight_decay) applied by the caller is
+    # dense momentum SGD, which the DMSGD arm runs inside the method: the two arms must agree.
+    from examples.noniid_study import DENSE, SeedPlan, run_one, run_one_with_optimizer, suite_arms
+
+    torch.set_num_threads(1)
+    args = argparse.Namespace(
+        workers=4, alpha=0.1, epochs=1, density=0.01, lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=16
+    )
+    plan = SeedPlan(0)
+    shards, test = plan.shards(args.workers, args.alpha)
+    dense = run_one(suite_arms("adamw", args.density)[DENSE], plan, args, shards, test)
+    spec = {"method": "ef", "compressor": "none", "optimizer": "sgd"}
+    through_torch = run_one_with_optimizer(spec, plan, args, shards, test)
+    assert abs(dense["test_loss"][0] - through_torch["test_loss"][0]) < 1e-4
+    assert dense["curve"] == through_torch["curve"]

@@ -25,6 +25,7 @@ from lightning_gmc.compressors.quantizers import (
     TernGrad,
 )
 from lightning_gmc.compressors.registry import COMPRESSORS, build_compressor, register_compressor
+from lightning_gmc.compressors.shared_topk import TopKShared
 from lightning_gmc.compressors.sparse import (
     Identity,
     RandomBlock,
@@ -35,6 +36,7 @@ from lightning_gmc.compressors.sparse import (
 )
 from lightning_gmc.compressors.sparse_dithering import SparseDithering
 from lightning_gmc.compressors.spherical import SphericalCompression
+from lightning_gmc.compressors.wire import WIRE_DTYPES, WireDtype, check_wire_dtype
 from lightning_gmc.compressors.workspace import Workspace
 
 _BUILT_IN: tuple[type[Compressor], ...] = (
@@ -42,6 +44,7 @@ _BUILT_IN: tuple[type[Compressor], ...] = (
     Identity,
     TopK,
     TopKApprox,
+    TopKShared,
     RandomK,
     RandomBlock,
     # bit-budget compressors (docs/compressors.md)
@@ -79,8 +82,12 @@ __all__ = [
     "TernGrad",
     "TopK",
     "TopKApprox",
+    "TopKShared",
+    "WIRE_DTYPES",
+    "WireDtype",
     "Workspace",
     "build_compressor",
+    "check_wire_dtype",
     "mix_seed",
     "register_compressor",
     "scale_for_error_feedback",

@@ -189,17 +189,33 @@ class Compressor(ABC):
         name: registry name.
         shared_support: True when every rank's payload has the same layout *and* decoding is linear in
             the payload values, so payloads can be summed by an all-reduce before decoding (identity,
-            RBGS, shared-seed random-k). Otherwise payloads travel by all-gather and each is decoded.
+            RBGS, shared-seed random-k, topk_shared). Otherwise payloads travel by all-gather and each
+            is decoded.
+        leader_support: True when the shared support is chosen by one rank per step and handed to
+            every rank before compression (``topk_shared``): the caller supplies it through
+            :meth:`propose` and :meth:`compress_on` (``docs/algorithms.md`` 3.13).
         sparse: True when the output has at most ``plan`` selected coordinates per segment and the
             residual ``x - C(x)`` is ``x`` with the selected coordinates zeroed.
+        sends_input: True when ``C(x) = x`` and the payload may be ``x`` itself (:meth:`wrap_input`).
         unbiased: True when ``E[C(x)] = x`` (a class attribute, or a field derived from the options
             when it depends on them).
     """
 
     name: ClassVar[str] = ""
     shared_support: ClassVar[bool] = False
+    leader_support: ClassVar[bool] = False
     sparse: ClassVar[bool] = False
+    #: ``C(x) = x`` bit for bit and the payload can be ``x`` itself (:meth:`wrap_input`): callers may
+    #: build ``x`` in a buffer of their choice and send it without a copy (the identity). Needs
+    #: ``shared_support`` and a :meth:`decode_summed` whose ``out`` may be the summed values tensor
+    #: itself (the mean is then decoded in place).
     unbiased: bool = False
+
+    @property
+    def sends_input(self) -> bool:
+        """True when ``C(x) = x`` and the payload may be ``x`` itself (:meth:`wrap_input`); a
+        property, so that an option can decide it (the identity in a 16-bit ``wire_dtype`` rounds)."""
+        return False
 
     @abstractmethod
     def plan(self, segments: Sequence[Segment]) -> CompressionPlan:
@@ -225,6 +241,20 @@ class Compressor(ABC):
     def decompress_add(self, payload: Payload, plan: CompressionPlan, out: Tensor) -> None:
         """Add the decoded vector ``C(x)`` to ``out`` in place."""
 
+    def propose(self, x: Tensor, plan: CompressionPlan) -> Tensor:
+        """``leader_support`` compressors: the support (flat int64 indices) the leader picks from ``x``."""
+        raise NotImplementedError(f"{self.name} does not choose a support for other ranks (leader_support)")
+
+    def compress_on(
+        self, x: Tensor, plan: CompressionPlan, index: Tensor, workspace: Workspace | None = None
+    ) -> Payload:
+        """``leader_support`` compressors: encode ``x`` on the agreed support ``index``."""
+        raise NotImplementedError(f"{self.name} does not compress on a given support (leader_support)")
+
+    def support_numel(self, plan: CompressionPlan) -> int:
+        """``leader_support`` compressors: number of indices of an agreed support (sent as int32)."""
+        raise NotImplementedError(f"{self.name} has no agreed support (leader_support)")
+
     def decode_summed(self, summed: Payload, plan: CompressionPlan, out: Tensor, world_size: int) -> Tensor:
         """``out = C(summed) / K`` for a shared-support payload whose ``values`` hold the sum over ranks
         (the all-reduce route). ``summed.tensors`` are the transport's own and may be modified.
@@ -234,7 +264,15 @@ class Compressor(ABC):
         """
         out.zero_()
         self.decompress_add(summed, plan, out)
-        return out.div_(world_size)
+        return out if world_size == 1 else out.div_(world_size)  # x / 1 == x: one pass fewer
+
+    def wrap_input(self, x: Tensor, plan: CompressionPlan) -> Payload:
+        """The payload of ``x`` that *is* ``x`` (no copy), for compressors with :attr:`sends_input`.
+
+        The caller gives ``x`` up until the exchange of this payload has finished: the transport may
+        sum into it in place. Compressors without :attr:`sends_input` raise.
+        """
+        raise TypeError(f"{self.name!r} does not send its input unchanged (sends_input is False)")
 
     def subtract_own(self, x: Tensor, payload: Payload, plan: CompressionPlan, workspace: Tensor) -> None:
         """Set ``x <- x - C(x)`` for the payload this rank just produced from ``x``.
@@ -266,6 +304,12 @@ class Compressor(ABC):
         The default is a dense fp32 vector; sparse and shared-support compressors override it.
         """
         return 32 * plan.numel
+
+    @property
+    def value_dtype(self) -> torch.dtype:
+        """The dtype this compressor's float values travel in (``wire_dtype``; fp32 unless the
+        compressor takes a ``wire_dtype`` option, see :mod:`lightning_gmc.compressors.wire`)."""
+        return torch.float32
 
     def describe(self) -> str:
         """Short human-readable configuration, used in logs and errors."""

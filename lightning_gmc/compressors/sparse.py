@@ -1,8 +1,9 @@
 """Identity and sparsifying compressors: ``none``, ``topk``, ``topk_approx``, ``randk``, ``rbgs``.
 
 All sparsifiers keep ``k = max(1, floor(density * n))`` coordinates of every segment (parameter) and
-send them as fp32 values, plus int32 segment-global indices when the support is private to the rank.
-Indices are bucket-local (offset into the flat vector), so 32 bits always suffice.
+send them as values in ``wire_dtype`` (fp32 by default; bf16/fp16 round the values inside ``C``,
+see :mod:`lightning_gmc.compressors.wire`), plus int32 segment-global indices when the support is
+private to the rank. Indices are bucket-local (offset into the flat vector), so 32 bits always suffice.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from lightning_gmc.compressors.base import (
     mix_seed,
     selected_count,
 )
+from lightning_gmc.compressors.selection import mask_nonzero, random_subset
+from lightning_gmc.compressors.wire import check_wire_dtype, wire_torch_dtype
 from lightning_gmc.compressors.workspace import Workspace
 
 __all__ = ["Identity", "RandomBlock", "RandomK", "SparseCompressor", "TopK", "TopKApprox"]
@@ -38,18 +41,42 @@ def _check_density(density: float) -> float:
     return density
 
 
+def _value_bits(dtype: torch.dtype) -> int:
+    return 8 * torch.empty((), dtype=dtype).element_size()
+
+
 @dataclass(frozen=True)
 class Identity(Compressor):
-    """``C(x) = x``: dense fp32 all-reduce. With it every method reduces to its uncompressed form."""
+    """``C(x) = x``: dense all-reduce. With it every method reduces to its uncompressed form.
+
+    Args:
+        wire_dtype: ``"fp32"`` (exact), ``"bf16"`` or ``"fp16"``: ``C(x)`` is ``x`` rounded to it
+            (:mod:`lightning_gmc.compressors.wire`).
+    """
 
     name: ClassVar[str] = "none"
     shared_support: ClassVar[bool] = True
     sparse: ClassVar[bool] = False
     unbiased = True
+    wire_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "wire_dtype", check_wire_dtype(self.wire_dtype))
+
+    @property
+    def sends_input(self) -> bool:
+        return self.wire_dtype == "fp32"  # a 16-bit wire rounds: C(x) != x
+
+    @property
+    def value_dtype(self) -> torch.dtype:
+        return wire_torch_dtype(self.wire_dtype)
+
+    def describe(self) -> str:
+        return self.name if self.wire_dtype == "fp32" else f"{self.name}, wire_dtype={self.wire_dtype}"
 
     def plan(self, segments: Sequence[Segment]) -> CompressionPlan:
         numel = sum(s.numel for s in segments)
-        return CompressionPlan(tuple(segments), numel, (TensorSpec("values", torch.float32, numel),))
+        return CompressionPlan(tuple(segments), numel, (TensorSpec("values", self.value_dtype, numel),))
 
     def compress(
         self,
@@ -60,25 +87,39 @@ class Identity(Compressor):
         workspace: Workspace | None = None,
     ) -> Payload:
         if workspace is None:
-            return Payload({"values": x.clone()})
+            return Payload({"values": x.to(self.value_dtype, copy=True)})
         # The caller's message slot owns the values: the transport reduces them in place, so they
         # must not be shared with another message in flight.
-        values = workspace.tensor("values", plan.numel, x.dtype, x.device)
-        values.copy_(x)
+        values = workspace.tensor("values", plan.numel, self.value_dtype, x.device)
+        values.copy_(x)  # rounds to nearest for a 16-bit wire
         return Payload({"values": values})
 
+    def wrap_input(self, x: Tensor, plan: CompressionPlan) -> Payload:
+        if not self.sends_input:
+            return super().wrap_input(x, plan)  # raises: a 16-bit wire cannot send x as is
+        return Payload({"values": x})
+
     def decompress_add(self, payload: Payload, plan: CompressionPlan, out: Tensor) -> None:
-        out.add_(payload.tensors["values"])
+        out.add_(payload.tensors["values"])  # a 16-bit value widens to fp32 exactly
 
     def decode_summed(self, summed: Payload, plan: CompressionPlan, out: Tensor, world_size: int) -> Tensor:
-        # 0 + v, as the default's zero_() + add_() gives (it turns -0.0 into +0.0), one pass fewer.
-        return torch.add(summed.tensors["values"], 0.0, out=out).div_(world_size)
+        values = summed.tensors["values"]
+        if values.dtype != out.dtype:
+            out.copy_(values).add_(0.0)  # a 16-bit value widens exactly; +0.0 as below
+        else:
+            # 0 + v, as the default's zero_() + add_() gives (it turns -0.0 into +0.0), one pass fewer.
+            torch.add(values, 0.0, out=out)
+        # no division by K = 1 (x / 1 == x)
+        return out if world_size == 1 else out.div_(world_size)
 
     def subtract_own(self, x: Tensor, payload: Payload, plan: CompressionPlan, workspace: Tensor) -> None:
-        x.zero_()
+        if self.wire_dtype == "fp32":
+            x.zero_()
+        else:  # the rounding error stays: x - round(x) is exact in fp32
+            x.sub_(payload.tensors["values"])
 
     def broadcast_bits(self, payloads: Sequence[Payload], plan: CompressionPlan) -> int:
-        return 32 * plan.numel
+        return _value_bits(self.value_dtype) * plan.numel
 
 
 @dataclass(frozen=True)
@@ -95,22 +136,31 @@ class SparseCompressor(Compressor):
 
     Args:
         density: fraction of each parameter's coordinates that is sent, in (0, 1].
+        wire_dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the dtype the selected values are rounded
+            to and sent in (:mod:`lightning_gmc.compressors.wire`).
     """
 
     sparse: ClassVar[bool] = True
     density: float = 0.01
+    wire_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "density", _check_density(self.density))
+        object.__setattr__(self, "wire_dtype", check_wire_dtype(self.wire_dtype))
+
+    @property
+    def value_dtype(self) -> torch.dtype:
+        return wire_torch_dtype(self.wire_dtype)
 
     def describe(self) -> str:
-        return f"{self.name}, density={self.density:g}"
+        wire = "" if self.wire_dtype == "fp32" else f", wire_dtype={self.wire_dtype}"
+        return f"{self.name}, density={self.density:g}{wire}"
 
     def plan(self, segments: Sequence[Segment]) -> SparsePlan:
         counts = tuple(selected_count(self.density, s.numel) for s in segments)
         total = sum(counts)
         numel = sum(s.numel for s in segments)
-        specs = [TensorSpec("values", torch.float32, total)]
+        specs = [TensorSpec("values", self.value_dtype, total)]
         if not self.shared_support:
             specs.append(TensorSpec("indices", torch.int32, total))
         return SparsePlan(tuple(segments), numel, tuple(specs), counts=counts, total=total)
@@ -129,7 +179,12 @@ class SparseCompressor(Compressor):
     ) -> Payload:
         assert isinstance(plan, SparsePlan)
         index = self.select(x, plan, rng, step)
+        return self._payload_at(x, index)
+
+    def _payload_at(self, x: Tensor, index: Tensor) -> Payload:
         values = x.index_select(0, index)
+        if values.dtype != self.value_dtype:
+            values = values.to(self.value_dtype)  # C(x) is the rounded vector
         if self.shared_support:
             return Payload({"values": values}, {"index": index})
         return Payload({"values": values, "indices": index.to(torch.int32)}, {"index": index})
@@ -139,7 +194,7 @@ class SparseCompressor(Compressor):
         if index is None:  # a payload received from another rank: index_add_ takes int32 directly
             index = payload.tensors["indices"]
         # Indices within one payload are unique, so index_add_ is deterministic even on CUDA.
-        out.index_add_(0, index, payload.tensors["values"])
+        out.index_add_(0, index, payload.tensors["values"].to(out.dtype))
 
     def decode_summed(self, summed: Payload, plan: CompressionPlan, out: Tensor, world_size: int) -> Tensor:
         index = summed.context.get("index")
@@ -149,11 +204,19 @@ class SparseCompressor(Compressor):
         # (0 + v) / K: values.add_(0.0) reproduces the 0 + v (-0.0 -> +0.0), and index_copy_ stores
         # the quotient as is.
         out.zero_()
-        return out.index_copy_(0, index, summed.tensors["values"].add_(0.0).div_(world_size))
+        values = summed.tensors["values"]
+        if values.dtype != out.dtype:
+            values = values.to(out.dtype)  # divide in fp32, as the default path does
+        values = values.add_(0.0)
+        return out.index_copy_(0, index, values if world_size == 1 else values.div_(world_size))
 
     def subtract_own(self, x: Tensor, payload: Payload, plan: CompressionPlan, workspace: Tensor) -> None:
-        # x - C(x) is exactly x with the sent coordinates zeroed (no rounding).
-        x.index_fill_(0, payload.context["index"], 0.0)
+        index = payload.context["index"]
+        if self.wire_dtype == "fp32":
+            # x - C(x) is exactly x with the sent coordinates zeroed (no rounding).
+            x.index_fill_(0, index, 0.0)
+        else:  # x - round(x) at the sent coordinates (exact in fp32): the rounding error stays
+            x.index_add_(0, index, payload.tensors["values"].to(x.dtype), alpha=-1.0)
 
     def nnz(self, plan: CompressionPlan) -> int:
         assert isinstance(plan, SparsePlan)
@@ -161,10 +224,11 @@ class SparseCompressor(Compressor):
 
     def broadcast_bits(self, payloads: Sequence[Payload], plan: CompressionPlan) -> int:
         assert isinstance(plan, SparsePlan)
+        value_bits = _value_bits(self.value_dtype)
         if self.shared_support:  # all ranks share one support: the sum has the same k coordinates
-            return 32 * plan.total
+            return value_bits * plan.total
         union = torch.unique(torch.cat([p.tensors["indices"] for p in payloads])).numel()
-        return 64 * union  # value + index per coordinate of the union, as the paper counts
+        return (value_bits + 32) * union  # value + index per coordinate of the union, as the paper counts
 
 
 @dataclass(frozen=True)
@@ -225,7 +289,7 @@ class TopKApprox(SparseCompressor):
         magnitude = plan.workspace.tensor("abs", plan.numel, x.dtype, x.device)
         torch.abs(x, out=magnitude)
         # One bool mask, reused by every segment and step (a 1 B/param workspace instead of a fresh
-        # d-sized allocation per step); padded to whole 8-byte words for _mask_nonzero.
+        # d-sized allocation per step); padded to whole 8-byte words for mask_nonzero.
         longest = max(s.numel for s in plan.segments)
         mask = plan.workspace.tensor("mask", -(-longest // 8) * 8, torch.bool, x.device)
         parts = []
@@ -252,7 +316,7 @@ class TopKApprox(SparseCompressor):
         expected = samples.numel() * k / n
         top_samples = min(samples.numel(), max(1, math.ceil(1.1 * expected + 3 * math.sqrt(expected) + 1)))
         threshold = torch.topk(samples, top_samples, sorted=False).values.min()
-        candidates = _mask_nonzero(torch.ge(chunk, threshold, out=mask[:n]), mask)
+        candidates = mask_nonzero(torch.ge(chunk, threshold, out=mask[:n]), mask)
         if candidates.numel() < k:
             return torch.topk(chunk, k, sorted=False).indices
         if candidates.numel() > k:
@@ -260,28 +324,6 @@ class TopKApprox(SparseCompressor):
             best = torch.topk(chunk.index_select(0, candidates), k, sorted=False).indices
             candidates = candidates.index_select(0, best)
         return candidates
-
-
-# Below this many elements a plain nonzero is as fast as the word-wise scan.
-_WORDWISE_NONZERO_MIN = 1 << 16
-
-
-def _mask_nonzero(flags: Tensor, mask: Tensor) -> Tensor:
-    """``torch.nonzero(flags).squeeze(1)`` (ascending int64 positions) for ``flags = mask[:n]``.
-
-    On CPU a large, sparse mask is scanned as 64-bit words first, then only the non-zero words are
-    expanded: the same indices in the same order, about half the time of one ``nonzero`` over every
-    byte. ``mask`` is the word-aligned workspace ``flags`` starts at; its padding is cleared here.
-    """
-    n = flags.numel()
-    if flags.device.type != "cpu" or n < _WORDWISE_NONZERO_MIN:
-        return torch.nonzero(flags).squeeze(1)
-    padded = -(-n // 8) * 8
-    mask[n:padded] = False
-    words = mask[:padded].view(torch.int64)
-    hit_words = torch.nonzero(words).squeeze(1)
-    row_col = torch.nonzero(mask[:padded].view(-1, 8).index_select(0, hit_words))
-    return hit_words.index_select(0, row_col[:, 0]).mul_(8).add_(row_col[:, 1])
 
 
 @dataclass(frozen=True)
@@ -302,29 +344,8 @@ class RandomK(SparseCompressor):
                 parts.append(torch.arange(seg.offset, seg.offset + k, device=x.device))
                 continue
             gen = rng.shared(x.device, step, self.name, seg.param_index)
-            parts.append(_random_subset(seg.numel, k, gen, x.device).add_(seg.offset))
+            parts.append(random_subset(seg.numel, k, gen, x.device).add_(seg.offset))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _random_subset(n: int, k: int, gen: torch.Generator, device: torch.device) -> Tensor:
-    """``k`` distinct indices drawn uniformly from ``range(n)``, in O(k log k) when ``k << n``.
-
-    Draws with replacement and keeps the first ``k`` distinct values in draw order, which is exactly
-    sampling without replacement; ``randperm(n)`` would cost O(n) time and 8 bytes per element per
-    step. Dense requests fall back to ``randperm``.
-    """
-    if 4 * k > n:
-        return torch.randperm(n, generator=gen, device=device)[:k]
-    draws = k + 2 * math.isqrt(k) + 16
-    while True:
-        sample = torch.randint(n, (draws,), generator=gen, device=device)
-        unique, inverse = torch.unique(sample, return_inverse=True)
-        if unique.numel() >= k:
-            break
-        draws *= 2
-    first_draw = torch.full((unique.numel(),), draws, dtype=torch.int64, device=device)
-    first_draw.scatter_reduce_(0, inverse, torch.arange(draws, device=device), reduce="amin")
-    return unique.index_select(0, first_draw.argsort()[:k])
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ Tuning guide:
   plain SGD with the scheduled learning rate. Coupled L2 is added to the gradient before compression.
   ``optimizer.state_dict()`` still saves the user's values, so a checkpoint resumes under plain DDP
   with them; loading a state dict takes them over again.
+* ``method="ef"`` is the exception: error feedback on the gradient alone, with any optimizer (Adam,
+  AdamW, Nesterov SGD, ...) left in charge of momentum, weight decay and adaptive scaling.
 
 State (residuals, global momentum) is kept in fp32 per parameter, whatever the parameter dtype, and
 survives DDP's bucket rebuild after the first iteration.
@@ -44,15 +46,19 @@ from lightning_gmc.config import NonFinitePolicy
 from lightning_gmc.hook.binding import OptimizerBinding, StepClock
 from lightning_gmc.hook.codec import STATE_FORMAT
 from lightning_gmc.hook.ddp_hook import gmc_hook
+from lightning_gmc.hook.hierarchy import NodeGroups, NodeTopology, build_node_groups
 from lightning_gmc.hook.state import GMCHookState
 from lightning_gmc.hook.swap import ParameterSwap
 
 __all__ = [
     "STATE_FORMAT",
     "GMCHookState",
+    "NodeGroups",
+    "NodeTopology",
     "NonFinitePolicy",
     "OptimizerBinding",
     "ParameterSwap",
     "StepClock",
+    "build_node_groups",
     "gmc_hook",
 ]

@@ -6,6 +6,10 @@ and 3.4), so :meth:`OptimizerBinding.attach` records each param group's ``moment
 scheduled learning rate. The user's values still travel in ``optimizer.state_dict()`` (a state-dict
 hook writes them back into the saved param groups), so a checkpoint resumed under plain DDP continues
 with the user's momentum and weight decay; loading a state dict re-applies the takeover.
+
+A method with ``takes_over_optimizer = False`` (``ef``, ``docs/algorithms.md`` section 2.10) accepts
+any ``torch.optim.Optimizer`` and changes nothing in it: the optimizer applies its own momentum,
+weight decay and adaptive scaling to the aggregated gradient, and the method sees zeros for both.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ class OptimizerBinding:
                 not in the optimizer.
         """
         if self.takes_over:
-            _check_sgd(optimizer)
+            _check_sgd(self.method, optimizer)
         _check_no_sparse_gradients(model)
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         group_of = {p: index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
@@ -205,18 +209,20 @@ class StepClock:
         self.last_lrs = None if last_lrs is None else [float(x) for x in last_lrs]
 
 
-def _check_sgd(optimizer: torch.optim.Optimizer) -> None:
+def _check_sgd(method: Method, optimizer: torch.optim.Optimizer) -> None:
     if not isinstance(optimizer, torch.optim.SGD):
         raise TypeError(
-            f"lightning_gmc supports torch.optim.SGD (momentum and weight decay per param group, any "
-            f"LR scheduler); got {type(optimizer).__name__}. The method implements momentum itself, "
-            f"so adaptive optimizers cannot be combined with it."
+            f"method {method.name!r} supports torch.optim.SGD (momentum and weight decay per param "
+            f"group, any LR scheduler); got {type(optimizer).__name__}. The method implements momentum "
+            f"itself, so adaptive optimizers cannot be combined with it: use method='ef' to keep "
+            f"Adam/AdamW (error feedback on the gradient, the optimizer stays in charge)."
         )
     for index, group in enumerate(optimizer.param_groups):
         if group.get("nesterov", False) or group.get("dampening", 0) != 0 or group.get("maximize", False):
             raise ValueError(
-                f"param group {index}: lightning_gmc implements heavy-ball momentum; use SGD with "
-                f"nesterov=False, dampening=0, maximize=False"
+                f"param group {index}: method {method.name!r} implements heavy-ball momentum; use SGD "
+                f"with nesterov=False, dampening=0, maximize=False, or method='ef' to keep these options "
+                f"(the optimizer stays in charge)"
             )
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "encode_rank_state",
     "gather_state",
     "load_rank_state",
+    "reject_topology_change",
     "select_rank_local",
     "world_size_of",
 ]
@@ -109,7 +110,8 @@ def gather_state(
 ) -> dict[str, Any]:
     """Every rank's local state in one block (a collective: call on every rank)."""
     state = dict(rank_state)
-    local: dict[str, Any] = {"buffers": state.pop("local")}
+    # Traffic totals too: under hierarchy="node" the local ranks of a node carry different shares.
+    local: dict[str, Any] = {"buffers": state.pop("local"), "stats": state["stats"]}
     if training_parameters is not None:
         local["training_parameters"] = training_parameters
     world_size = world_size_of(process_group)
@@ -149,3 +151,18 @@ def select_rank_local(
             )
     entry: dict[str, Any] = block["per_rank_local"][rank]
     return entry
+
+
+def reject_topology_change(
+    saved: Mapping[str, Any], current: Mapping[str, Any], policy: WorldSizeChangePolicy
+) -> dict[str, Any] | None:
+    """Apply the world-size policy to a checkpoint whose workers map onto ranks differently (e.g.
+    written flat, resumed with ``hierarchy="node"``): raise, or return None (residuals reset)."""
+    if policy == "error":
+        raise RuntimeError(
+            f"the checkpoint was written with topology {dict(saved)}, this run has {dict(current)}. "
+            f"Residuals are per worker (rank, or node under hierarchy='node') and cannot be re-assigned; "
+            f"pass on_world_size_change='reset_residuals' to resume with zero residuals."
+        )
+    log.warning("lightning_gmc: topology changed from %s to %s; residuals reset to zero", saved, current)
+    return None

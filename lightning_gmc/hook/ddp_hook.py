@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.futures import Future
 
+from lightning_gmc.hook.hierarchy import NodeGroups
 from lightning_gmc.hook.state import GMCHookState
 from lightning_gmc.methods import BucketStep
 
@@ -49,7 +50,8 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
     """DDP communication hook running ``state.method`` with its compressor on one gradient bucket.
 
     Issues exactly one collective per message (one per bucket for every method except at CSER-style
-    reset steps) in the hook body; only local decoding runs in the future's callback.
+    reset steps) in the hook body, preceded by the support's broadcast for ``topk_shared``; only
+    local decoding runs in the future's callback.
     """
     if not isinstance(bucket, dist.GradBucket):
         raise TypeError(
@@ -60,6 +62,8 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
     if state.worker is None:
         raise RuntimeError("GMCHookState.attach(model, optimizer) must be called before the first backward")
     state.hook_calls += 1
+    if state.node_groups is not None:
+        return _hierarchical_bucket(state, bucket, state.node_groups)
     hypers = state.begin_step()
     params = bucket.parameters()
     bucket_state = state.worker.bucket(state.binding.parameter_indices(params))
@@ -76,6 +80,7 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
         rng=state.worker.rng,
         world_size=world_size,
         read_params=_read_params(params),
+        agree_support=state.support.bind(state.step, state.worker.rank, bucket.index()),
     )
     messages = state.method.encode(step)
     future = state.exchange.start(
@@ -86,8 +91,77 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
 
     def finish(fut: Future[list[list[Tensor]]]) -> Tensor:
         state.method.decode(step, fut.value()[0])
-        if grad is not buffer:
-            buffer.copy_(grad)
+        direction = step.direction()
+        if direction is buffer:
+            return buffer
+        if buffer.dtype == torch.float32:
+            # A state buffer that holds the direction (e.g. GMC's momentum): DDP copies the hook's
+            # result into the parameters' gradients, so handing it over saves a copy into the bucket.
+            # The method leaves it unchanged until this bucket's next encode, after that copy.
+            return direction
+        buffer.copy_(direction)  # a bf16 bucket gets the direction rounded, as before
         return buffer
 
     return future.then(finish)
+
+
+def _hierarchical_bucket(state: GMCHookState, bucket: dist.GradBucket, groups: NodeGroups) -> Future[Tensor]:
+    """One bucket under ``hierarchy="node"`` (see :mod:`~lightning_gmc.hook.hierarchy`).
+
+    The node mean and the inter-node exchange are waited for in the hook body: every collective is
+    then issued in the caller's thread, in the same order on every rank (a collective issued from a
+    future's callback would run on the back-end's completion thread). Only the share-back all-reduce
+    is left in flight; its callback copies the result, locally.
+    """
+    worker = state.worker
+    assert worker is not None
+    hypers = state.begin_step()
+    params = bucket.parameters()
+    layout = state.node_layout(state.binding.parameter_indices(params))
+    buffer = bucket.buffer()
+    grad = buffer if buffer.dtype == torch.float32 else buffer.to(torch.float32)
+    _screen_nonfinite(state, grad, len(params))
+    ranks_per_node = groups.topology.ranks_per_node
+    state.intra_traffic.record_allreduce(grad.numel() * grad.element_size(), ranks_per_node)
+    dist.all_reduce(grad, group=groups.intra)
+    grad.div_(ranks_per_node)  # the node's mean gradient: what the node's one worker computes with
+    layout.share.zero_()
+    if layout.owned_indices:
+        bucket_state = worker.bucket(layout.owned_indices)
+        owned = bucket_state.workspace("node_grad")
+        layout.gather(grad, owned)
+        owned_params = [params[pos] for pos in layout.owned_positions]
+        step = BucketStep(
+            bucket=bucket_state,
+            grad=owned,
+            out=owned,
+            hypers=hypers,
+            step=state.step,
+            rng=worker.rng,
+            world_size=state.exchange.world_size,
+            read_params=_read_params(owned_params),
+            agree_support=state.support.bind(state.step, worker.rank, bucket.index()),
+        )
+        messages = state.method.encode(step)
+        means = state.exchange.start([messages], [bucket_state], state.step, bucket.index()).wait()
+        state.method.decode(step, means[0])
+        layout.scatter(step.direction(), 0)  # owned, or the state buffer holding the direction
+        for section, name in enumerate(state.method.buffers, start=1):
+            layout.scatter(bucket_state.buffers[name], section)
+    state.intra_traffic.record_allreduce(layout.share.numel() * 4, ranks_per_node)
+    work = dist.all_reduce(layout.share, group=groups.intra, async_op=True)
+    assert work is not None
+    if bucket.is_last():
+        state.end_step()
+
+    def finish(fut: Future[list[Tensor]]) -> Tensor:
+        fut.value()  # re-raises a failed share-back
+        # Every rank of the node, owners included, takes the summed buffer: identical state everywhere.
+        buffer.copy_(layout.section(0))
+        for section, name in enumerate(state.method.buffers, start=1):
+            summed, per_param = layout.section(section), worker.tensors[name]
+            for index, offset, numel in zip(layout.param_indices, layout.offsets, layout.numels, strict=True):
+                per_param[index].copy_(summed[offset : offset + numel])
+        return buffer
+
+    return work.get_future().then(finish)

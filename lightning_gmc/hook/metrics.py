@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_gmc.hook.hierarchy import IntraNodeTraffic
 from lightning_gmc.methods import WorkerState
 from lightning_gmc.transport import CommStats
 
@@ -24,6 +25,9 @@ class HookMetrics:
     def __init__(self, stats: CommStats) -> None:
         self.stats = stats
         self._nonfinite_pending: Tensor | None = None
+        #: bytes sent inside the node (hierarchy="node" only); then ``stats`` counts the inter-node
+        #: exchange, reported as ``bytes_sent`` and ``bytes_sent_inter``.
+        self.intra: IntraNodeTraffic | None = None
 
     def count_nonfinite(self, skipped: Tensor) -> None:
         """Accumulate skipped-bucket events on the device (read once per step by :meth:`take`)."""
@@ -33,20 +37,46 @@ class HookMetrics:
         )
 
     def take(self, worker: WorkerState | None) -> dict[str, float]:
-        """This step's traffic metrics plus the residual norm; resets the per-step counters."""
-        if self._nonfinite_pending is not None:
-            self.stats.nonfinite_skips += int(self._nonfinite_pending)
+        """This step's traffic metrics plus the residual norm; resets the per-step counters.
+
+        The device-side values (skipped buckets, the residual norm) are read back together, in one
+        host synchronisation per call.
+        """
+        parts: list[Tensor] = []
+        norm = residual_norm_squared(worker)
+        if norm is not None:
+            parts.append(norm)
+        pending = self._nonfinite_pending
+        if pending is not None:
+            parts.append(pending.to(norm.device if norm is not None else pending.device, torch.float64))
             self._nonfinite_pending = None
+        values = torch.stack(parts).tolist() if parts else []
+        if pending is not None:
+            self.stats.nonfinite_skips += int(values.pop())
         metrics = self.stats.take_step()
-        metrics["residual_norm"] = residual_norm(worker)
+        metrics["residual_norm"] = float(values[0]) ** 0.5 if norm is not None else 0.0
+        if self.intra is not None:
+            metrics["bytes_sent_inter"] = metrics["bytes_sent"]
+            metrics["bytes_sent_intra"] = self.intra.take_step()
         return metrics
 
 
-def residual_norm(worker: WorkerState | None) -> float:
-    """L2 norm of a worker's residual (0 for methods without one)."""
+def residual_norm_squared(worker: WorkerState | None) -> Tensor | None:
+    """Squared L2 norm of a worker's residual as a float64 device scalar (None without a residual).
+
+    Per-parameter norms come from one multi-tensor kernel; nothing is copied and nothing is read
+    back here.
+    """
     if worker is None or "residual" not in worker.tensors:
-        return 0.0
-    return worker.squared_norm("residual") ** 0.5
+        return None
+    norms = torch._foreach_norm(worker.tensors["residual"])
+    return torch.stack(norms).to(torch.float64).square().sum()
+
+
+def residual_norm(worker: WorkerState | None) -> float:
+    """L2 norm of a worker's residual (0 for methods without one); reads the device once."""
+    squared = residual_norm_squared(worker)
+    return 0.0 if squared is None else float(squared) ** 0.5
 
 
 def sum_over_ranks(

@@ -12,13 +12,14 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_gmc import config as gmc_config
-from lightning_gmc.config import GMCConfig, NonFinitePolicy, WorldSizeChangePolicy
+from lightning_gmc.config import GMCConfig, Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
 from lightning_gmc.hook import codec
 from lightning_gmc.hook.binding import OptimizerBinding, StepClock
+from lightning_gmc.hook.hierarchy import IntraNodeTraffic, NodeGroups, NodeLayout, assign_owners
 from lightning_gmc.hook.metrics import HookMetrics
 from lightning_gmc.hook.swap import ParameterSwap
 from lightning_gmc.methods import GroupHyper, Method, WorkerState
-from lightning_gmc.transport import CommStats, Exchange, TorchCollectives
+from lightning_gmc.transport import CommStats, Exchange, LeaderSupport, TorchCollectives
 
 __all__ = ["GMCHookState"]
 
@@ -44,6 +45,8 @@ class GMCHookState:
         on_world_size_change: loading a gathered state written by another number of ranks:
             ``"error"`` (default) or ``"reset_residuals"`` (keep the step, learning-rate history and
             shared buffers; start every rank's residual from zero).
+        hierarchy: ``"flat"`` (every rank is a worker) or ``"node"`` (one worker per node; give the
+            groups with :meth:`set_node_groups` before :meth:`attach`; ``docs/algorithms.md`` 3.11).
     """
 
     def __init__(
@@ -54,7 +57,9 @@ class GMCHookState:
         momentum: float | None = None,
         nonfinite: NonFinitePolicy = "skip",
         on_world_size_change: WorldSizeChangePolicy = "error",
+        hierarchy: Hierarchy = "flat",
     ) -> None:
+        self.hierarchy = gmc_config.check_hierarchy(hierarchy)
         self.nonfinite = gmc_config.check_nonfinite_policy(nonfinite)
         self.on_world_size_change = gmc_config.check_world_size_policy(on_world_size_change)
         self.method = method
@@ -64,10 +69,17 @@ class GMCHookState:
         self.clock = StepClock(self.binding)
         self.stats = CommStats(defer_rcc=True)  # RCC only for steps whose metrics are taken
         self.exchange = Exchange(TorchCollectives(process_group), self.stats)
+        #: the selection stage of topk_shared (a broadcast of the leader's indices)
+        self.support = LeaderSupport(self.exchange.collectives, self.stats)
         self.hook_calls = 0
         self.worker: WorkerState | None = None
         self.swap: ParameterSwap | None = None
         self.metrics = HookMetrics(self.stats)
+        self.node_groups: NodeGroups | None = None
+        self.intra_traffic = IntraNodeTraffic()
+        #: owner local rank of every parameter (hierarchy="node"), fixed at attach
+        self.owners: tuple[int, ...] = ()
+        self._node_layouts: dict[tuple[int, ...], NodeLayout] = {}
 
     @classmethod
     def from_config(cls, config: GMCConfig, process_group: dist.ProcessGroup | None = None) -> GMCHookState:
@@ -79,7 +91,22 @@ class GMCHookState:
             momentum=config.momentum,
             nonfinite=config.nonfinite,
             on_world_size_change=config.on_world_size_change,
+            hierarchy=config.hierarchy,
         )
+
+    def set_node_groups(self, groups: NodeGroups) -> None:
+        """Run hierarchically over these groups (from :func:`~lightning_gmc.hook.build_node_groups`):
+        the method's exchange goes over ``groups.inter``, with one worker per node."""
+        if self.hierarchy != "node":
+            raise ValueError("set_node_groups() is for hierarchy='node'; this state was built flat")
+        if self.process_group is not None:
+            raise ValueError("hierarchy='node' builds its groups from the default process group; pass none")
+        if self.worker is not None:
+            raise RuntimeError("set_node_groups() must run before attach()")
+        self.node_groups = groups
+        self.exchange = Exchange(TorchCollectives(groups.inter), self.stats)
+        self.support = LeaderSupport(self.exchange.collectives, self.stats)
+        self.metrics.intra = self.intra_traffic
 
     @property
     def step(self) -> int:
@@ -87,22 +114,41 @@ class GMCHookState:
         return self.clock.step
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Bind to the model's trainable parameters and take over the optimizer's momentum and weight
-        decay (see :class:`~lightning_gmc.hook.binding.OptimizerBinding` for what is raised)."""
+        """Bind to the model's trainable parameters and, for methods that do (all but ``ef``), take over
+        the optimizer's momentum and weight decay (see
+        :class:`~lightning_gmc.hook.binding.OptimizerBinding` for what is raised)."""
         binding = self.binding
         binding.attach(model, optimizer)
         device = binding.params[0].device if binding.params else torch.device("cpu")
         distributed = dist.is_available() and dist.is_initialized()
         rank = dist.get_rank(self.process_group) if distributed else 0
+        if self.hierarchy == "node":
+            if self.node_groups is None:
+                raise RuntimeError(
+                    "hierarchy='node' needs its process groups before attach(): call state.set_node_groups("
+                    "lightning_gmc.hook.build_node_groups(ranks_per_node)) on every rank"
+                )
+            topology = self.node_groups.topology
+            rank = topology.node_rank  # the logical worker, and its private random streams
+            self.owners = assign_owners(binding.table, topology.ranks_per_node)
+            self._node_layouts.clear()
         self.worker = WorkerState(self.method, binding.table, device, rank, self.seed)
         residuals = self.worker.tensors.get("residual")
         collectives = self.exchange.collectives if distributed else None
         self.swap = ParameterSwap(self.method, binding.params, binding.table, residuals, collectives)
-        log.info(
-            "lightning_gmc: %s on %d parameters (%d elements); momentum=%s weight_decay=%s",
-            *(self.method.describe(), len(binding.table), binding.table.numel),
-            *(binding.group_momentum, binding.group_weight_decay),
-        )
+        if binding.takes_over:
+            log.info(
+                "lightning_gmc: %s on %d parameters (%d elements); momentum=%s weight_decay=%s",
+                *(self.method.describe(), len(binding.table), binding.table.numel),
+                *(binding.group_momentum, binding.group_weight_decay),
+            )
+        else:
+            log.info(
+                "lightning_gmc: %s on %d parameters (%d elements); %s applies its own momentum and "
+                "weight decay",
+                *(self.method.describe(), len(binding.table), binding.table.numel),
+                type(optimizer).__name__,
+            )
 
     def release_optimizer_hyperparameters(self) -> None:
         """Zero the optimizer's momentum and weight decay again (the method applies them)."""
@@ -177,7 +223,32 @@ class GMCHookState:
         swap = self.swap  # during validation the parameters are the evaluation model: use the backup
         values = swap.training_values() if swap and swap.evaluation_differs else None
         params = None if values is None else self.binding.training_parameters(values)
-        return codec.gather_state(self.state_dict(), params, self.process_group)
+        state = codec.gather_state(self.state_dict(), params, self.process_group)
+        state["topology"] = self.topology()
+        return state
+
+    def topology(self) -> dict[str, Any]:
+        """How the workers map onto ranks (recorded in gathered checkpoints)."""
+        if self.node_groups is None:
+            return {"hierarchy": "flat"}
+        return {"hierarchy": "node", **self.node_groups.topology.describe()}
+
+    def node_layout(self, param_indices: tuple[int, ...]) -> NodeLayout:
+        """This rank's view of a bucket under hierarchy="node" (built once per bucket layout)."""
+        layout = self._node_layouts.get(param_indices)
+        if layout is None:
+            worker = self._attached_worker("the first backward")
+            assert self.node_groups is not None
+            layout = NodeLayout(
+                param_indices,
+                self.binding.table.numels,
+                self.owners,
+                self.node_groups.topology.local_rank,
+                len(self.method.buffers),
+                worker.device,
+            )
+            self._node_layouts[param_indices] = layout
+        return layout
 
     def load_state_dict(self, state: dict[str, Any], load_local: bool = True) -> None:
         """Restore :meth:`state_dict` or :meth:`gathered_state_dict` output (the latter under the
@@ -186,10 +257,18 @@ class GMCHookState:
         training_parameters = None
         if "per_rank_local" in state:
             world_size = codec.world_size_of(self.process_group)
-            entry = codec.select_rank_local(state, worker.rank, world_size, self.on_world_size_change)
+            rank = dist.get_rank(self.process_group) if world_size > 1 else 0
+            saved_topology = state.get("topology", {"hierarchy": "flat"})
+            if saved_topology == self.topology():
+                entry = codec.select_rank_local(state, rank, world_size, self.on_world_size_change)
+            else:  # residuals belong to workers (ranks or nodes): another mapping cannot reuse them
+                policy = self.on_world_size_change
+                entry = codec.reject_topology_change(saved_topology, self.topology(), policy)
             load_local = load_local and entry is not None
             training_parameters = entry.get("training_parameters") if entry is not None else None
             state = {**state, "local": entry["buffers"] if entry is not None else {}}
+            if entry is not None and "stats" in entry:
+                state["stats"] = entry["stats"]
         codec.load_rank_state(state, self.method, self.clock, worker, self.stats, load_local)
         if load_local and training_parameters is not None:
             self.binding.load_training_parameters(training_parameters)

@@ -1,6 +1,7 @@
 """Temporarily replacing the parameters: the detached point and the evaluation point.
 
-Both move the training parameters ``w`` somewhere else for a while and put them back bit-exactly:
+Both move the parameters away from the training values ``w`` for a while and put ``w`` back
+bit-exactly:
 
 * the **detached point** ``w - s * residual`` (GMC+, GMC paper section 4; ``docs/algorithms.md``
   section 3.3), where this rank's gradient is evaluated; local, no communication;
@@ -8,7 +9,9 @@ Both move the training parameters ``w`` somewhere else for a while and put them 
   training parameters are not it (CSER's average of the ranks' models, DEF-A's virtual iterate
   ``w - (1/K) sum_k s * residual_k``; ``docs/algorithms.md`` section 3.9); a collective.
 
-One backup buffer serves both; only one swap can be active at a time.
+The detached point swaps each parameter's data for a spare tensor holding the shifted values (the
+training values stay aside, untouched); the evaluation point copies the training values into a
+backup buffer. Only one swap can be active at a time.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ class ParameterSwap:
         self.collectives = collectives
         self.active: str | None = None  # "detached" or "evaluation" while moved
         self._backup: list[Tensor] | None = None
+        # Detached point: one spare tensor per parameter, and the training tensors held aside.
+        self._spares: list[Tensor] | None = None
+        self._held: list[tuple[nn.Parameter, Tensor]] = []
 
     # ------------------------------------------------------------------ backup and restore
     def _save(self, kind: str) -> None:
@@ -82,6 +88,9 @@ class ParameterSwap:
 
     def training_values(self) -> list[Tensor]:
         """The training parameters' values, also while a swap is active (then from the backup)."""
+        if self.active == "detached":
+            held = {id(p): training for p, training in self._held}
+            return [held.get(id(p), p.detach()) for p in self.params]
         if self.active is not None:
             assert self._backup is not None
             return self._backup
@@ -91,6 +100,9 @@ class ParameterSwap:
         """Put back the parameters saved when the ``kind`` swap began (no-op if it is not active)."""
         if self.active != kind:
             return
+        if kind == "detached":
+            self._leave_detached()
+            return
         assert self._backup is not None
         with torch.no_grad():
             for p, backup in zip(self.params, self._backup, strict=True):
@@ -99,18 +111,39 @@ class ParameterSwap:
 
     # ---------------------------------------------------------------------- detached point
     def enter_detached(self, hypers: Sequence[GroupHyper]) -> None:
-        """Move to ``w - s * residual`` (no-op when the method has no detached point or a swap is on)."""
+        """Move to ``w - s * residual`` (no-op when the method has no detached point or a swap is on).
+
+        One pass over the parameters: ``w - s * residual`` is written into a spare tensor per
+        parameter and swapped in as the parameter's data, while ``w`` itself stays untouched aside;
+        leaving swaps it back, so the restore is bit-exact and costs no pass at all (a backup copy,
+        a shift and a copy back were three passes).
+        """
         if self.active == "detached" or self.residuals is None:
             return
         self._refuse_nesting("detached")
         scales = [self.method.detach_scale(hypers[g]) for g in self.table.groups]
         if not any(scales):
             return
-        self._save("detached")
+        if self._spares is None:
+            self._spares = [torch.empty_like(p) for p in self.params]
+        held: list[tuple[nn.Parameter, Tensor]] = []
         with torch.no_grad():
-            for p, residual, scale in zip(self.params, self.residuals, scales, strict=True):
+            shifts = zip(self.params, self.residuals, scales, self._spares, strict=True)
+            for p, residual, scale, spare in shifts:
                 if scale:
-                    p.add_(residual.view_as(p).to(p.dtype), alpha=-scale)
+                    # The same bits as p.add_(residual.to(p.dtype), alpha=-scale) in place.
+                    torch.add(p, residual.view_as(p).to(p.dtype), alpha=-scale, out=spare)
+                    held.append((p, p.data))
+                    p.data = spare
+        self._held = held
+        self.active = "detached"
+
+    def _leave_detached(self) -> None:
+        # Each spare keeps its own storage (p.data = spare only made p share it): reused next step.
+        for p, training in self._held:
+            p.data = training
+        self._held = []
+        self.active = None
 
     @contextlib.contextmanager
     def detached(self, hypers: Sequence[GroupHyper]) -> Iterator[None]:

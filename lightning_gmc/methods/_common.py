@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import Tensor
 
 from lightning_gmc.compressors import Compressor, build_compressor
 from lightning_gmc.methods.base import BucketStep, GroupHyper
 
-__all__ = ["add_momentum", "apply_lr_inside_out", "check_lr", "resolve_compressor", "with_density"]
+__all__ = [
+    "add_into",
+    "add_momentum",
+    "apply_lr_inside_out",
+    "check_lr",
+    "resolve_compressor",
+    "with_density",
+]
 
 
 def check_lr(method: str, hyper: GroupHyper) -> float:
@@ -28,6 +36,15 @@ def check_lr(method: str, hyper: GroupHyper) -> float:
     return hyper.lr
 
 
+def add_into(target: Tensor, base: Tensor, other: Tensor, alpha: float = 1.0) -> None:
+    """``target = base + alpha * other``: in place when ``target`` is ``base`` (the residual), else
+    written into ``target`` (a staging buffer, :meth:`BucketStep.staging`); the same bits either way."""
+    if target.data_ptr() == base.data_ptr():
+        target.add_(other, alpha=alpha)
+    else:
+        torch.add(base, other, alpha=alpha, out=target)
+
+
 def add_momentum(step: BucketStep, buffer: Tensor, increment: Tensor) -> None:
     """``buffer <- beta * buffer + increment`` per param group (heavy-ball, no dampening)."""
     for sl, hyper in step.runs():
@@ -37,7 +54,7 @@ def add_momentum(step: BucketStep, buffer: Tensor, increment: Tensor) -> None:
 def apply_lr_inside_out(method: str, step: BucketStep, delta: Tensor) -> None:
     """``step.out = delta / lr`` per group, so the optimizer's ``w - lr * out`` applies ``w - delta``."""
     for sl, hyper in step.runs():
-        step.out[sl].copy_(delta[sl]).div_(check_lr(method, hyper))
+        torch.div(delta[sl], check_lr(method, hyper), out=step.out[sl])  # one pass, as copy_ + div_
 
 
 def with_density(compressor: Compressor, density: float, what: str) -> Compressor:

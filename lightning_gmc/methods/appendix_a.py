@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from lightning_gmc.compressors import Compressor
-from lightning_gmc.methods._common import add_momentum, apply_lr_inside_out, check_lr
+from lightning_gmc.methods._common import add_into, add_momentum, apply_lr_inside_out, check_lr
 from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method
 
 __all__ = ["EFServerMomentum", "GMCLRInside"]
@@ -76,18 +76,20 @@ class EFServerMomentum(Method):
         self.detach = float(detach)
 
     def encode(self, step: BucketStep) -> list[Message]:
-        p = step.buffer("residual")  # becomes p_k = e_k + g_k + wd x_k in place
-        p.add_(step.grad)
+        residual = step.buffer("residual")
+        # p_k = e_k + g_k + wd x_k, in the residual; for the identity in the gradient buffer (no
+        # longer needed), which the exchange then sums and decodes into in place.
+        p = step.staging(self.compressor, residual, into=step.grad)
+        add_into(p, residual, step.grad)
         step.add_weight_decay(p)  # at the gradient point (the detached one when detach > 0)
-        message = step.compress(self.compressor, p)
-        step.subtract_own(message, p)
-        return [message]
+        decode_into = None if p is residual else p
+        return [step.send_residual(self.compressor, p, residual, decode_into=decode_into)]
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means
         momentum = step.buffer("momentum")
         add_momentum(step, momentum, mean)  # m_t = beta m_{t-1} + mean
-        step.out.copy_(momentum)
+        step.use_direction(momentum)
 
     def detach_scale(self, hyper: GroupHyper) -> float:
         return self.detach * hyper.lr  # the residual is in gradient units, as GMC+'s
@@ -117,19 +119,24 @@ class GMCLRInside(Method):
     def encode(self, step: BucketStep) -> list[Message]:
         grad = step.grad
         step.add_weight_decay(grad)
-        u = step.buffer("residual")  # becomes u'_k in place
+        residual = step.buffer("residual")
         last_update = step.buffer("last_update")
+        # u'_k in the residual; for the identity written over last_update (as GMC over its momentum).
+        u = step.staging(self.compressor, residual, into=last_update)
         for sl, hyper in step.runs():
-            u[sl].add_(grad[sl], alpha=check_lr(self.name, hyper))
+            residual[sl].add_(grad[sl], alpha=check_lr(self.name, hyper))
             if hyper.momentum != 0.0:
-                u[sl].add_(last_update[sl], alpha=hyper.momentum)
-        message = step.compress(self.compressor, u)
-        step.subtract_own(message, u)
-        return [message]
+                add_into(u[sl], residual[sl], last_update[sl], alpha=hyper.momentum)
+            elif u is not residual:
+                u[sl].copy_(residual[sl])
+        # The mean is w_t - w_{t+1}, kept for the next step: decoded straight into last_update.
+        return [step.send_residual(self.compressor, u, residual, decode_into=last_update)]
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means
-        step.buffer("last_update").copy_(mean)  # w_t - w_{t+1} for the next step
+        last_update = step.buffer("last_update")
+        if mean is not last_update:
+            last_update.copy_(mean)  # w_t - w_{t+1} for the next step
         apply_lr_inside_out(self.name, step, mean)
 
     def describe(self) -> str:

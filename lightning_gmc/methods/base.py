@@ -6,10 +6,7 @@ as ``w <- w - lr * direction``. The same method object runs under the DDP hook (
 process) and the in-process simulator (K workers), because everything it touches is in the
 :class:`BucketStep` it is handed.
 
-State lives in a :class:`WorkerState`: one fp32 tensor per (buffer name, parameter), keyed by the
-parameter's position in the model (never by DDP bucket index). Each bucket layout gets contiguous
-storage, and the per-parameter tensors are views into it, so vector maths runs once per bucket while
-checkpoints and resumes stay per parameter.
+State lives in a :class:`~lightning_gmc.methods.state.WorkerState` (re-exported here).
 """
 
 from __future__ import annotations
@@ -22,7 +19,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from lightning_gmc.compressors import CompressionPlan, Compressor, Payload, RandomStreams, Segment, Workspace
+from lightning_gmc.compressors import CompressionPlan, Compressor, Payload, RandomStreams
+from lightning_gmc.methods.state import BucketState, WorkerState
 
 __all__ = [
     "BucketState",
@@ -32,10 +30,16 @@ __all__ = [
     "Message",
     "Method",
     "ParameterTable",
+    "SupportAgreement",
     "WorkerState",
 ]
 
 BufferScope = Literal["local", "shared"]
+#: Agrees on a ``leader_support`` compressor's support with the other workers (the transport's, see
+#: ``lightning_gmc.transport.support``): ``(compressor, plan, x, buffer, slot) -> int64 indices``,
+#: where ``buffer`` is an int32 workspace of ``compressor.support_numel(plan)`` elements the
+#: broadcast may use and ``slot`` is the message's index within the step.
+SupportAgreement = Callable[[Compressor, CompressionPlan, Tensor, Tensor, int], Tensor]
 EvaluationPoint = Literal["params", "mean_params", "params_minus_mean_residual"]
 
 
@@ -94,173 +98,6 @@ class Message:
     decode_into: Tensor | None = None
 
 
-class BucketState:
-    """One worker's state for one bucket layout: contiguous buffers, plans and workspaces.
-
-    Plans are cached by compressor *value* (compressors are frozen dataclasses), so equal
-    configurations share one plan and a ``dataclasses.replace``'d compressor gets its own. Payload
-    buffers are owned by message slots (:meth:`message_workspace`), never by plans, so two messages in
-    flight together never share a buffer even when their compressors are equal.
-    """
-
-    def __init__(self, worker: WorkerState, param_indices: tuple[int, ...]) -> None:
-        self.param_indices = param_indices
-        numels = worker.table.numels
-        segments = []
-        offset = 0
-        for index in param_indices:
-            segments.append(Segment(offset, numels[index], index))
-            offset += numels[index]
-        self.segments: tuple[Segment, ...] = tuple(segments)
-        self.numel = offset
-        self.device = worker.device
-        groups = [worker.table.groups[i] for i in param_indices]
-        # Runs of consecutive parameters that share a param group: per-group scalars are applied
-        # per run, and a model with one group has a single run per bucket.
-        self.runs: list[tuple[slice, int]] = []
-        for seg, group in zip(self.segments, groups, strict=True):
-            if self.runs and self.runs[-1][1] == group:
-                self.runs[-1] = (slice(self.runs[-1][0].start, seg.offset + seg.numel), group)
-            else:
-                self.runs.append((slice(seg.offset, seg.offset + seg.numel), group))
-        self.buffers: dict[str, Tensor] = {}
-        # Keyed by compressor value; the layout part of the (compressor, layout) key is this bucket's.
-        self._plans: dict[Compressor, CompressionPlan] = {}
-        self._scratch = Workspace()
-        self._message_slots: list[Workspace] = []
-
-    def plan(self, compressor: Compressor) -> CompressionPlan:
-        """The compressor's plan for this layout, computed on first use of an equal compressor.
-
-        Raises:
-            TypeError: the compressor is not hashable (compressors must be frozen dataclasses).
-        """
-        try:
-            plan = self._plans.get(compressor)
-        except TypeError as err:
-            raise TypeError(
-                f"{type(compressor).__name__} is not hashable: compressors are values, declare them with "
-                f"@dataclass(frozen=True)"
-            ) from err
-        if plan is None:
-            plan = compressor.plan(self.segments)
-            self._plans[compressor] = plan
-        return plan
-
-    def workspace(self, name: str, numel: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        """A scratch tensor owned by this bucket (``numel`` defaults to the bucket's), allocated once
-        and reused every step."""
-        return self._scratch.tensor(name, self.numel if numel is None else numel, dtype, self.device)
-
-    def message_workspace(self, slot: int) -> Workspace:
-        """The owner of the payload buffers of the ``slot``-th message of a step (0-based): it lives as
-        long as the bucket, so payloads reuse their buffers from step to step."""
-        while len(self._message_slots) <= slot:
-            self._message_slots.append(Workspace())
-        return self._message_slots[slot]
-
-
-class WorkerState:
-    """All method state of one worker (rank), keyed by parameter.
-
-    Args:
-        method: the method whose buffers this state holds.
-        table: the model's parameters.
-        device: where the state lives.
-        rank: this worker's rank (selects private random streams).
-        seed: run seed, equal on every rank.
-    """
-
-    def __init__(
-        self, method: Method, table: ParameterTable, device: torch.device, rank: int, seed: int
-    ) -> None:
-        self.method = method
-        self.table = table
-        self.device = torch.device(device)
-        self.rank = rank
-        self.rng = RandomStreams(seed, rank)
-        # per buffer name: one fp32 tensor per parameter (flat). Views into bucket storage once a
-        # bucket layout has claimed the parameter.
-        self.tensors: dict[str, list[Tensor]] = {
-            name: [torch.zeros(n, dtype=torch.float32, device=self.device) for n in table.numels]
-            for name in method.buffers
-        }
-        self._buckets: dict[tuple[int, ...], BucketState] = {}
-
-    def bucket(self, param_indices: tuple[int, ...]) -> BucketState:
-        """State for a bucket holding these parameters (in this order).
-
-        A new layout (DDP's first iteration uses one bucket, later ones the rebuilt layout) gets fresh
-        contiguous storage; the parameters' current values move into it, so nothing is lost.
-        """
-        state = self._buckets.get(param_indices)
-        if state is not None:
-            return state
-        state = BucketState(self, param_indices)
-        for name, per_param in self.tensors.items():
-            storage = torch.empty(state.numel, dtype=torch.float32, device=self.device)
-            for seg in state.segments:
-                view = storage[seg.offset : seg.offset + seg.numel]
-                view.copy_(per_param[seg.param_index])
-                per_param[seg.param_index] = view
-            state.buffers[name] = storage
-        # Layouts sharing a parameter with the new one no longer own its storage.
-        claimed = set(param_indices)
-        for key in [k for k in self._buckets if claimed.intersection(k)]:
-            del self._buckets[key]
-        self._buckets[param_indices] = state
-        return state
-
-    def state_dict(self, scope: BufferScope | None = None) -> dict[str, dict[str, Tensor]]:
-        """Buffers by name and parameter FQN (cloned to CPU). ``scope`` filters local/shared buffers."""
-        out: dict[str, dict[str, Tensor]] = {}
-        for name, per_param in self.tensors.items():
-            if scope is not None and self.method.buffers[name] != scope:
-                continue
-            out[name] = {
-                fqn: t.detach().reshape(shape).cpu().clone()
-                for fqn, t, shape in zip(self.table.names, per_param, self.table.shapes, strict=True)
-            }
-        return out
-
-    def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
-        """Copy buffers saved by :meth:`state_dict` into this state (shapes and names must match)."""
-        for name, by_fqn in state.items():
-            if name not in self.tensors:
-                raise KeyError(
-                    f"checkpoint has buffer {name!r} that method {self.method.name!r} does not keep"
-                )
-            per_param = self.tensors[name]
-            missing = set(self.table.names) - set(by_fqn)
-            unexpected = set(by_fqn) - set(self.table.names)
-            if missing or unexpected:
-                raise ValueError(
-                    f"checkpointed {name!r} does not match the model: missing {sorted(missing)[:5]}, "
-                    f"unexpected {sorted(unexpected)[:5]}"
-                )
-            for index, (fqn, shape) in enumerate(zip(self.table.names, self.table.shapes, strict=True)):
-                saved = by_fqn[fqn]
-                if tuple(saved.shape) != tuple(shape):
-                    raise ValueError(
-                        f"checkpointed {name!r} for {fqn} has shape {tuple(saved.shape)}, "
-                        f"the model has {tuple(shape)}"
-                    )
-                per_param[index].copy_(saved.reshape(-1))
-
-    def reset(self, scope: BufferScope | None = None) -> None:
-        """Zero buffers (all, or only local / shared ones)."""
-        for name, per_param in self.tensors.items():
-            if scope is None or self.method.buffers[name] == scope:
-                for t in per_param:
-                    t.zero_()
-
-    def squared_norm(self, name: str) -> float:
-        """Sum of squares of one buffer over all parameters (for the residual-norm metric)."""
-        # One read per tensor and no temporaries (a float64 copy of a 25M residual costs more than the
-        # whole compression step); per-tensor norms are summed in double precision.
-        return sum(float(torch.linalg.vector_norm(t)) ** 2 for t in self.tensors[name])
-
-
 @dataclass
 class BucketStep:
     """Everything a method may touch for one bucket, one worker, one step.
@@ -269,13 +106,16 @@ class BucketStep:
         bucket: the worker's state for this bucket layout.
         grad: the worker's fp32 gradient for the bucket (may be modified in place).
         out: where :meth:`Method.decode` writes the update direction (fp32, bucket-sized; may alias
-            ``grad``).
+            ``grad``), unless it points at a state buffer that already holds it
+            (:meth:`use_direction`); readers take :meth:`direction`.
         hypers: current hyper-parameters per optimizer param group.
         step: optimizer step index ``t`` (0-based).
         rng: the worker's random streams.
         world_size: number of workers K.
         read_params: fills a flat fp32 tensor with the worker's current parameter values (the
             gradient-evaluation point).
+        agree_support: how a ``leader_support`` compressor (``topk_shared``) learns the step's
+            support (a collective); None allows such compressors only with one worker.
     """
 
     bucket: BucketState
@@ -286,8 +126,10 @@ class BucketStep:
     rng: RandomStreams
     world_size: int
     read_params: Callable[[Tensor], None]
+    agree_support: SupportAgreement | None = None
     _params: Tensor | None = field(default=None, repr=False)
     _messages: int = field(default=0, repr=False)
+    _direction: Tensor | None = field(default=None, repr=False)
 
     def buffer(self, name: str) -> Tensor:
         return self.bucket.buffers[name]
@@ -318,14 +160,81 @@ class BucketStep:
         random draws from the first's within one step; ``decode_into`` receives the mean over workers
         (see :attr:`Message.decode_into`). Each message of the step gets its own payload workspace."""
         plan = self.bucket.plan(compressor)
-        slot = self.bucket.message_workspace(self._messages)
+        index = self._messages
+        slot = self.bucket.message_workspace(index)
         self._messages += 1
-        payload = compressor.compress(x, plan, self.rng.salted(stream_offset), self.step, slot)
+        if compressor.leader_support:
+            support = self._agreed_support(compressor, plan, x, index)
+            payload = compressor.compress_on(x, plan, support, slot)
+        else:
+            payload = compressor.compress(x, plan, self.rng.salted(stream_offset), self.step, slot)
         return Message(compressor, plan, payload, decode_into)
+
+    def _agreed_support(self, compressor: Compressor, plan: CompressionPlan, x: Tensor, index: int) -> Tensor:
+        if self.agree_support is None:
+            if self.world_size != 1:
+                raise RuntimeError(
+                    f"{compressor.name} needs every worker to agree on the support (a broadcast from the "
+                    f"step's leader); run it under gmc_hook or the Simulator, which provide agree_support"
+                )
+            return compressor.propose(x, plan)
+        buffer = self.bucket.workspace(f"support{index}", compressor.support_numel(plan), torch.int32)
+        return self.agree_support(compressor, plan, x, buffer, index)
 
     def subtract_own(self, message: Message, x: Tensor) -> None:
         """``x <- x - C(x)`` for a message this worker just produced from ``x``."""
         message.compressor.subtract_own(x, message.payload, message.plan, self.bucket.workspace("decoded"))
+
+    def staging(self, compressor: Compressor, residual: Tensor, into: Tensor | None = None) -> Tensor:
+        """Where an error-feedback method builds the vector ``x`` it sends next and keeps ``x - C(x)``
+        of in ``residual``: ``residual`` itself, except for a compressor that sends its input
+        unchanged (:attr:`Compressor.sends_input`, the identity), whose residual becomes zero: then
+        ``into`` (a buffer the method gives up until the exchange ends, typically the one the mean is
+        decoded into, so that the exchange works in place) or a buffer of the message's slot. Pass the
+        result to :meth:`send_residual`."""
+        if not (compressor.sends_input and compressor.shared_support):
+            return residual
+        if into is not None:
+            return into
+        slot = self.bucket.message_workspace(self._messages)
+        return slot.tensor("staged", self.bucket.numel, torch.float32, self.bucket.device)
+
+    def send_residual(
+        self,
+        compressor: Compressor,
+        x: Tensor,
+        residual: Tensor,
+        stream_offset: int = 0,
+        decode_into: Tensor | None = None,
+    ) -> Message:
+        """Send ``C(x)`` (``x`` built where :meth:`staging` said) and leave ``x - C(x)`` in
+        ``residual``: :meth:`compress` then :meth:`subtract_own` when ``x`` is the residual; else ``x``
+        itself is the payload (:meth:`Compressor.wrap_input`) and the residual becomes zero."""
+        if x is residual:
+            message = self.compress(compressor, x, stream_offset, decode_into)
+            self.subtract_own(message, residual)
+            return message
+        residual.zero_()  # C(x) = x
+        return self.send_as_is(compressor, x, decode_into)
+
+    def send_as_is(self, compressor: Compressor, x: Tensor, decode_into: Tensor | None = None) -> Message:
+        """Send ``x``, which the method gives up until the exchange ends: wrapped without a copy when
+        the compressor sends its input unchanged (the identity), else compressed."""
+        if not (compressor.sends_input and compressor.shared_support):
+            return self.compress(compressor, x, decode_into=decode_into)
+        plan = self.bucket.plan(compressor)
+        self._messages += 1  # the slot is not used, but later messages keep their own
+        return Message(compressor, plan, compressor.wrap_input(x, plan), decode_into)
+
+    def use_direction(self, direction: Tensor) -> None:
+        """Declare that ``direction`` (a bucket-sized fp32 state buffer the method keeps anyway) holds
+        the update direction, instead of copying it into ``out``. It must stay unchanged until the
+        next :meth:`Method.encode` of this bucket."""
+        self._direction = direction
+
+    def direction(self) -> Tensor:
+        """The update direction :meth:`Method.decode` produced: ``out`` or the buffer it named."""
+        return self.out if self._direction is None else self._direction
 
 
 class Method(ABC):
@@ -383,7 +292,8 @@ class Method(ABC):
     @abstractmethod
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         """Given the mean over workers of each decoded message, write the update direction into
-        ``step.out`` and update state."""
+        ``step.out`` (or name the state buffer holding it, :meth:`BucketStep.use_direction`) and update
+        state."""
 
     def detach_scale(self, hyper: GroupHyper) -> float:
         """Coefficient ``s`` of the detached gradient point ``w - s * residual`` (0: plain ``w``)."""

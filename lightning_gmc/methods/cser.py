@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from lightning_gmc.compressors import Compressor
@@ -108,7 +109,7 @@ class CSER(Method):
         step.bucket.workspace("cser_previous_residual").copy_(residual)
         delta = step.bucket.workspace("cser_delta")
         for sl, hyper in step.runs():
-            delta[sl].copy_(momentum[sl]).mul_(check_lr(self.name, hyper))  # d_i = eta_t m_i
+            torch.mul(momentum[sl], check_lr(self.name, hyper), out=delta[sl])  # d_i = eta_t m_i
         first = step.compress(self.compressor, delta)
         step.subtract_own(first, delta)  # d_i - C1(d_i): the local-only remainder
         residual.add_(delta)
@@ -120,14 +121,20 @@ class CSER(Method):
         return messages
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
-        # eta_t * out = dbar (+ ebar) + r_new - r_old
-        change = step.bucket.workspace("cser_change")
-        change.copy_(means[0])
-        for mean in means[1:]:
-            change.add_(mean)
-        change.add_(step.buffer("residual")).sub_(step.bucket.workspace("cser_previous_residual"))
+        # eta_t * out = dbar (+ ebar) + r_new - r_old, summed in that order straight into out (the
+        # same bits as a copy of dbar followed by in-place adds).
+        change = step.out
+        residual = step.buffer("residual")
+        if len(means) > 1:
+            torch.add(means[0], means[1], out=change)
+            for mean in means[2:]:
+                change.add_(mean)
+            change.add_(residual)
+        else:
+            torch.add(means[0], residual, out=change)
+        change.sub_(step.bucket.workspace("cser_previous_residual"))
         for sl, hyper in step.runs():
-            step.out[sl].copy_(change[sl]).div_(check_lr(self.name, hyper))
+            change[sl].div_(check_lr(self.name, hyper))
 
     def describe(self) -> str:
         return (

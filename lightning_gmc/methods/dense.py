@@ -56,13 +56,14 @@ class DMSGD(Method):
 
     def encode(self, step: BucketStep) -> list[Message]:
         step.add_weight_decay(step.grad)  # coupled L2, as torch.optim.SGD(weight_decay=...) does
-        return [step.compress(self.compressor, step.grad)]
+        # The gradient buffer is sent as is and the exchange sums and decodes into it in place.
+        return [step.send_as_is(self.compressor, step.grad, decode_into=step.grad)]
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means
         momentum = step.buffer("momentum")
         add_momentum(step, momentum, mean)
-        step.out.copy_(momentum)
+        step.use_direction(momentum)  # no copy into the gradient bucket
 
     def describe(self) -> str:
         return "dmsgd (dense)"

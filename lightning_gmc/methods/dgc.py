@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from lightning_gmc.compressors import Compressor, Identity, SparseCompressor
-from lightning_gmc.methods._common import add_momentum, with_density
+from lightning_gmc.methods._common import add_into, add_momentum, with_density
 from lightning_gmc.methods.base import BucketStep, Message, Method
 
 __all__ = ["DGC", "PAPER_SPARSITY_WARMUP", "WeightDecayMode"]
@@ -152,24 +152,29 @@ class DGC(Method):
         momentum = step.buffer("momentum")
         add_momentum(step, momentum, grad)  # u = beta u + g
         accumulation = step.buffer("residual")
-        accumulation.add_(momentum)  # v = v + u
-        message = step.compress(self._active, accumulation)
+        # v = v + u in place; for the identity in the gradient buffer (no longer needed), which the
+        # exchange then sums and decodes into in place.
+        v = step.staging(self._active, accumulation, into=grad)
+        add_into(v, accumulation, momentum)
+        decode_into = None if v is accumulation else v
+        message = step.send_residual(self._active, v, accumulation, decode_into=decode_into)  # v - C(v)
         if self.momentum_masking:
             if isinstance(self._active, Identity):
                 momentum.zero_()  # everything was sent
             else:
                 momentum.index_fill_(0, message.payload.context["index"], 0.0)
-        step.subtract_own(message, accumulation)  # v = v - C(v)
         return [message]
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means
-        step.out.copy_(mean)
         if self.weight_decay_mode == "local":
             wd_momentum = step.buffer("wd_momentum")
             for sl, hyper in step.runs():
                 wd_momentum[sl].mul_(hyper.momentum).add_(step.params()[sl], alpha=hyper.weight_decay)
-            step.out.add_(wd_momentum)
+            torch.add(mean, wd_momentum, out=step.out)  # one pass, as copy_ + add_
+        else:
+            # The mean stays in its buffer until this bucket's next exchange: no copy.
+            step.use_direction(mean)
 
     def describe(self) -> str:
         # Stable across epochs (the checkpoint compares it on resume): the target compressor, not the

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from lightning_gmc.compressors import Compressor
@@ -56,7 +57,7 @@ class GMC(Method):
         momentum_lr_convention: MomentumConvention = "prev",
     ) -> None:
         super().__init__(compressor)
-        if detach < 0:
+        if not detach >= 0:  # also rejects nan
             raise ValueError(f"detach must be >= 0 (0 = GMC, > 0 = GMC+), got {detach}")
         if momentum_lr_convention not in ("prev", "cur"):
             raise ValueError(
@@ -66,26 +67,34 @@ class GMC(Method):
         self.momentum_lr_convention: MomentumConvention = momentum_lr_convention
 
     def encode(self, step: BucketStep) -> list[Message]:
-        u = step.buffer("residual")  # becomes u_k in place: e_k + g_k + wd x_k + beta c m
+        residual = step.buffer("residual")
         momentum = step.buffer("momentum")
-        u.add_(step.grad)
-        step.add_weight_decay(u)
+        # u_k = (e_k + g_k + wd x_k) + beta c m, the first part in place in the residual. For a
+        # compressor that sends u_k as is (the identity), u_k is written over the momentum buffer
+        # instead (m_{t-1} is not needed once u_k is formed): the exchange then sums in place and the
+        # mean lands where it is kept, so nothing is copied. Otherwise u_k stays in the residual.
+        u = step.staging(self.compressor, residual, into=momentum)
+        residual.add_(step.grad)
+        step.add_weight_decay(residual)
         for sl, hyper in step.runs():
-            if hyper.momentum != 0.0:
-                scale = hyper.prev_lr / hyper.lr if self.momentum_lr_convention == "cur" else 1.0
-                u[sl].add_(momentum[sl], alpha=hyper.momentum * scale)
-        # m_t, the mean over workers, is decoded straight into the momentum buffer (m_{t-1} is no
-        # longer needed once u_k is formed).
-        message = step.compress(self.compressor, u, decode_into=momentum)
-        step.subtract_own(message, u)  # residual e_k <- u_k - C(u_k)
-        return [message]
+            scale = hyper.prev_lr / hyper.lr if self.momentum_lr_convention == "cur" else 1.0
+            if u is residual:
+                if hyper.momentum != 0.0:
+                    u[sl].add_(momentum[sl], alpha=hyper.momentum * scale)
+            elif hyper.momentum != 0.0:
+                # The same bits as residual[sl].add_(momentum[sl], alpha=...) (one fused multiply-add).
+                torch.add(residual[sl], momentum[sl], alpha=hyper.momentum * scale, out=u[sl])
+            else:
+                u[sl].copy_(residual[sl])
+        # m_t, the mean over workers, is decoded straight into the momentum buffer; e_k <- u_k - C(u_k).
+        return [step.send_residual(self.compressor, u, residual, decode_into=momentum)]
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means
         momentum = step.bucket.buffers["momentum"]
         if mean is not momentum:
             momentum.copy_(mean)
-        step.out.copy_(mean)
+        step.use_direction(momentum)  # the direction is m_t: no copy into the gradient bucket
 
     def detach_scale(self, hyper: GroupHyper) -> float:
         return self.detach * hyper.lr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lightning_gmc._registry import Registry
@@ -38,6 +39,10 @@ def build_method(name: str, compressor: Compressor, ef_scaling: bool | None = No
     """
     cls = _REGISTRY.get(name)
     _REGISTRY.check_options(cls.name, options, skip=("compressor",))
+    for key, value in options.items():
+        # nan passes every `x < 0` check and would silently turn each step into a non-finite skip.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"method {cls.name!r}: option {key}={value} must be a finite number")
     use_scaling = cls.error_feedback if ef_scaling is None else ef_scaling
     if use_scaling:
         compressor = scale_for_error_feedback(compressor)

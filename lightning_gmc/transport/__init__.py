@@ -8,8 +8,15 @@ in one process; the simulator).
 
 from lightning_gmc.transport.collectives import Collectives, InProcessCollectives, TorchCollectives
 from lightning_gmc.transport.exchange import CollectiveFailure, Exchange
-from lightning_gmc.transport.routing import Route, choose_route, decode_mean, ring_allreduce_bytes
+from lightning_gmc.transport.routing import (
+    Route,
+    broadcast_bytes,
+    choose_route,
+    decode_mean,
+    ring_allreduce_bytes,
+)
 from lightning_gmc.transport.stats import CommStats
+from lightning_gmc.transport.support import LeaderSupport, leader_of
 
 __all__ = [
     "CollectiveFailure",
@@ -17,9 +24,12 @@ __all__ = [
     "CommStats",
     "Exchange",
     "InProcessCollectives",
+    "LeaderSupport",
     "Route",
     "TorchCollectives",
+    "broadcast_bytes",
     "choose_route",
     "decode_mean",
+    "leader_of",
     "ring_allreduce_bytes",
 ]

@@ -133,6 +133,9 @@ class Exchange:
                 except Exception as err:
                     raise fail("exchange", err) from err
             means = [item.finish() for item in launched]
+            for message, mean in zip(messages[0], means, strict=True):
+                if message.compressor.value_dtype == torch.float16:
+                    _check_fp16_range(mean, message, where)
             copies = [
                 [_worker_copy(mean, sent[i], bucket, i) for i, mean in enumerate(means)]
                 for sent, bucket in zip(messages[1:], buckets[1:], strict=True)
@@ -187,17 +190,28 @@ class Exchange:
             for message, vector in zip(column, dense, strict=True):
                 vector.zero_()
                 message.compressor.decompress_add(message.payload, message.plan, vector)
-            handed = mean.numel() * mean.element_size()
+            # A 16-bit wire sends the decoded vectors in it (exact: they hold 16-bit values and zeros).
+            wire_dtype = compressor.value_dtype
+            sent = dense
+            if wire_dtype != mean.dtype:
+                sent = [
+                    bucket.workspace(f"wire{index}", mean.numel(), wire_dtype).copy_(vector)
+                    for bucket, vector in zip(buckets, dense, strict=True)
+                ]
+            handed = sent[0].numel() * sent[0].element_size()
             self.stats.record_message(route, world, handed, nnz, upload_bits, step)
-            future = self.collectives.all_reduce_sum(dense)
+            future = self.collectives.all_reduce_sum(sent)
+            value_bits = 8.0 * sent[0].element_size()
 
             def finish_dense() -> Tensor:
+                if sent is not dense:
+                    mean.copy_(sent[0])
                 mean.div_(world)
                 if compressor.sparse:  # counted now (no host sync): mean may be a state buffer
                     nonzero = torch.count_nonzero(mean)
-                    self.stats.record_broadcast(lambda: 64.0 * int(nonzero), step)
+                    self.stats.record_broadcast(lambda: (value_bits + 32.0) * int(nonzero), step)
                 else:
-                    self.stats.record_broadcast(lambda: 32.0 * mean.numel(), step)
+                    self.stats.record_broadcast(lambda: value_bits * mean.numel(), step)
                 return mean
 
             return _Launched(index, "dense all_reduce", future, finish_dense)
@@ -221,6 +235,17 @@ class Exchange:
             return mean
 
         return _Launched(index, "all_gather", future, finish_gather)
+
+
+def _check_fp16_range(mean: Tensor, message: Message, where: str) -> None:
+    """fp16 values beyond +-65504 become infinite on the wire: stop on every rank (every rank decodes
+    the same mean) instead of applying them. A host sync, only for ``wire_dtype="fp16"``."""
+    if not bool(torch.isfinite(mean).all()):
+        raise FloatingPointError(
+            f"lightning_gmc: {message.compressor.describe()} overflowed fp16 on the wire in {where} (a value "
+            f"or a sum over ranks beyond +-65504); no update was applied. Use wire_dtype='bf16' (the range "
+            f"of fp32) or 'fp32'."
+        )
 
 
 def _mean_buffer(message: Message, bucket: BucketState, index: int) -> Tensor:

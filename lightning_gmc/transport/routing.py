@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lightning_gmc.compressors import CompressionPlan, Compressor, Payload
 
-__all__ = ["Route", "choose_route", "decode_mean", "ring_allreduce_bytes"]
+__all__ = ["Route", "broadcast_bytes", "choose_route", "decode_mean", "ring_allreduce_bytes"]
 
 Route = Literal["local", "allreduce", "allgather", "dense"]
 
@@ -30,6 +30,12 @@ Route = Literal["local", "allreduce", "allgather", "dense"]
 def ring_allreduce_bytes(nbytes: int, world_size: int) -> float:
     """Bytes each worker sends in a ring all-reduce of ``nbytes``: ``2 (K-1)/K * nbytes``."""
     return 2.0 * (world_size - 1) / world_size * nbytes
+
+
+def broadcast_bytes(nbytes: int, world_size: int) -> float:
+    """Bytes each worker sends, on average, in a pipelined ring broadcast of ``nbytes``:
+    ``(K-1)/K * nbytes`` (every rank but the last forwards the message once)."""
+    return (world_size - 1) / world_size * nbytes
 
 
 def choose_route(compressor: Compressor, plan: CompressionPlan, world_size: int) -> Route:
@@ -52,6 +58,10 @@ def decode_mean(
 ) -> Tensor:
     """``out = (1/K) sum_k C_k`` with payloads decoded and summed in rank order (bit-identical on
     every worker that runs it on the same payloads)."""
+    if len(payloads) == 1:
+        # One worker (K = 1): its payload is the sum, and decode_summed reproduces these bits in
+        # fewer passes (compressors override it only where they do).
+        return compressor.decode_summed(payloads[0], plan, out, 1)
     out.zero_()
     for payload in payloads:
         compressor.decompress_add(payload, plan, out)

@@ -1,7 +1,8 @@
 """Traffic accounting of one process: wire bytes per worker and the paper's RCC.
 
 Wire bytes per worker follow the ring model: ``(K-1) B`` for an all-gather of ``B`` bytes,
-``2 (K-1)/K B`` for an all-reduce; they are what the ``bytes_sent`` metric reports.
+``2 (K-1)/K B`` for an all-reduce, ``(K-1)/K B`` for a broadcast; they are what the ``bytes_sent``
+metric reports.
 
 RCC (relative communication cost) follows the parameter-server accounting of the GMC paper ("Global
 Momentum Compression for Sparse Communication in Distributed Learning", section 5, eq. (9); see
@@ -24,7 +25,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lightning_gmc.transport.routing import Route, ring_allreduce_bytes
+from lightning_gmc.transport.routing import Route, broadcast_bytes, ring_allreduce_bytes
 
 __all__ = ["CommStats"]
 
@@ -112,6 +113,20 @@ class CommStats:
             self.bytes_sent += wire
             self.nnz += nnz
             self.rcc_bits += world_size * upload_bits
+
+    def record_support(self, handed_bytes: int, world_size: int, step: int) -> None:
+        """Count the broadcast of an agreed support (``topk_shared``'s leader indices).
+
+        Wire bytes per worker: ``(K-1)/K * B`` (a pipelined ring broadcast forwards ``B`` on every
+        link but one). RCC: the leader's indices go up once and come down once, ``2 * 8 B`` bits
+        (``docs/algorithms.md`` 3.8).
+        """
+        with self._lock:
+            self._enter_step(step)
+            self.bytes_to_collectives += handed_bytes
+            self.collectives += 1
+            self.bytes_sent += broadcast_bytes(handed_bytes, world_size)
+            self.rcc_bits += 2 * 8.0 * handed_bytes
 
     def record_broadcast(self, bits: BitsCounter, step: int) -> None:
         """Count the server-to-worker bits of one message's aggregate (RCC numerator).

@@ -1,0 +1,278 @@
+"""``hierarchy="node"``: 2 nodes x 2 ranks (4 gloo processes, plain DDP + the hook) against the
+simulator with K = 2 workers fed each node's mean gradient, exactly; plus topology errors.
+
+The ranks are started the way torchrun starts them (RANK and WORLD_SIZE in the environment); ranks
+0, 1 form node 0 and ranks 2, 3 node 1. One launch runs every case, each interrupted by a checkpoint
+and resumed in the same processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import REPO, RUNNER, _free_port, loss_fn, lr_at, make_dataset, make_model, rank_batch
+
+from lightning_gmc import GMCConfig, GMCHookState, Simulator
+from lightning_gmc.hook.hierarchy import assign_owners, check_topology
+from lightning_gmc.methods import GroupHyper, ParameterTable
+from lightning_gmc.transport import ring_allreduce_bytes
+
+SCRIPT = Path(__file__).resolve().parent / "hierarchy_script.py"
+NODES, PER_NODE = 2, 2
+CFG: dict[str, Any] = {
+    "model": "small",
+    "lr": 0.1,
+    "steps": 4,
+    "checkpoint_at": 2,
+    "batch_size": 8,
+    "num_samples": 64,
+    "ranks_per_node": PER_NODE,
+    # two buckets of the small model: (Linear 2) and (Linear 1), so ownership splits across buckets
+    "bucket_cap_mb": 0.001,
+    "cases": {
+        "gmc_topk": {"compressor": "topk", "density": 0.05},
+        "gmc_plus_rbgs": {"compressor": "rbgs", "density": 0.05, "detach": 0.5, "seed": 3},
+        # the leader's support broadcast runs over the inter-node group (leader = step mod nodes)
+        "gmc_topk_shared_bf16": {"compressor": "topk_shared", "density": 0.05, "wire_dtype": "bf16"},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out_dir = tmp_path_factory.mktemp("hierarchy")
+    cfg = {**CFG, "out_dir": str(out_dir)}
+    (out_dir / "config.json").write_text(json.dumps(cfg))
+    launcher = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    base = {k: v for k, v in os.environ.items() if k not in launcher}
+    tests = str(Path(__file__).resolve().parent)
+    base.update(
+        PYTHONPATH=f"{REPO}{os.pathsep}{tests}",
+        OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+    )
+    world = NODES * PER_NODE
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(out_dir / "config.json")],
+            env={**base, "RANK": str(rank), "WORLD_SIZE": str(world)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=180))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+    for rank, (proc, (_, err)) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{err[-4000:]}"
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+def _replay(
+    case: dict[str, Any], schedule: str = "cosine", steps: int = CFG["steps"]
+) -> list[dict[str, Any]]:
+    """The run in the simulator with one worker per node, fed the node's mean gradient."""
+    torch.set_num_threads(1)
+    model = make_model(CFG["model"], 0)
+    data = make_dataset(CFG["num_samples"], 1)
+    sim = Simulator(
+        dict(model.named_parameters()), num_workers=NODES, momentum=0.9, weight_decay=1e-3, **case
+    )
+    w = {name: p.detach().clone() for name, p in model.named_parameters()}
+    history = []
+    for step in range(steps):
+        lr = lr_at(step, CFG["lr"], schedule, steps)
+        # The detached point as the hook's swap forms it (w.add_(e, alpha=-s)); Simulator.gradient_points
+        # computes w - s * e, which can round differently in the last bit.
+        scale = sim.method.detach_scale(GroupHyper(lr, lr, 0.9, 1e-3))
+        points = [
+            {
+                name: w[name].clone().add_(r.view_as(w[name]), alpha=-scale)
+                for name, r in sim.residual(n).items()
+            }
+            for n in range(NODES)
+        ]
+        node_grads = []
+        for node in range(NODES):
+            local = []
+            for local_rank in range(PER_NODE):
+                rank = node * PER_NODE + local_rank
+                model.zero_grad()
+                with torch.no_grad():
+                    for name, p in model.named_parameters():
+                        p.copy_(points[node][name])
+                x, y = rank_batch(data, rank, NODES * PER_NODE, CFG["batch_size"], step)
+                loss_fn(model, x, y).backward()
+                local.append({name: p.grad.detach().clone() for name, p in model.named_parameters()})
+            node_grads.append({name: (local[0][name] + local[1][name]) / PER_NODE for name in w})
+        direction = sim.step(node_grads, points, lr)[0]
+        w = {name: w[name].clone().add_(direction[name], alpha=-lr) for name in w}
+        history.append(
+            {
+                "params": w,
+                "residual": [sim.residual(node) for node in range(NODES)],
+                "bytes_sent": sim.stats.take_step()["bytes_sent"],
+            }
+        )
+    return history
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("case", list(CFG["cases"]))
+def test_two_nodes_of_two_ranks_equal_the_simulator_with_one_worker_per_node(
+    results: list[dict[str, Any]], case: str
+) -> None:
+    expected = _replay(CFG["cases"][case])
+    for rank, result in enumerate(results):
+        node = rank // PER_NODE
+        for step, (got, want) in enumerate(zip(result[case]["run"], expected, strict=True)):
+            assert _equal(got["params"], want["params"]), f"rank {rank} step {step}: parameters"
+            residual = got["state"]["local"]["residual"]
+            assert _equal(residual, want["residual"][node]), f"rank {rank} step {step}: node residual"
+
+
+@pytest.mark.parametrize("case", list(CFG["cases"]))
+def test_replicas_are_bit_identical_and_resume_is_bitwise(results: list[dict[str, Any]], case: str) -> None:
+    def bits(params: dict[str, torch.Tensor]) -> list[bytes]:
+        return [t.numpy().tobytes() for t in params.values()]
+
+    reference = results[0][case]["run"]
+    for rank, result in enumerate(results):
+        run, resumed = result[case]["run"], result[case]["resumed"]
+        for step, entry in enumerate(run):
+            assert bits(entry["params"]) == bits(reference[step]["params"]), f"rank {rank} step {step}"
+        tail = run[CFG["checkpoint_at"] :]
+        assert len(resumed) == len(tail)
+        for got, want in zip(resumed, tail, strict=True):
+            assert bits(got["params"]) == bits(want["params"])
+            for scope in ("local", "shared"):
+                for buffer, by_name in want["state"][scope].items():
+                    assert bits(got["state"][scope][buffer]) == bits(by_name), (rank, scope, buffer)
+            assert got["metrics"]["bytes_sent_total"] == want["metrics"]["bytes_sent_total"]
+
+
+@pytest.mark.parametrize("case", list(CFG["cases"]))
+def test_inter_and_intra_node_bytes(results: list[dict[str, Any]], case: str) -> None:
+    """Inter-node: a node's local ranks together send what one worker of the K = 2 simulator sends
+    (each carries the parameters it owns). Intra-node: the mean gradient, then the update and the
+    method's two buffers (residual, momentum), each a ring all-reduce of the model over 2 ranks."""
+    expected = _replay(CFG["cases"][case])
+    numel = sum(p.numel() for p in make_model(CFG["model"], 0).parameters())
+    intra = ring_allreduce_bytes(4 * numel, PER_NODE) * (1 + 1 + 2)
+    for node in range(NODES):
+        ranks = results[node * PER_NODE : (node + 1) * PER_NODE]
+        for step, want in enumerate(expected):
+            metrics = [r[case]["run"][step]["metrics"] for r in ranks]
+            assert all(m["bytes_sent_inter"] == m["bytes_sent"] for m in metrics)
+            assert sum(m["bytes_sent_inter"] for m in metrics) == pytest.approx(want["bytes_sent"])
+            assert all(m["bytes_sent_inter"] > 0 for m in metrics), "both local ranks own parameters"
+            assert sum(m["bytes_sent_intra"] for m in metrics) == pytest.approx(PER_NODE * intra)
+
+
+def test_owners_are_contiguous_and_balanced_by_size() -> None:
+    table = ParameterTable(("a", "b", "c", "d"), tuple(torch.Size([n]) for n in (10, 10, 60, 20)), (0,) * 4)
+    # midpoints 5, 15 | 50, 90 of 100 elements: halves [0, 50) and [50, 100)
+    assert assign_owners(table, 2) == (0, 0, 1, 1)
+    assert assign_owners(table, 1) == (0, 0, 0, 0)
+    owners = assign_owners(ParameterTable(tuple("abcd"), (torch.Size([5]),) * 4, (0,) * 4), 4)
+    assert owners == (0, 1, 2, 3)
+
+
+def test_bad_topologies_are_rejected_with_the_fix() -> None:
+    with pytest.raises(ValueError, match="same number of ranks on every node"):
+        check_topology(world_size=6, ranks_per_node=4)
+    with pytest.raises(ValueError, match="same number of ranks on every node"):
+        check_topology(world_size=8, ranks_per_node=2, num_nodes=3)
+    with pytest.raises(ValueError, match="at least 2 nodes.*hierarchy='flat'"):
+        check_topology(world_size=4, ranks_per_node=4)
+    assert check_topology(world_size=8, ranks_per_node=4, num_nodes=2) == 2
+    with pytest.raises(ValueError, match="'flat'.*'node'"):
+        GMCConfig(hierarchy="nodes")  # type: ignore[arg-type]
+
+
+def test_node_state_needs_its_groups_before_attach() -> None:
+    model = make_model("small")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    state = GMCHookState.from_config(GMCConfig(hierarchy="node"))
+    with pytest.raises(RuntimeError, match="set_node_groups"):
+        state.attach(model, optimizer)
+    flat = GMCHookState.from_config(GMCConfig())
+    with pytest.raises(ValueError, match="hierarchy='node'"):
+        flat.set_node_groups(None)  # type: ignore[arg-type]
+
+
+def _clean_env() -> dict[str, str]:
+    launcher = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(
+        PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+    )
+    return env
+
+
+def test_lightning_two_nodes_of_two_devices(tmp_path: Path) -> None:
+    """GMCStrategy(hierarchy="node") with Trainer(num_nodes=2, devices=2): one process per node started
+    from the environment (NODE_RANK, as a cluster does), Lightning starts each node's second rank. The
+    topology comes from the Trainer; the run equals the simulator with one worker per node."""
+    steps = 3
+    case = {"compressor": "topk", "density": 0.05}
+    cfg = {
+        "out_dir": str(tmp_path),
+        "model": "small",
+        "lr": CFG["lr"],
+        "momentum": 0.9,
+        "weight_decay": 1e-3,
+        "batch_size": CFG["batch_size"],
+        "num_samples": CFG["num_samples"],
+        "max_steps": steps,
+        "devices": PER_NODE,
+        "num_nodes": NODES,
+        "bucket_cap_mb": CFG["bucket_cap_mb"],
+        "strategy_kwargs": {"hierarchy": "node", **case},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    env = _clean_env()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(RUNNER), str(tmp_path / "config.json")],
+            cwd=tmp_path,
+            env={**env, "NODE_RANK": str(node)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in range(NODES)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-4000:]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(NODES * PER_NODE)]
+    expected = _replay(case, schedule="constant", steps=steps)[-1]
+    for rank, result in enumerate(results):
+        assert result["global_step"] == steps
+        assert _equal(result["params"], expected["params"]), f"rank {rank}"
+        residual = {k.removeprefix("net."): v for k, v in result["gmc_state"]["local"]["residual"].items()}
+        assert _equal(residual, expected["residual"][rank // PER_NODE]), f"rank {rank}"
+    logged = [r for r in results[0]["metrics"] if "gmc/bytes_sent_intra" in r]
+    assert len(logged) == steps
+    numel = sum(p.numel() for p in make_model("small").parameters())
+    assert all(r["gmc/bytes_sent_intra"] == ring_allreduce_bytes(4 * numel, PER_NODE) * 4 for r in logged)
+    assert all(0 < r["gmc/bytes_sent_inter"] < expected["bytes_sent"] for r in logged)

@@ -1,0 +1,222 @@
+"""topk_shared (ScaleCom's cyclic leader rule) and wire_dtype: hand-written references, exact byte
+formulas, fp16 overflow, and 2 gloo ranks against the simulator (with a resume).
+
+References: docs/algorithms.md 3.12 (wire dtype) and 3.13 (topk_shared).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import run_distributed
+from test_methods_distributed import BASE, STEPS, _replay
+
+from lightning_gmc import GMCConfig, Simulator
+from lightning_gmc.compressors import TopKShared, build_compressor, segments_from_numels
+
+SIZES = {"a": 40, "b": 15}  # k = 4 and 1 at density 0.1
+SHAPES = {name: (n,) for name, n in SIZES.items()}
+
+
+def _grads(gen: torch.Generator, workers: int, scale: float = 1.0) -> list[dict[str, torch.Tensor]]:
+    return [
+        {name: scale * torch.randn(n, generator=gen) for name, n in SIZES.items()} for _ in range(workers)
+    ]
+
+
+def _run(sim: Simulator, grads: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    zeros = {name: torch.zeros(n) for name, n in SIZES.items()}
+    return sim.step(grads, [zeros] * sim.num_workers, lr=0.1)[0]
+
+
+def _topk_per_segment(u: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Hand-written per-parameter top-k support (sorted by index)."""
+    parts, offset = [], 0
+    for n, k in zip(SIZES.values(), counts, strict=True):
+        order = sorted(range(n), key=lambda i: -abs(float(u[offset + i])))[:k]
+        parts.append(torch.tensor(sorted(order)) + offset)
+        offset += n
+    return torch.cat(parts)
+
+
+def test_topk_shared_uses_the_leaders_support_sums_values_and_keeps_the_rest() -> None:
+    workers, beta = 3, 0.9
+    sim = Simulator(SHAPES, num_workers=workers, compressor="topk_shared", density=0.1, momentum=beta)
+    gen = torch.Generator().manual_seed(0)
+    d = sum(SIZES.values())
+    residual = [torch.zeros(d) for _ in range(workers)]
+    momentum = torch.zeros(d)
+    for step in range(5):
+        grads = _grads(gen, workers)
+        direction = _run(sim, grads)
+        # u_k = e_k + g_k + beta m_{t-1} (add with alpha, as torch.optim.SGD's momentum rounds it)
+        u = [
+            (residual[k] + torch.cat(list(grads[k].values()))).add_(momentum, alpha=beta)
+            for k in range(workers)
+        ]
+        support = _topk_per_segment(u[step % workers], [4, 1])  # the leader is step mod K
+        total = u[0][support] + u[1][support] + u[2][support]  # summed in rank order
+        momentum = torch.zeros(d).index_copy_(0, support, total / workers)
+        for k in range(workers):
+            residual[k] = u[k].index_fill(0, support, 0.0)
+        assert torch.equal(torch.cat([direction["a"], direction["b"]]), momentum), step
+        for k in range(workers):
+            assert torch.equal(torch.cat(list(sim.residual(k).values())), residual[k]), (step, k)
+        # bytes: the leader's k int32 broadcast plus the all-reduce of k fp32 values (k = 5)
+        metrics = sim.stats.take_step()
+        assert metrics["bytes_to_collectives"] == 4 * 5 + 4 * 5
+        assert metrics["bytes_sent"] == pytest.approx(
+            (workers - 1) / workers * 20 + 2 * (workers - 1) / workers * 20
+        )
+        assert metrics["collectives"] == 2
+
+
+def test_topk_shared_alone_is_exact_topk_and_rcc_counts_the_indices() -> None:
+    x = torch.randn(55, generator=torch.Generator().manual_seed(1))
+    segments = segments_from_numels(list(SIZES.values()))
+    shared, exact = TopKShared(0.1), build_compressor("topk", density=0.1)
+    out_shared, out_exact = torch.zeros(55), torch.zeros(55)
+    shared.decompress_add(
+        shared.compress(x, shared.plan(segments), None, 0), shared.plan(segments), out_shared
+    )  # type: ignore[arg-type]
+    exact.decompress_add(exact.compress(x, exact.plan(segments), None, 0), exact.plan(segments), out_exact)  # type: ignore[arg-type]
+    assert torch.equal(out_shared, out_exact)
+    # RCC per step (docs/algorithms.md 3.8): up K*32k values + 32k indices, down 32k indices + 32k values
+    workers = 4
+    sim = Simulator(SHAPES, num_workers=workers, compressor="topk_shared", density=0.1)
+    _run(sim, _grads(torch.Generator().manual_seed(2), workers))
+    k = 5
+    assert sim.stats.take_step()["rcc_step"] == pytest.approx(
+        (workers * 32 * k + 3 * 32 * k) / ((workers + 1) * 32 * 55)
+    )
+
+
+@pytest.mark.parametrize(
+    "method", ["dgc", "cser", "def_a", "ef", "ef21", "ef_server_momentum", "gmc_lr_inside"]
+)
+def test_topk_shared_runs_with_the_other_methods(method: str) -> None:
+    sim = Simulator(SHAPES, num_workers=2, method=method, compressor="topk_shared", density=0.1)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        direction = _run(sim, _grads(gen, 2))
+    assert all(torch.isfinite(t).all() for t in direction.values())
+    assert sim.stats.take_step()["collectives"] >= 2  # a broadcast before every value all-reduce
+
+
+def test_bf16_rounding_error_lands_in_the_residual() -> None:
+    sim = Simulator(SHAPES, num_workers=2, compressor="topk", density=0.1, momentum=0.0, wire_dtype="bf16")
+    grads = _grads(torch.Generator().manual_seed(4), 2)
+    direction = _run(sim, grads)
+    sent = torch.zeros(55)
+    for k in range(2):
+        u = torch.cat(list(grads[k].values()))
+        support = _topk_per_segment(u, [4, 1])
+        rounded = u[support].to(torch.bfloat16).to(torch.float32)
+        # C(u) is the rounded vector; the residual keeps u - C(u) (the rounding error on the support)
+        expected_residual = u.clone().index_copy_(0, support, u[support] - rounded)
+        assert torch.equal(torch.cat(list(sim.residual(k).values())), expected_residual)
+        assert bool((expected_residual[support] != 0).any())  # the check can fail: bf16 rounds
+        sent.index_add_(0, support, rounded)  # decoded and summed in fp32, in rank order
+    assert torch.equal(torch.cat([direction["a"], direction["b"]]), sent / 2)
+
+
+@pytest.mark.parametrize("compressor", ["none", "rbgs", "topk_shared"])
+def test_16_bit_wire_halves_the_value_bytes_exactly(compressor: str) -> None:
+    handed = {}
+    for wire in ("fp32", "bf16", "fp16"):
+        sim = Simulator(SHAPES, num_workers=4, compressor=compressor, density=0.1, wire_dtype=wire)
+        _run(sim, _grads(torch.Generator().manual_seed(5), 4))
+        handed[wire] = sim.stats.take_step()["bytes_to_collectives"]
+    indices = 4 * 5 if compressor == "topk_shared" else 0  # the int32 support broadcast stays
+    assert handed["bf16"] - indices == (handed["fp32"] - indices) / 2
+    assert handed["fp16"] == handed["bf16"]
+
+
+def test_dense_fallback_route_sends_16_bit_values() -> None:
+    # topk at density 0.5 with K = 4 falls back to a dense all-reduce of the decoded vectors
+    sims = {
+        wire: Simulator(SHAPES, num_workers=4, compressor="topk", density=0.5, wire_dtype=wire)
+        for wire in ("fp32", "bf16")
+    }
+    for sim in sims.values():
+        _run(sim, _grads(torch.Generator().manual_seed(6), 4))
+    assert sims["fp32"].stats.take_step()["bytes_to_collectives"] == 4 * 55
+    assert sims["bf16"].stats.take_step()["bytes_to_collectives"] == 2 * 55
+
+
+@pytest.mark.parametrize("compressor", ["none", "topk"])
+def test_fp16_overflow_raises_instead_of_applying_inf(compressor: str) -> None:
+    sim = Simulator(
+        SHAPES, num_workers=2, compressor=compressor, density=0.1, momentum=0.0, wire_dtype="fp16"
+    )
+    # 40000 fits fp16; the sum of two ranks (80000) does not (all-reduce route for "none")
+    grads = [
+        {name: torch.full((n,), 4.0e4 if compressor == "none" else 1.0e5) for name, n in SIZES.items()}
+    ] * 2
+    # a FloatingPointError, wrapped in RuntimeError by torch's future callback machinery
+    with pytest.raises(
+        (FloatingPointError, RuntimeError), match="FloatingPointError.*overflowed fp16.*'bf16'"
+    ):
+        _run(sim, grads)
+    ok = Simulator(SHAPES, num_workers=2, compressor=compressor, density=0.1, wire_dtype="bf16")
+    assert all(torch.isfinite(t).all() for t in _run(ok, grads).values())
+
+
+def test_wire_dtype_is_validated_with_the_choices_named() -> None:
+    with pytest.raises(ValueError, match="'fp32', 'bf16', 'fp16'"):
+        GMCConfig(wire_dtype="int8")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="sends its own packed codes"):
+        GMCConfig(compressor="qsgd", wire_dtype="bf16")
+    assert GMCConfig(compressor="rbgs", wire_dtype="bf16").build().compressor.value_dtype == torch.bfloat16
+
+
+CASES: dict[str, dict[str, Any]] = {
+    "gmc_topk_shared": {"method": "gmc", "compressor": "topk_shared", "density": 0.05},
+    # the all-gather route packs bf16 values and int32 indices into one byte buffer
+    "gmc_topk_bf16": {"method": "gmc", "compressor": "topk", "density": 0.05, "wire_dtype": "bf16"},
+    "gmc_plus_topk_shared_bf16": {
+        "method": "gmc",
+        "compressor": "topk_shared",
+        "density": 0.05,
+        "detach": 0.5,
+        "wire_dtype": "bf16",
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_equal_the_simulator_bit_for_bit_and_resume(tmp_path: Path, case: str) -> None:
+    strategy = CASES[case]
+    cfg = {**BASE, "strategy_kwargs": {**strategy, "bucket_cap_mb": 0.25}}
+    if strategy["compressor"] == "topk_shared":  # resume: the leader is step mod K after it too
+        ckpt = tmp_path / "half.ckpt"
+        first = run_distributed(tmp_path, {**cfg, "max_steps": STEPS // 2, "save_checkpoint": str(ckpt)})
+        resumed = run_distributed(tmp_path, {**cfg, "max_steps": STEPS, "resume_from": str(ckpt)})
+        runs = ((first, STEPS // 2), (resumed, STEPS))
+    else:  # one uninterrupted run keeps the suite short
+        runs = ((run_distributed(tmp_path, {**cfg, "max_steps": STEPS}), STEPS),)
+    expected = _replay(strategy)
+    for result, step in runs:
+        for rank in range(2):
+            for name, tensor in expected["params"][step - 1][rank].items():
+                assert torch.equal(result[rank]["params"][name], tensor), (case, step, rank, name)
+    rcc = [m["gmc/rcc"] for r, _ in runs for m in r[0]["metrics"] if "gmc/rcc" in m]
+    assert rcc == pytest.approx(expected["rcc"], rel=1e-6)  # logged through Lightning in fp32
+    # bytes on the wire per step (K = 2), from the formulas: topk_shared, k int32 broadcast + ring
+    # all-reduce of k values; topk, an all-gather of k values and k int32 indices
+    k = sum(max(1, int(0.05 * p.numel() + 1e-9)) for p in _small_params())
+    value_bytes = 2 if strategy.get("wire_dtype") == "bf16" else 4
+    sent = [m["gmc/bytes_sent"] for r, _ in runs for m in r[0]["metrics"] if "gmc/bytes_sent" in m]
+    if strategy["compressor"] == "topk_shared":
+        assert sent == [0.5 * 4 * k + 2 * 0.5 * value_bytes * k] * STEPS
+    else:
+        assert sent == [(value_bytes + 4) * k] * STEPS
+
+
+def _small_params() -> list[torch.Tensor]:
+    from helpers import make_model
+
+    return list(make_model("small", 0).parameters())
