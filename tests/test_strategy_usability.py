@@ -102,7 +102,15 @@ def test_run_summary_line_names_the_effective_settings(caplog: pytest.LogCapture
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lightning_gmc: method=")]
     assert len(lines) == 1, lines
     line = lines[0]
-    for expected in ("method=gmc", "compressor=RandomBlock(density=0.05)", "density=0.05", "detach=0.5"):
+    expected_fields = (
+        "method=gmc",
+        "compressor=RandomBlock(density=0.05, wire_dtype='fp32')",
+        "density=0.05",
+        "detach=0.5",
+        "hierarchy=flat",
+        "wire_dtype=fp32",
+    )
+    for expected in expected_fields:
         assert expected in line, line
     # every configuration field is reported (a field added later appears without touching this test)
     for field in dataclasses.fields(GMCConfig):
@@ -115,7 +123,8 @@ def test_run_summary_resolves_method_defaults(caplog: pytest.LogCaptureFixture) 
     with caplog.at_level(logging.INFO):
         _trainer(GMCStrategy(method="dmsgd")).fit(_Module(), _loader())
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("lightning_gmc: method="))
-    assert "method=dmsgd" in line and "compressor=Identity()" in line and "detach=n/a" in line, line
+    for expected in ("method=dmsgd", "compressor=Identity(wire_dtype='fp32')", "detach=n/a"):
+        assert expected in line, line
 
 
 def test_progress_bar_shows_rcc_and_bytes_unless_opted_out() -> None:
@@ -161,4 +170,5 @@ def test_run_summary_is_printed_without_logging_configuration(tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("lightning_gmc: method=")]
     assert len(lines) == 1, proc.stderr[-3000:]
-    assert "compressor=RandomBlock(density=0.01)" in lines[0] and "detach=0.5" in lines[0], lines[0]
+    for expected in ("compressor=RandomBlock(density=0.01, wire_dtype='fp32')", "detach=0.5"):
+        assert expected in lines[0], lines[0]
