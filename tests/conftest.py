@@ -6,6 +6,8 @@ import os
 from collections.abc import Iterator
 
 import pytest
+import torch
+import torch.distributed as dist
 
 
 @pytest.fixture(autouse=True)
@@ -17,3 +19,18 @@ def _restore_environment() -> Iterator[None]:
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture
+def single_rank_group() -> Iterator[None]:
+    """A fresh world-size-1 gloo group for plain-DDP tests, torn down so later in-process Trainers
+    start clean. A group left by an earlier in-process Trainer is replaced (after a fork, as under
+    mutation testing, an inherited gloo group has no threads and would hang)."""
+    torch.set_num_threads(1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

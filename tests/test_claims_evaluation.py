@@ -10,29 +10,13 @@ Lightning does during validation) still carries the training parameters.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from lightning_gmc import GMCHookState, build_compressor, build_method, gmc_hook
 
-
-@pytest.fixture(autouse=True)
-def _single_rank_group() -> Iterator[None]:
-    """A fresh world-size-1 gloo group for DDP, torn down so later in-process Trainers start clean.
-    A group left by an earlier in-process Trainer is replaced (after a fork, as under mutation
-    testing, an inherited gloo group has no threads and would hang)."""
-    torch.set_num_threads(1)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("single_rank_group")
 
 
 def _train(method_name: str, steps: int = 3, **options: object) -> tuple[nn.Module, GMCHookState]:

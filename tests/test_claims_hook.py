@@ -17,12 +17,11 @@ conventions of the momentum term), so nothing here compares the implementation w
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from lightning_gmc import GMCHookState, build_compressor, build_method, gmc_hook
@@ -34,19 +33,7 @@ STEPS = 6
 LRS = [0.1 * 0.5 * (1 + math.cos(math.pi * t / STEPS)) + 1e-3 for t in range(STEPS)]
 
 
-@pytest.fixture(autouse=True)
-def _single_rank_group() -> Iterator[None]:
-    """A fresh world-size-1 gloo group for DDP, torn down so later in-process Trainers start clean.
-    A group left by an earlier in-process Trainer is replaced (after a fork, as under mutation
-    testing, an inherited gloo group has no threads and would hang)."""
-    torch.set_num_threads(1)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("single_rank_group")
 
 
 def _model() -> nn.Module:
