@@ -1,4 +1,4 @@
-"""Partition properties and the example DataModules (examples/partition.py, examples/data.py)."""
+"""Partition properties and the example DataModules (examples/partition.py, examples/data/)."""
 
 from __future__ import annotations
 
