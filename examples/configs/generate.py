@@ -3,7 +3,9 @@
 The YAML files under ``examples/configs/`` are generated so that the ~70 of them stay consistent, but
 each one is self-contained and spells out every value: edit a file directly to try something, or edit
 this script and rerun it (``python examples/configs/generate.py``; ``--check`` reports files that differ
-from what it would write, which the tests run).
+from what it would write, which the tests run). The pieces live next to it: ``method_columns.py`` (each
+method's strategy arguments), ``paper_results.py`` (the paper's numbers quoted in the headers) and
+``yaml_sections.py`` (the ``trainer:``, ``model:`` and ``data:`` sections).
 
 Values and where they come from (the GMC paper's Section 5 unless stated; the inferred ones are
 discussed in ``docs/algorithms.md``, "Paper experiments"):
@@ -35,357 +37,55 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-TOPK_DENSITY = 0.0025
-RBGS_DENSITY = 0.015625
-
-
-@dataclass(frozen=True)
-class Method:
-    """One method column: the strategy's ``init_args`` (or a plain DDP baseline)."""
-
-    key: str
-    title: str
-    init_args: dict[str, object] = field(default_factory=dict)
-    ddp: bool = False
-
-
-def topk_methods(
-    density: float, cser_density: float = 0.001, cser_reset_density: float = 0.008
-) -> list[Method]:
-    """The five columns of Tables 1 and 2 (``density``: top-k density of DGC, DEF-A and GMC)."""
-    common = {"compressor": "topk_approx", "density": density}
-    # DGC as the GMC paper ran it: no sparsity warm-up, no clipping, weight decay inside the compressed
-    # vector like every other method here (the DGC code's local variant is weight_decay_mode: local).
-    dgc = {"sparsity_warmup": False, "clip_norm": None, "weight_decay_mode": "compressed"}
-    return [
-        Method(
-            "dgc_mfm",
-            "DGC (w/ mfm)",
-            {"method": "dgc", **common, "method_options": {"momentum_masking": True, **dgc}},
-        ),
-        Method(
-            "dgc",
-            "DGC (w/o mfm)",
-            {"method": "dgc", **common, "method_options": {"momentum_masking": False, **dgc}},
-        ),
-        Method(
-            "cser",
-            "CSER",
-            {
-                "method": "cser",
-                "compressor": "topk_approx",
-                "density": cser_density,
-                "method_options": {
-                    "reset_compressor": "topk_approx",
-                    "reset_density": cser_reset_density,
-                    "reset_interval": 8,
-                },
-            },
-        ),
-        Method(
-            "def_a",
-            "DEF-A",
-            {
-                "method": "def_a",
-                **common,
-                "detach": 0.3,
-                "method_options": {"evaluation": "x_t_minus_mean_error"},
-            },
-        ),
-        Method(
-            "gmc",
-            "GMC",
-            {"method": "gmc", **common, "detach": 0.0, "method_options": {"momentum_lr_convention": "prev"}},
-        ),
-    ]
-
-
-RBGS_STUDY_ARMS = (
-    ("gmc_plus", (0.0, 0.3, 0.5, 1.0)),
-    ("def_a", (0.0, 0.3, 0.5)),
-    ("gmc_plus_agg_momentum", (0.0, 0.3, 0.5, 1.0)),
+from examples.configs.method_columns import (  # noqa: E402
+    RBGS_DENSITY,
+    RBGS_STUDY_ARMS,
+    TOPK_DENSITY,
+    Method,
+    rbgs_method,
+    topk_methods,
+)
+from examples.configs.paper_results import PAPER, TABLE3_COEFFS, TABLE3_RESULTS, TABLE4_RESULTS  # noqa: E402
+from examples.configs.yaml_sections import (  # noqa: E402
+    ADAMW_LR,
+    ADAMW_WEIGHT_DECAY,
+    adamw_model_block,
+    cifar_data_block,
+    model_block,
+    render,
+    strategy_block,
+    trainer_block,
 )
 
+# Re-exported: the building blocks of the configs stay importable from this script.
+__all__ = [
+    "ADAMW_LR",
+    "ADAMW_WEIGHT_DECAY",
+    "CONFIG_DIR",
+    "PAPER",
+    "RBGS_DENSITY",
+    "RBGS_STUDY_ARMS",
+    "TABLE3_COEFFS",
+    "TOPK_DENSITY",
+    "Method",
+    "adamw_model_block",
+    "all_configs",
+    "cifar_data_block",
+    "main",
+    "model_block",
+    "rbgs_method",
+    "render",
+    "strategy_block",
+    "topk_methods",
+    "trainer_block",
+]
 
-def rbgs_method(key: str, coeff: float) -> Method:
-    """A Table 3 / Table 4 column (DEF-A or GMC+), or the aggregate-momentum variant, with RBGS and
-    detach coefficient ``coeff``."""
-    name = {"def_a": "def_a", "gmc_plus": "gmc", "gmc_plus_agg_momentum": "ef_server_momentum"}[key]
-    title = {
-        "def_a": "DEF-A",
-        "gmc_plus": "GMC+",
-        "gmc_plus_agg_momentum": "GMC+ with momentum on the aggregate",
-    }[key]
-    return Method(
-        key,
-        f"{title} (coefficient {coeff})",
-        {"method": name, "compressor": "rbgs", "density": RBGS_DENSITY, "detach": coeff},
-    )
-
-
-# Paper results (the GMC paper's Tables 1-4), accuracy / RCC, keyed by (table, dataset, model, method).
-PAPER: dict[tuple[str, str, str, str], str] = {}
-_T1 = {
-    ("cifar10", "resnet20"): [
-        "92.44% / 0.66%",
-        "92.30% / 0.66%",
-        "91.70% / 0.62%",
-        "92.29% / 0.65%",
-        "92.30% / 0.64%",
-    ],
-    ("cifar10", "vit"): [
-        "83.67% / 0.82%",
-        "83.35% / 0.81%",
-        "76.81% / 0.62%",
-        "82.67% / 0.81%",
-        "83.46% / 0.80%",
-    ],
-    ("cifar100", "resnet20"): [
-        "68.05% / 0.64%",
-        "68.66% / 0.64%",
-        "66.62% / 0.65%",
-        "68.72% / 0.64%",
-        "68.89% / 0.64%",
-    ],
-    ("cifar100", "vit"): [
-        "59.28% / 0.80%",
-        "59.15% / 0.79%",
-        "50.35% / 0.65%",
-        "56.56% / 0.79%",
-        "59.28% / 0.78%",
-    ],
-}
-_T2 = {
-    ("cifar10", "resnet20"): [
-        "67.13% / 0.65%",
-        "81.93% / 0.65%",
-        "78.65% / 0.63%",
-        "82.15% / 0.65%",
-        "86.51% / 0.64%",
-    ],
-    ("cifar10", "vit"): [
-        "60.24% / 0.81%",
-        "71.35% / 0.81%",
-        "67.35% / 0.67%",
-        "72.25% / 0.81%",
-        "73.34% / 0.81%",
-    ],
-    ("cifar100", "resnet20"): [
-        "50.02% / 0.64%",
-        "52.79% / 0.64%",
-        "50.17% / 0.65%",
-        "52.07% / 0.64%",
-        "58.59% / 0.63%",
-    ],
-    ("cifar100", "vit"): [
-        "53.29% / 0.79%",
-        "55.00% / 0.80%",
-        "45.91% / 0.70%",
-        "50.74% / 0.79%",
-        "57.77% / 0.79%",
-    ],
-}
-for _table, _src in (("table1", _T1), ("table2", _T2)):
-    for (_ds, _model), _vals in _src.items():
-        for _m, _v in zip(("dgc_mfm", "dgc", "cser", "def_a", "gmc"), _vals, strict=True):
-            PAPER[(_table, _ds, _model, _m)] = _v
-_T3 = {
-    "def_a": ["4.09 / 6.03%", "0.56 / 66.36%", "0.57 / 65.28%", "0.68 / 64.84%", "0.76 / 64.45%"],
-    "gmc_plus": ["3.48 / 15.81%", "0.55 / 67.31%", "0.40 / 67.94%", "0.42 / 67.27%", "0.43 / 66.68%"],
-}
-TABLE3_COEFFS = (0.0, 0.3, 0.5, 0.8, 1.0)
-_T4 = {
-    ("cifar10", "iid", "resnet20"): ("90.78%", "91.41%"),
-    ("cifar10", "iid", "vit"): ("74.21%", "75.78%"),
-    ("cifar10", "noniid", "resnet20"): ("78.17%", "79.25%"),
-    ("cifar10", "noniid", "vit"): ("65.16%", "66.61%"),
-    ("cifar100", "iid", "resnet20"): ("66.36%", "67.94%"),
-    ("cifar100", "iid", "vit"): ("50.85%", "55.50%"),
-    ("cifar100", "noniid", "resnet20"): ("49.39%", "51.22%"),
-    ("cifar100", "noniid", "vit"): ("46.09%", "50.07%"),
-}
-
-
-def _yaml_value(v: object) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return "null"
-    return str(v)
-
-
-def _block(d: dict[str, object], indent: int) -> list[str]:
-    pad = " " * indent
-    out: list[str] = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.append(f"{pad}{k}:")
-            out += _block(v, indent + 2)
-        else:
-            out.append(f"{pad}{k}: {_yaml_value(v)}")
-    return out
-
-
-def model_block(model: str, classes: int, norm: str) -> list[str]:
-    """The ``model:`` section (ClassificationModule + network)."""
-    if model == "resnet20":
-        net = ["    class_path: examples.models.ResNet20", "    init_args:"]
-        net += _block({"num_classes": classes, "norm": norm, "gn_groups": 2, "shortcut": "conv"}, 6)
-        lr = 0.1
-    elif model == "vit":
-        net = [
-            "    class_path: examples.models.ViT  # Lee et al. (2021), 4 blocks as in the GMC paper",
-            "    init_args:",
-        ]
-        net += _block(
-            {
-                "num_classes": classes,
-                "image_size": 32,
-                "patch_size": 4,
-                "dim": 192,
-                "depth": 4,
-                "heads": 12,
-                "dim_head": 16,
-                "mlp_ratio": 2,
-                "dropout": 0.0,
-                "emb_dropout": 0.0,
-            },
-            6,
-        )
-        lr = 0.05
-    else:
-        raise ValueError(model)
-    return [
-        "model:",
-        "  model:",
-        *net,
-        f"  lr: {lr}",
-        "  momentum: 0.9",
-        "  weight_decay: 0.0001",
-        "  max_epochs: 200  # cosine period in epochs (stepped once per epoch)",
-        "  num_classes: null  # null: read from the network",
-    ]
-
-
-ADAMW_LR = 0.001
-ADAMW_WEIGHT_DECAY = 0.05
-
-
-def adamw_model_block(model: str, classes: int, norm: str) -> list[str]:
-    """:func:`model_block` with ``AdamW`` as the optimizer instead of SGD."""
-    out: list[str] = []
-    for line in model_block(model, classes, norm):
-        if line.startswith("  lr: "):
-            out.append(f"  lr: {ADAMW_LR}")
-        elif line.startswith("  momentum: "):
-            out.append("  momentum: 0.9  # SGD only; AdamW uses betas")
-        elif line.startswith("  weight_decay: "):
-            out += [
-                f"  weight_decay: {ADAMW_WEIGHT_DECAY}  # AdamW's decoupled decay",
-                "  optimizer: adamw",
-                "  betas: [0.9, 0.999]",
-            ]
-        else:
-            out.append(line)
-    return out
-
-
-def cifar_data_block(dataset: str, partition: str) -> list[str]:
-    """The ``data:`` section for CIFAR."""
-    return [
-        "data:",
-        "  class_path: examples.data.CIFARDataModule",
-        "  init_args:",
-        f"    name: {dataset}",
-        "    data_dir: ./data",
-        "    download: true  # fetched once, before the ranks start; offline: --data.synthetic=true",
-        "    synthetic: false  # true: generated data of the same shape (tests, offline smoke runs)",
-        "    augment: true  # random crop 32 (padding 4) + horizontal flip",
-        "    batch_size: 16  # per rank: 8 ranks x 16 = 128 in total, as in the paper",
-        "    eval_batch_size: 256",
-        "    num_workers: 4",
-        f"    partition: {partition}  # iid: random equal split; dirichlet: Lin et al. (2021)",
-        "    alpha: 0.1  # Dirichlet concentration (used when partition: dirichlet)",
-        "    seed: 0  # partition seed, identical on every rank",
-        "    drop_remainder: true",
-        "    drop_last: false",
-    ]
-
-
-def trainer_block(
-    run_name: str,
-    strategy: list[str],
-    devices: int = 8,
-    accelerator: str = "auto",
-    max_epochs: int = 200,
-    log_every: int = 50,
-) -> list[str]:
-    """The ``trainer:`` section."""
-    return [
-        "trainer:",
-        f"  accelerator: {accelerator}",
-        f"  devices: {devices}" + ("  # K = 8 workers, as in the paper" if devices == 8 else ""),
-        "  num_nodes: 1",
-        f"  max_epochs: {max_epochs}",
-        "  precision: 32-true",
-        "  use_distributed_sampler: false  # the DataModule partitions the data across ranks itself",
-        f"  log_every_n_steps: {log_every}",
-        "  logger:",
-        "    class_path: lightning.pytorch.loggers.CSVLogger",
-        "    init_args:",
-        "      save_dir: lightning_logs",
-        f"      name: {run_name}",
-        "  callbacks:",
-        "    - class_path: lightning.pytorch.callbacks.LearningRateMonitor",
-        "      init_args:",
-        "        logging_interval: epoch",
-        *strategy,
-    ]
-
-
-def strategy_block(method: Method, note: str = "") -> list[str]:
-    """The ``trainer.strategy`` section."""
-    if method.ddp:
-        return [
-            "  strategy:  # plain DDP: dense all-reduce of every gradient (the uncompressed baseline)",
-            "    class_path: lightning.pytorch.strategies.DDPStrategy",
-            "    init_args:",
-            "      process_group_backend: gloo",
-        ]
-    args = dict(method.init_args)
-    args.setdefault("seed", 0)
-    if args.get("method") != "ef":  # ef leaves momentum to the optimizer and refuses an override
-        args.setdefault("momentum", None)
-    lines = [
-        f"  strategy:  # {method.title}{note}",
-        "    class_path: lightning_gmc.GMCStrategy",
-        "    init_args:",
-    ]
-    for k, v in args.items():
-        comment = ""
-        if k == "momentum":
-            comment = "  # null: use the optimizer's momentum (model.momentum)"
-        elif k == "seed":
-            comment = "  # shared random streams (RBGS blocks); equal on every rank"
-        if isinstance(v, dict):
-            lines.append(f"      {k}:")
-            lines += _block(v, 8)
-        else:
-            lines.append(f"      {k}: {_yaml_value(v)}{comment}")
-    return lines
-
-
-def render(header: list[str], trainer: list[str], model: list[str], data: list[str]) -> str:
-    """Join the sections into one YAML document."""
-    return (
-        "\n".join([*(f"# {h}" if h else "#" for h in header), "seed_everything: 0", *trainer, *model, *data])
-        + "\n"
-    )
+CONFIG_DIR = Path(__file__).resolve().parent
 
 
 def all_configs() -> dict[str, str]:
@@ -432,12 +132,12 @@ def all_configs() -> dict[str, str]:
                     )
 
     for key in ("def_a", "gmc_plus"):
-        for coeff, paper in zip(TABLE3_COEFFS, _T3[key], strict=True):
+        for coeff, paper in zip(TABLE3_COEFFS, TABLE3_RESULTS[key], strict=True):
             rel = f"table3/cifar100_iid_resnet20bn_{key}_coeff{coeff}.yaml"
             title = "Table 3 (RBGS, coefficient sweep, ResNet-20 / CIFAR-100): training loss / test accuracy"
             cifar(rel, title, paper, "cifar100", "iid", "resnet20", rbgs_method(key, coeff))
 
-    for (dataset, dist, model), (def_a, gmc_plus) in _T4.items():
+    for (dataset, dist, model), (def_a, gmc_plus) in TABLE4_RESULTS.items():
         tag = f"{model}{norm_of[dist]}" if model == "resnet20" else model
         for key, coeff, paper in (("def_a", 0.3, def_a), ("gmc_plus", 0.5, gmc_plus)):
             rel = f"table4/{dataset}_{dist}_{tag}_{key}.yaml"
@@ -446,7 +146,7 @@ def all_configs() -> dict[str, str]:
 
     for model in ("resnet20", "vit"):
         tag = "resnet20gn" if model == "resnet20" else model
-        table4 = _T4[("cifar10", "noniid", model)]
+        table4 = TABLE4_RESULTS[("cifar10", "noniid", model)]
         for key, coeffs in RBGS_STUDY_ARMS:
             for coeff in coeffs:
                 rel = f"rbgs_noniid/cifar10_noniid_{tag}_{key}_coeff{coeff}.yaml"
