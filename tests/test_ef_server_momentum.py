@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from test_methods_reference import (
+from methods_by_hand import (
     BETA,
     COSINE,
     DENSITY,
