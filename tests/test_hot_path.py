@@ -11,13 +11,10 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
 from typing import ClassVar
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -121,30 +118,18 @@ def test_detached_point_is_exact_and_restores_the_same_tensors() -> None:
         assert torch.equal(p.grad, q.grad)
 
 
+@pytest.mark.usefixtures("single_rank_group")
 def test_the_hook_hands_ddp_the_momentum_as_gradient() -> None:
-    # An in-process Trainer of an earlier test may have left its one-rank group: use it then.
-    created = not dist.is_initialized()
-    if created:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    assert dist.get_world_size() == 1
-    try:
-        model, opt, state = _attached(detach=0.0)
-        ddp = DistributedDataParallel(model)
-        ddp.register_comm_hook(state, lightning_gmc.gmc_hook)
-        gen = torch.Generator().manual_seed(2)
-        for _ in range(3):
-            opt.zero_grad()
-            ddp(torch.randn(5, 4, generator=gen)).square().sum().backward()
-            assert state.worker is not None
-            for p, m in zip(model.parameters(), state.worker.tensors["momentum"], strict=True):
-                assert p.grad is not None
-                assert torch.equal(p.grad.reshape(-1), m)
-                assert p.grad.data_ptr() != m.data_ptr()  # DDP's copy, not the state buffer
-            opt.step()
-    finally:
-        if created:
-            dist.destroy_process_group()
+    model, opt, state = _attached(detach=0.0)
+    ddp = DistributedDataParallel(model)
+    ddp.register_comm_hook(state, lightning_gmc.gmc_hook)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        opt.zero_grad()
+        ddp(torch.randn(5, 4, generator=gen)).square().sum().backward()
+        assert state.worker is not None
+        for p, m in zip(model.parameters(), state.worker.tensors["momentum"], strict=True):
+            assert p.grad is not None
+            assert torch.equal(p.grad.reshape(-1), m)
+            assert p.grad.data_ptr() != m.data_ptr()  # DDP's copy, not the state buffer
+        opt.step()
