@@ -3,8 +3,6 @@ accounting, and the torch.distributed back-end's calls on a one-rank group."""
 
 from __future__ import annotations
 
-import datetime
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -114,26 +112,15 @@ def test_in_process_broadcast_copies_the_source() -> None:
     assert InProcessCollectives(3).broadcast(tensors, src=2).wait().tolist() == [2.0, 2.0, 2.0]
 
 
+@pytest.mark.usefixtures("single_rank_group")
 def test_torch_collectives_on_a_one_rank_group() -> None:
-    # Replace a group another in-process test left behind: after a fork (mutation testing) an
-    # inherited gloo group has no threads and its collectives would hang.
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    created = True
-    dist.init_process_group(
-        "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(seconds=30)
-    )
     assert dist.get_world_size() == 1
-    try:
-        backend = TorchCollectives()
-        assert backend.world_size == 1 and list(backend.local_ranks) == [0]
-        x = torch.arange(4, dtype=torch.float32)
-        assert backend.all_reduce_sum([x]).wait().tolist() == [0.0, 1.0, 2.0, 3.0]
-        out = torch.zeros(4, dtype=torch.uint8)
-        send = torch.arange(4, dtype=torch.uint8)
-        assert backend.all_gather_bytes([send], out).wait().tolist() == [0, 1, 2, 3]
-        ids = torch.tensor([7, 9], dtype=torch.int32)
-        assert backend.broadcast([ids], src=0).wait().tolist() == [7, 9]
-    finally:
-        if created:
-            dist.destroy_process_group()
+    backend = TorchCollectives()
+    assert backend.world_size == 1 and list(backend.local_ranks) == [0]
+    x = torch.arange(4, dtype=torch.float32)
+    assert backend.all_reduce_sum([x]).wait().tolist() == [0.0, 1.0, 2.0, 3.0]
+    out = torch.zeros(4, dtype=torch.uint8)
+    send = torch.arange(4, dtype=torch.uint8)
+    assert backend.all_gather_bytes([send], out).wait().tolist() == [0, 1, 2, 3]
+    ids = torch.tensor([7, 9], dtype=torch.int32)
+    assert backend.broadcast([ids], src=0).wait().tolist() == [7, 9]

@@ -6,25 +6,24 @@
 * The detached point by data swap is ``w - s * residual`` exactly, keeps the same parameter
   objects (DDP's and autograd's hooks stay attached), and leaves ``w`` bit for bit.
 * The hook hands DDP the method's direction buffer: after backward the gradients are GMC's momentum.
+* With the identity, the message is the buffer the method staged it in, and the mean is decoded
+  back into that buffer: no copy on either side.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
 from typing import ClassVar
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import lightning_gmc
 from lightning_gmc import Simulator
 from lightning_gmc.compressors import Identity
-from lightning_gmc.methods import build_method
+from lightning_gmc.methods import Message, build_method
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,30 +120,56 @@ def test_detached_point_is_exact_and_restores_the_same_tensors() -> None:
         assert torch.equal(p.grad, q.grad)
 
 
+@pytest.mark.usefixtures("single_rank_group")
 def test_the_hook_hands_ddp_the_momentum_as_gradient() -> None:
-    # An in-process Trainer of an earlier test may have left its one-rank group: use it then.
-    created = not dist.is_initialized()
-    if created:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    assert dist.get_world_size() == 1
-    try:
-        model, opt, state = _attached(detach=0.0)
-        ddp = DistributedDataParallel(model)
-        ddp.register_comm_hook(state, lightning_gmc.gmc_hook)
-        gen = torch.Generator().manual_seed(2)
-        for _ in range(3):
-            opt.zero_grad()
-            ddp(torch.randn(5, 4, generator=gen)).square().sum().backward()
-            assert state.worker is not None
-            for p, m in zip(model.parameters(), state.worker.tensors["momentum"], strict=True):
-                assert p.grad is not None
-                assert torch.equal(p.grad.reshape(-1), m)
-                assert p.grad.data_ptr() != m.data_ptr()  # DDP's copy, not the state buffer
-            opt.step()
-    finally:
-        if created:
-            dist.destroy_process_group()
+    model, opt, state = _attached(detach=0.0)
+    ddp = DistributedDataParallel(model)
+    ddp.register_comm_hook(state, lightning_gmc.gmc_hook)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        opt.zero_grad()
+        ddp(torch.randn(5, 4, generator=gen)).square().sum().backward()
+        assert state.worker is not None
+        for p, m in zip(model.parameters(), state.worker.tensors["momentum"], strict=True):
+            assert p.grad is not None
+            assert torch.equal(p.grad.reshape(-1), m)
+            assert p.grad.data_ptr() != m.data_ptr()  # DDP's copy, not the state buffer
+        opt.step()
+
+
+# Methods whose identity message is built in a buffer the mean is then decoded into.
+IN_PLACE = ("def_a", "dgc", "dmsgd", "ef", "ef_server_momentum", "gmc", "gmc_lr_inside")
+
+
+@pytest.mark.parametrize("name", IN_PLACE)
+def test_identity_sends_its_staged_buffer_and_decodes_the_mean_into_it(name: str) -> None:
+    method = build_method(name, Identity(), **METHOD_OPTIONS[name])
+    hyper = {"momentum": 0.9} if method.takes_over_optimizer else {}
+    sim = Simulator({"a": (6,), "b": (3,)}, num_workers=2, method=method, **hyper)  # type: ignore[arg-type]
+    sent: list[list[Message]] = []
+    means: list[list[torch.Tensor]] = []
+    start = sim.exchange.start
+
+    def recording_start(messages, buckets, step, **kw):  # type: ignore[no-untyped-def]
+        sent[:] = [list(m) for m in messages]
+        means[:] = start(messages, buckets, step, **kw).wait()
+        done: torch.futures.Future[list[list[torch.Tensor]]] = torch.futures.Future()
+        done.set_result(means)
+        return done
+
+    sim.exchange.start = recording_start  # type: ignore[method-assign]
+    gen = torch.Generator().manual_seed(3)
+    w = {"a": torch.randn(6, generator=gen), "b": torch.randn(3, generator=gen)}
+    for _ in range(2):
+        grads = [{k: torch.randn(v.shape, generator=gen) for k, v in w.items()} for _ in range(2)]
+        directions = sim.step(grads, sim.gradient_points(w, 0.1), 0.1)
+        for worker, messages in enumerate(sent):
+            (message,) = messages
+            values = message.payload.tensors["values"]
+            assert message.decode_into is not None
+            assert values.data_ptr() == message.decode_into.data_ptr(), worker  # sent without a copy
+            assert means[worker][0].data_ptr() == message.decode_into.data_ptr(), worker  # mean in place
+            direction = torch.cat([directions[worker]["a"], directions[worker]["b"]])
+            staged = message.decode_into
+            if not method.takes_over_optimizer:  # the caller's optimizer gets the mean itself
+                assert torch.equal(direction, staged)

@@ -87,6 +87,8 @@ CASES: dict[str, tuple[dict[str, object], int, Callable[[int], Expected]]] = {
         2,
         lambda t: (32 + 64, 32 + 64, 768, 2, 12) if t % 2 == 1 else (32, 32, 256, 1, 4),
     ),
+    # topk_shared alone: its own top-k, nothing broadcast or reduced; RCC counts the 4 values.
+    "topk_shared_one_worker": ({"compressor": "topk_shared", "density": 0.1}, 1, lambda t: (0, 0, 128, 0, 4)),
     # topk_shared: the leader broadcasts 4 int32 indices, then 4 fp32 values are all-reduced.
     "topk_shared": (
         {"compressor": "topk_shared", "density": 0.1},
