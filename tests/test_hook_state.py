@@ -57,6 +57,25 @@ def test_config_is_frozen_and_builds_the_strategy_method() -> None:
     assert built.detach == strategy_method.detach == 0.5  # type: ignore[attr-defined]
 
 
+def test_from_config_hands_every_field_to_the_hook_state() -> None:
+    config = GMCConfig(
+        compressor="rbgs",
+        density=0.1,
+        seed=7,
+        momentum=0.5,
+        nonfinite="raise",
+        on_world_size_change="reset_residuals",
+    )
+    state = GMCHookState.from_config(config)
+    assert (state.seed, state.nonfinite, state.on_world_size_change) == (7, "raise", "reset_residuals")
+    assert state.hierarchy == "flat" and state.process_group is None
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    state.attach(model, optimizer)
+    assert state.worker is not None and state.worker.rng.seed == 7  # the method's random streams
+    assert state.binding.momentum_override == 0.5  # applied instead of the optimizer's 0.9
+
+
 def _attached(
     momentum: float = 0.9, weight_decay: float = 1e-3
 ) -> tuple[nn.Module, torch.optim.SGD, GMCHookState]:
