@@ -1,17 +1,20 @@
-"""What the Lightning strategy and the Fabric strategy share: argument checks, the run summary line,
-the gradient-clipping policy and the names under which metrics are logged."""
+"""What the Lightning strategy and the Fabric strategy share: their GMC arguments (documentation and
+the config built from them), argument checks, the node groups of ``hierarchy="node"``, the run summary
+line, the gradient-clipping policy and the names under which metrics are logged."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
+import textwrap
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from lightning_gmc.config import GMCConfig
-from lightning_gmc.hook import GMCHookState
+from lightning_gmc.hook import GMCHookState, build_node_groups
+from lightning_gmc.hook.hierarchy import check_topology
 from lightning_gmc.hook.metrics import sum_over_ranks
 from lightning_gmc.methods import METHODS
 
@@ -19,11 +22,18 @@ __all__ = [
     "CHECKPOINT_KEY",
     "LOGGED_METRICS",
     "PROGRESS_BAR_METRICS",
+    "RankLayout",
     "check_no_gradient_clipping",
+    "check_node_layout",
+    "document_gmc_arguments",
+    "gmc_config_and_state",
     "rank_aggregated_metrics",
     "reject_conflicting_ddp_args",
     "run_summary",
+    "set_up_node_groups",
 ]
+
+_Class = TypeVar("_Class", bound=type)
 
 #: the key of the GMC state (every rank's residuals, the step, the learning-rate history) in a checkpoint
 CHECKPOINT_KEY = "lightning_gmc"
@@ -59,11 +69,136 @@ _CONFLICTING_DDP_ARGS = {
 }
 
 
+#: the descriptions of the GMC arguments both strategies take (one per :class:`GMCConfig` field)
+_GMC_ARGUMENTS_DOC = """\
+compressor: compressor name (see ``lightning_gmc.COMPRESSORS``) or a :class:`Compressor`; None
+    takes the method's default (``"topk"``; ``"none"`` for the dense ``method="dmsgd"``).
+density: fraction of each parameter sent per step, in (0, 1] (sparsifiers).
+detach: GMC+'s detach coefficient (``> 0`` evaluates gradients at ``w - detach * lr *
+    residual``); None takes the method's default (0 for GMC).
+method: method name (see ``lightning_gmc.METHODS``).
+momentum: overrides the optimizer's momentum when not None (not for ``ef``, whose optimizer
+    keeps its own).
+seed: seed of the shared random streams (RBGS blocks, random-k); equal on all ranks.
+method_options: further options of the method (e.g. ``{"momentum_lr_convention": "cur"}``).
+compressor_options: further options of the compressor (e.g. ``{"sample_ratio": 0.01}``).
+ef_scaling: scale unbiased compressors (QSGD, natural, sparse dithering, ...) by
+    ``1/(1+omega)`` so that error feedback gets the contractive compressor its analysis assumes;
+    None (default) does so exactly for methods with error feedback (all but ``dmsgd``).
+nonfinite: ``"skip"`` (a rank's non-finite bucket gradient counts as zero that step) or
+    ``"raise"``; see :class:`~lightning_gmc.hook.GMCHookState`.
+on_world_size_change: resuming a checkpoint written by a different number of ranks:
+    ``"error"`` (default) or ``"reset_residuals"`` (keep the step, learning-rate history and
+    global momentum; start every rank's residual from zero).
+hierarchy: ``"flat"`` (default: every rank is a worker) or ``"node"``: gradients are averaged
+    densely inside each node (``num_nodes`` x ``devices`` of the Trainer or Fabric), and the
+    method runs between nodes only, with one worker per node (residual and momentum per node).
+    For clusters whose links between nodes are much slower than inside them; needs at least 2
+    nodes with equal devices (see README "Running across nodes", ``docs/algorithms.md`` 3.11).
+wire_dtype: dtype the compressed values travel in, ``"fp32"`` (default), ``"bf16"`` or
+    ``"fp16"``; the rounding error stays in the residual and decoding accumulates in fp32
+    (``docs/algorithms.md`` section 3.12; fp16 raises on overflow, bf16 cannot overflow).
+"""
+
+_GMC_ARGUMENTS_PLACEHOLDER = "{gmc_arguments}"
+
+
+def document_gmc_arguments(cls: _Class) -> _Class:
+    """Class decorator: replace the docstring line ``{gmc_arguments}`` by the GMC arguments'
+    descriptions, indented as that line (one text for both strategies; ``help()``, Sphinx and
+    LightningCLI's ``--help`` read the result)."""
+    lines = (cls.__doc__ or "").splitlines(keepends=True)
+    for index, line in enumerate(lines):
+        if line.strip() == _GMC_ARGUMENTS_PLACEHOLDER:
+            indent = line[: len(line) - len(line.lstrip())]
+            lines[index] = textwrap.indent(_GMC_ARGUMENTS_DOC, indent)
+            cls.__doc__ = "".join(lines)
+            return cls
+    raise TypeError(f"{cls.__name__}'s docstring has no line {_GMC_ARGUMENTS_PLACEHOLDER}")
+
+
+def gmc_config_and_state(
+    owner: str, arguments: Mapping[str, Any], ddp_kwargs: dict[str, Any]
+) -> tuple[GMCConfig, GMCHookState]:
+    """The validated config and the hook state of a strategy's constructor arguments.
+
+    ``arguments`` holds one value per :class:`GMCConfig` field under the field's name (the strategy's
+    ``locals()`` as its ``__init__`` starts; its signature lists them with types and defaults, so that
+    users and LightningCLI read them); option dicts given as None are empty.
+    """
+    reject_conflicting_ddp_args(owner, ddp_kwargs)
+    values = {field.name: arguments[field.name] for field in dataclasses.fields(GMCConfig)}
+    for name in ("method_options", "compressor_options"):
+        values[name] = values[name] or {}
+    config = GMCConfig(**values)
+    return config, GMCHookState.from_config(config, ddp_kwargs.get("process_group"))
+
+
 def reject_conflicting_ddp_args(owner: str, ddp_kwargs: dict[str, Any]) -> None:
     """Remove the DDP arguments LightningCLI passes as None; raise for any that is set."""
     for key, reason in _CONFLICTING_DDP_ARGS.items():
         if ddp_kwargs.pop(key, None) is not None:
             raise ValueError(f"{owner} does not accept `{key}`: {reason}. Remove the argument.")
+
+
+class RankLayout(Protocol):
+    """Where this process sits, as a DDP strategy (Trainer's or Fabric's) has it from its cluster
+    environment and its ``num_nodes`` / ``devices``."""
+
+    @property
+    def num_nodes(self) -> int: ...
+
+    @property
+    def num_processes(self) -> int: ...
+
+    @property
+    def node_rank(self) -> int: ...
+
+    @property
+    def local_rank(self) -> int: ...
+
+    @property
+    def root_device(self) -> torch.device: ...
+
+
+def set_up_node_groups(state: GMCHookState, strategy: RankLayout) -> None:
+    """``hierarchy="node"``: build the intra- and inter-node process groups from the strategy's node
+    count and devices per node (a collective: call on every rank once the default process group
+    exists, before ``state.attach``). Nothing to do for ``"flat"`` or when the groups are set.
+
+    Raises (on every rank alike):
+        ValueError: unequal ranks per node or a single node (:func:`check_topology`).
+        RuntimeError: ranks not numbered node by node (:func:`check_node_layout`).
+    """
+    if state.hierarchy != "node" or state.node_groups is not None:
+        return
+    ranks_per_node, num_nodes = strategy.num_processes, strategy.num_nodes
+    check_topology(dist.get_world_size(), ranks_per_node, num_nodes)
+    check_node_layout(_every_rank_position(strategy), ranks_per_node)
+    state.set_node_groups(build_node_groups(ranks_per_node, num_nodes))
+
+
+def _every_rank_position(strategy: RankLayout) -> list[tuple[int, int]]:
+    """(node rank, local rank) of every rank, by global rank: one small all-gather, so that a bad
+    layout stops every rank with the same error instead of the ranks it concerns only."""
+    device = strategy.root_device if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.tensor([strategy.node_rank, strategy.local_rank], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [(int(position[0]), int(position[1])) for position in every]
+
+
+def check_node_layout(positions: Sequence[tuple[int, int]], ranks_per_node: int) -> None:
+    """Raise unless rank ``r`` is local rank ``r % G`` of node ``r // G`` (``positions[r]`` is what the
+    cluster environment says of rank ``r``): the node groups are built by that rule."""
+    for rank, (node_rank, local_rank) in enumerate(positions):
+        by_rule = divmod(rank, ranks_per_node)
+        if (node_rank, local_rank) != by_rule:
+            raise RuntimeError(
+                f"hierarchy='node': rank {rank} is node {node_rank}, local rank {local_rank} for "
+                f"Lightning, but node {by_rule[0]}, local rank {by_rule[1]} by rank = node_rank * "
+                f"devices + local_rank; the launcher numbers ranks differently. Use hierarchy='flat'."
+            )
 
 
 def run_summary(config: GMCConfig, state: GMCHookState) -> str:

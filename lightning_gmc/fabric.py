@@ -42,14 +42,16 @@ from lightning_gmc._adapter import (
     CHECKPOINT_KEY,
     LOGGED_METRICS,
     check_no_gradient_clipping,
+    document_gmc_arguments,
+    gmc_config_and_state,
     logged_metrics,
     rank_aggregated_metrics,
-    reject_conflicting_ddp_args,
     run_summary,
+    set_up_node_groups,
 )
 from lightning_gmc.compressors import Compressor, WireDtype
-from lightning_gmc.config import GMCConfig, NonFinitePolicy, WorldSizeChangePolicy
-from lightning_gmc.hook import GMCHookState, gmc_hook
+from lightning_gmc.config import Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
+from lightning_gmc.hook import gmc_hook
 from lightning_gmc.methods import METHODS
 
 __all__ = ["GMCFabricStrategy"]
@@ -57,14 +59,22 @@ __all__ = ["GMCFabricStrategy"]
 log = logging.getLogger(__name__)
 
 
+@document_gmc_arguments
 class GMCFabricStrategy(DDPStrategy):
     """Fabric's DDP with compressed gradient communication, error feedback and global momentum.
 
-    The GMC arguments are those of :class:`~lightning_gmc.GMCStrategy` (validated by
-    :class:`~lightning_gmc.GMCConfig`); the rest are Fabric's
-    :class:`~lightning.fabric.strategies.DDPStrategy` arguments, and ``**ddp_kwargs`` go to
-    :class:`~torch.nn.parallel.DistributedDataParallel`. Set up one module with one optimizer
-    (``fabric.setup(model, optimizer)``, or ``setup_module`` before ``setup_optimizers``).
+    Set up one module with one optimizer (``fabric.setup(model, optimizer)``, or ``setup_module``
+    before ``setup_optimizers``). The GMC arguments are those of :class:`~lightning_gmc.GMCStrategy`,
+    validated by :class:`~lightning_gmc.GMCConfig`; ``hierarchy="node"`` takes its nodes from
+    ``Fabric(num_nodes=N, devices=G)``.
+
+    Args:
+        {gmc_arguments}
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision,
+            process_group_backend, timeout, start_method: as in Fabric's
+            :class:`~lightning.fabric.strategies.DDPStrategy`.
+        **ddp_kwargs: forwarded to :class:`torch.nn.parallel.DistributedDataParallel`
+            (``bucket_cap_mb``, ``find_unused_parameters``, ``static_graph``, ...).
 
     Metrics: :meth:`gmc_metrics` (call it on every rank at the steps you log).
     Evaluation: wrap evaluation in ``strategy.gmc_state.evaluation_point()`` for methods that evaluate
@@ -73,7 +83,10 @@ class GMCFabricStrategy(DDPStrategy):
     Raises:
         ValueError: what :class:`~lightning_gmc.GMCConfig` rejects; a DDP argument that conflicts with
             the hook; a second optimizer; ``fabric.clip_gradients`` with a method whose hook writes its
-            update direction into ``.grad``.
+            update direction into ``.grad``; at ``fabric.launch()``, ``hierarchy="node"`` on a single
+            node or with unequal devices per node.
+        RuntimeError: at ``fabric.launch()``, ``hierarchy="node"`` with ranks the launcher does not
+            number node by node.
     """
 
     def __init__(
@@ -89,6 +102,7 @@ class GMCFabricStrategy(DDPStrategy):
         ef_scaling: bool | None = None,
         nonfinite: NonFinitePolicy = "skip",
         on_world_size_change: WorldSizeChangePolicy = "error",
+        hierarchy: Hierarchy = "flat",
         wire_dtype: WireDtype = "fp32",
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -100,16 +114,8 @@ class GMCFabricStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **ddp_kwargs: Any,
     ) -> None:
-        reject_conflicting_ddp_args("GMCFabricStrategy", ddp_kwargs)
-        # fmt: off
-        self.gmc_config = GMCConfig(
-            method=method, compressor=compressor, density=density, detach=detach, momentum=momentum,
-            seed=seed, method_options=method_options or {}, compressor_options=compressor_options or {},
-            ef_scaling=ef_scaling, nonfinite=nonfinite, on_world_size_change=on_world_size_change,
-            wire_dtype=wire_dtype,
-        )
-        # fmt: on
-        self.gmc_state = GMCHookState.from_config(self.gmc_config, ddp_kwargs.get("process_group"))
+        # The arguments from `compressor` to `wire_dtype` are GMCConfig's fields, by name.
+        self.gmc_config, self.gmc_state = gmc_config_and_state("GMCFabricStrategy", locals(), ddp_kwargs)
         self.last_metrics: dict[str, float] = {}
         self._model: nn.Module | None = None
         super().__init__(
@@ -125,6 +131,11 @@ class GMCFabricStrategy(DDPStrategy):
         )
 
     # ---------------------------------------------------------------------------------- setup
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()  # fabric.launch(): the default process group exists after this
+        set_up_node_groups(self.gmc_state, self)  # hierarchy="node": groups from num_nodes x devices
+
     @override
     def setup_module(self, module: nn.Module) -> DistributedDataParallel:
         if self._model is not None:

@@ -26,14 +26,16 @@ from lightning_gmc._adapter import (
     LOGGED_METRICS,
     PROGRESS_BAR_METRICS,
     check_no_gradient_clipping,
+    document_gmc_arguments,
+    gmc_config_and_state,
     logged_metrics,
     rank_aggregated_metrics,
-    reject_conflicting_ddp_args,
     run_summary,
+    set_up_node_groups,
 )
 from lightning_gmc.compressors import Compressor, WireDtype
-from lightning_gmc.config import GMCConfig, Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
-from lightning_gmc.hook import GMCHookState, build_node_groups, gmc_hook
+from lightning_gmc.config import Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
+from lightning_gmc.hook import gmc_hook
 from lightning_gmc.methods import METHODS, Method
 
 __all__ = ["CHECKPOINT_KEY", "GMCStrategy", "WorldSizeChangePolicy"]
@@ -41,6 +43,7 @@ __all__ = ["CHECKPOINT_KEY", "GMCStrategy", "WorldSizeChangePolicy"]
 log = logging.getLogger(__name__)
 
 
+@document_gmc_arguments
 class GMCStrategy(DDPStrategy):
     """DDP with compressed gradient communication, error feedback and global momentum.
 
@@ -52,33 +55,7 @@ class GMCStrategy(DDPStrategy):
     optimizer (Adam, AdamW, Nesterov SGD, ...) in charge of momentum, weight decay and its schedule.
 
     Args:
-        compressor: compressor name (see ``lightning_gmc.COMPRESSORS``) or a :class:`Compressor`; None
-            takes the method's default (``"topk"``; ``"none"`` for the dense ``method="dmsgd"``).
-        density: fraction of each parameter sent per step, in (0, 1] (sparsifiers).
-        detach: GMC+'s detach coefficient (``> 0`` evaluates gradients at ``w - detach * lr *
-            residual``); None takes the method's default (0 for GMC).
-        method: method name (see ``lightning_gmc.METHODS``).
-        momentum: overrides the optimizer's momentum when not None (not for ``ef``, whose optimizer
-            keeps its own).
-        seed: seed of the shared random streams (RBGS blocks, random-k); equal on all ranks.
-        method_options: further options of the method (e.g. ``{"momentum_lr_convention": "cur"}``).
-        compressor_options: further options of the compressor (e.g. ``{"sample_ratio": 0.01}``).
-        ef_scaling: scale unbiased compressors (QSGD, natural, sparse dithering, ...) by
-            ``1/(1+omega)`` so that error feedback gets the contractive compressor its analysis assumes;
-            None (default) does so exactly for methods with error feedback (all but ``dmsgd``).
-        nonfinite: ``"skip"`` (a rank's non-finite bucket gradient counts as zero that step) or
-            ``"raise"``; see :class:`~lightning_gmc.hook.GMCHookState`.
-        on_world_size_change: resuming a checkpoint written by a different number of ranks:
-            ``"error"`` (default) or ``"reset_residuals"`` (keep the step, learning-rate history and
-            global momentum; start every rank's residual from zero).
-        hierarchy: ``"flat"`` (default: every rank is a worker) or ``"node"``: gradients are averaged
-            densely inside each node (``num_nodes`` x ``devices`` from the Trainer), and the method
-            runs between nodes only, with one worker per node (residual and momentum per node). For
-            clusters whose links between nodes are much slower than inside them; needs at least 2
-            nodes with equal devices (see README "Running across nodes", ``docs/algorithms.md`` 3.11).
-        wire_dtype: dtype the compressed values travel in, ``"fp32"`` (default), ``"bf16"`` or
-            ``"fp16"``; the rounding error stays in the residual and decoding accumulates in fp32
-            (``docs/algorithms.md`` section 3.12; fp16 raises on overflow, bf16 cannot overflow).
+        {gmc_arguments}
         progress_bar_metrics: show ``gmc/rcc`` and ``gmc/bytes_sent`` (per rank, this step) in the
             progress bar; False keeps them out of it (they are logged either way).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
@@ -96,7 +73,9 @@ class GMCStrategy(DDPStrategy):
             (0, 1], negative or non-finite detach, momentum outside [0, 1), a non-finite option, or a
             DDP argument that conflicts with the hook (validation: :class:`~lightning_gmc.GMCConfig`);
             at fit start, gradient clipping with a method whose hook writes its update direction into
-            ``.grad`` (every method but those that leave the step to your optimizer).
+            ``.grad`` (every method but those that leave the step to your optimizer);
+            ``hierarchy="node"`` on a single node or with unequal devices per node.
+        RuntimeError: ``hierarchy="node"`` with ranks the launcher does not number node by node.
     """
 
     strategy_name = "gmc"
@@ -127,17 +106,8 @@ class GMCStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **ddp_kwargs: Any,
     ) -> None:
-        reject_conflicting_ddp_args("GMCStrategy", ddp_kwargs)
-        # fmt: off
-        self.gmc_config = GMCConfig(
-            method=method, compressor=compressor, density=density, detach=detach, momentum=momentum,
-            seed=seed, method_options=method_options or {}, compressor_options=compressor_options or {},
-            ef_scaling=ef_scaling, nonfinite=nonfinite, on_world_size_change=on_world_size_change,
-            hierarchy=hierarchy,
-            wire_dtype=wire_dtype,
-        )
-        # fmt: on
-        self.gmc_state = GMCHookState.from_config(self.gmc_config, ddp_kwargs.get("process_group"))
+        # The arguments from `compressor` to `wire_dtype` are GMCConfig's fields, by name.
+        self.gmc_config, self.gmc_state = gmc_config_and_state("GMCStrategy", locals(), ddp_kwargs)
         self.gmc_method: Method = self.gmc_state.method
         self._pending_checkpoint_state: dict[str, Any] | None = None
         self._epoch_seen: int | None = None
@@ -159,19 +129,7 @@ class GMCStrategy(DDPStrategy):
     @override
     def setup_distributed(self) -> None:
         super().setup_distributed()
-        state = self.gmc_state
-        if state.hierarchy != "node" or state.node_groups is not None:
-            return
-        groups = build_node_groups(self.num_processes, self.num_nodes)
-        topology = groups.topology
-        if (topology.node_rank, topology.local_rank) != (self.node_rank, self.local_rank):
-            raise RuntimeError(
-                f"hierarchy='node': rank {self.global_rank} is node {self.node_rank}, local rank "
-                f"{self.local_rank} for Lightning, but node {topology.node_rank}, local rank "
-                f"{topology.local_rank} by rank = node_rank * devices + local_rank; the launcher numbers "
-                f"ranks differently. Use hierarchy='flat'."
-            )
-        state.set_node_groups(groups)
+        set_up_node_groups(self.gmc_state, self)  # hierarchy="node": groups from num_nodes x devices
 
     @override
     def setup(self, trainer: Trainer) -> None:

@@ -1,7 +1,8 @@
-"""Entry point of the Fabric tests: ``python fabric_runner.py config.json`` (Fabric launches the second
-rank by re-running this script). A plain Fabric loop with ``GMCFabricStrategy``: each rank reads the
-batches ``helpers.rank_batch`` describes, optionally saves a checkpoint after ``save_at`` steps or
-resumes from ``resume_from``, and writes ``rank{r}.pt`` with its parameters, GMC state and metrics.
+"""Entry point of the Fabric tests: ``python fabric_runner.py config.json`` (Fabric launches a node's
+other ranks by re-running this script; ``devices`` per node, default 2, and ``num_nodes``, default 1).
+A plain Fabric loop with ``GMCFabricStrategy``: each rank reads the batches ``helpers.rank_batch``
+describes, optionally saves a checkpoint after ``save_at`` steps or resumes from ``resume_from``, and
+writes ``rank{r}.pt`` with its parameters, GMC state and metrics.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ def main() -> None:
     cfg: dict[str, Any] = json.loads(Path(sys.argv[1]).read_text())
     torch.set_num_threads(1)
     strategy = GMCFabricStrategy(**cfg["strategy_kwargs"])
-    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=strategy)
+    # num_nodes > 1: one process per node is started with NODE_RANK set (tests/test_hierarchy.py)
+    fabric = L.Fabric(
+        accelerator="cpu", devices=cfg.get("devices", 2), num_nodes=cfg.get("num_nodes", 1), strategy=strategy
+    )
     fabric.launch()
     model = make_model(cfg.get("model", "small"), cfg.get("model_seed", 0))
     optimizer = torch.optim.SGD(
@@ -51,6 +55,7 @@ def main() -> None:
         "params": {name: p.detach().clone() for name, p in model.module.named_parameters()},
         "gmc_state": strategy.gmc_state.state_dict(),
         "gmc_step": strategy.gmc_state.step,
+        "topology": strategy.gmc_state.topology(),
         "metrics": strategy.gmc_metrics(),
         "optimizer_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
     }

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_gmc
-from lightning_gmc import GMCHookState, GMCStrategy, build_compressor, build_method
+from lightning_gmc import GMCFabricStrategy, GMCHookState, GMCStrategy, build_compressor, build_method
 
 
 @pytest.mark.parametrize(
@@ -27,21 +27,24 @@ from lightning_gmc import GMCHookState, GMCStrategy, build_compressor, build_met
         ({"on_world_size_change": "guess"}, r"on_world_size_change must be"),
         ({"compressor_options": {"levels": 3}}, r"does not take option"),
         ({"method_options": {"bogus": 1}}, r"does not take option"),
+        ({"hierarchy": "nodes"}, r"hierarchy must be 'flat' .* or 'node'"),
     ],
 )
-def test_bad_arguments_fail_at_construction(kwargs: dict, pattern: str) -> None:
+@pytest.mark.parametrize("strategy", [GMCStrategy, GMCFabricStrategy])
+def test_bad_arguments_fail_at_construction(strategy: type, kwargs: dict, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
-        GMCStrategy(**kwargs)
+        strategy(**kwargs)
 
 
 @pytest.mark.parametrize(
     "key",
     ["ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period", "mixed_precision"],
 )
-def test_conflicting_ddp_arguments_are_rejected(key: str) -> None:
+@pytest.mark.parametrize("strategy", [GMCStrategy, GMCFabricStrategy])
+def test_conflicting_ddp_arguments_are_rejected(strategy: type, key: str) -> None:
     with pytest.raises(ValueError, match=f"does not accept `{key}`"):
-        GMCStrategy(**{key: object()})
-    GMCStrategy(**{key: None})  # LightningCLI passes every DDP argument, None when unused
+        strategy(**{key: object()})
+    strategy(**{key: None})  # LightningCLI passes every DDP argument, None when unused
 
 
 def _state() -> GMCHookState:

@@ -3,7 +3,8 @@ simulator with K = 2 workers fed each node's mean gradient, exactly; plus topolo
 
 The ranks are started the way torchrun starts them (RANK and WORLD_SIZE in the environment); ranks
 0, 1 form node 0 and ranks 2, 3 node 1. One launch runs every case, each interrupted by a checkpoint
-and resumed in the same processes.
+and resumed in the same processes. The Trainer (GMCStrategy) and Fabric (GMCFabricStrategy) runs
+start one process per node with NODE_RANK set, and the strategy starts the node's second rank.
 """
 
 from __future__ import annotations
@@ -15,16 +16,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from helpers import REPO, RUNNER, _free_port, loss_fn, lr_at, make_dataset, make_model, rank_batch
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gmc import GMCConfig, GMCHookState, Simulator
+from lightning_gmc import GMCConfig, GMCFabricStrategy, GMCHookState, GMCStrategy, Simulator
+from lightning_gmc._adapter import check_node_layout
 from lightning_gmc.hook.hierarchy import assign_owners, check_topology
 from lightning_gmc.methods import GroupHyper, ParameterTable
 from lightning_gmc.transport import ring_allreduce_bytes
 
 SCRIPT = Path(__file__).resolve().parent / "hierarchy_script.py"
+FABRIC_RUNNER = Path(__file__).resolve().parent / "fabric_runner.py"
 NODES, PER_NODE = 2, 2
 CFG: dict[str, Any] = {
     "model": "small",
@@ -208,6 +213,52 @@ def test_bad_topologies_are_rejected_with_the_fix() -> None:
         GMCConfig(hierarchy="nodes")  # type: ignore[arg-type]
 
 
+def test_ranks_not_numbered_node_by_node_are_rejected_with_the_fix() -> None:
+    # What every rank of GMCStrategy and GMCFabricStrategy checks, from all ranks' (node, local rank)
+    # as the cluster environment reports them; here SLURM's cyclic distribution of 4 tasks on 2 nodes.
+    cyclic = [(0, 0), (1, 0), (0, 1), (1, 1)]
+    expected = (
+        r"rank 1 is node 1, local rank 0 for Lightning, but node 0, local rank 1 by rank = node_rank \* "
+        r"devices \+ local_rank; the launcher numbers ranks differently. Use hierarchy='flat'."
+    )
+    with pytest.raises(RuntimeError, match=expected):
+        check_node_layout(cyclic, ranks_per_node=2)
+    check_node_layout([(0, 0), (0, 1), (1, 0), (1, 1)], ranks_per_node=2)
+
+
+class _Module(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_model("small")
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return loss_fn(self.net, *batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def test_trainer_and_fabric_refuse_a_single_node_alike() -> None:
+    """hierarchy='node' on one node of one device, in this process: both strategies stop before
+    training with the same message (their topology checks are one function)."""
+    trainer = L.Trainer(
+        strategy=GMCStrategy(hierarchy="node"),
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(ValueError, match="at least 2 nodes.*hierarchy='flat'") as from_trainer:
+        trainer.fit(_Module(), DataLoader(TensorDataset(*make_dataset(8)), batch_size=4))
+    fabric = L.Fabric(strategy=GMCFabricStrategy(hierarchy="node"), accelerator="cpu", devices=1)
+    with pytest.raises(ValueError, match="at least 2 nodes.*hierarchy='flat'") as from_fabric:
+        fabric.launch()
+    assert str(from_fabric.value) == str(from_trainer.value)
+
+
 def test_node_state_needs_its_groups_before_attach() -> None:
     model = make_model("small")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -228,6 +279,28 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
+def _launch_nodes(runner: Path, tmp_path: Path, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Start ``runner`` once per node with NODE_RANK set (as a cluster does; Lightning or Fabric
+    starts each node's other ranks) and return every rank's result."""
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "out_dir": str(tmp_path)}))
+    env = _clean_env()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(runner), str(tmp_path / "config.json")],
+            cwd=tmp_path,
+            env={**env, "NODE_RANK": str(node)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in range(NODES)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-4000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(NODES * PER_NODE)]
+
+
 def test_lightning_two_nodes_of_two_devices(tmp_path: Path) -> None:
     """GMCStrategy(hierarchy="node") with Trainer(num_nodes=2, devices=2): one process per node started
     from the environment (NODE_RANK, as a cluster does), Lightning starts each node's second rank. The
@@ -235,7 +308,6 @@ def test_lightning_two_nodes_of_two_devices(tmp_path: Path) -> None:
     steps = 3
     case = {"compressor": "topk", "density": 0.05}
     cfg = {
-        "out_dir": str(tmp_path),
         "model": "small",
         "lr": CFG["lr"],
         "momentum": 0.9,
@@ -248,23 +320,7 @@ def test_lightning_two_nodes_of_two_devices(tmp_path: Path) -> None:
         "bucket_cap_mb": CFG["bucket_cap_mb"],
         "strategy_kwargs": {"hierarchy": "node", **case},
     }
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    env = _clean_env()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(RUNNER), str(tmp_path / "config.json")],
-            cwd=tmp_path,
-            env={**env, "NODE_RANK": str(node)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for node in range(NODES)
-    ]
-    for proc in procs:
-        _, err = proc.communicate(timeout=240)
-        assert proc.returncode == 0, err[-4000:]
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(NODES * PER_NODE)]
+    results = _launch_nodes(RUNNER, tmp_path, cfg)
     expected = _replay(case, schedule="constant", steps=steps)[-1]
     for rank, result in enumerate(results):
         assert result["global_step"] == steps
@@ -276,3 +332,35 @@ def test_lightning_two_nodes_of_two_devices(tmp_path: Path) -> None:
     numel = sum(p.numel() for p in make_model("small").parameters())
     assert all(r["gmc/bytes_sent_intra"] == ring_allreduce_bytes(4 * numel, PER_NODE) * 4 for r in logged)
     assert all(0 < r["gmc/bytes_sent_inter"] < expected["bytes_sent"] for r in logged)
+
+
+def test_fabric_two_nodes_of_two_devices(tmp_path: Path) -> None:
+    """GMCFabricStrategy(hierarchy="node") with Fabric(num_nodes=2, devices=2), started as the Trainer
+    run above: the topology comes from Fabric, and a GMC+ loop (gradients at each node's detached
+    point) equals the simulator with one worker per node."""
+    steps = 3
+    case = {"compressor": "topk", "density": 0.05, "detach": 0.5}
+    cfg = {
+        "model": "small",
+        "lr": CFG["lr"],
+        "momentum": 0.9,
+        "weight_decay": 1e-3,
+        "batch_size": CFG["batch_size"],
+        "num_samples": CFG["num_samples"],
+        "steps": steps,
+        "devices": PER_NODE,
+        "num_nodes": NODES,
+        "strategy_kwargs": {"hierarchy": "node", "bucket_cap_mb": CFG["bucket_cap_mb"], **case},
+    }
+    results = _launch_nodes(FABRIC_RUNNER, tmp_path, cfg)
+    expected = _replay(case, schedule="constant", steps=steps)[-1]
+    for rank, result in enumerate(results):
+        assert result["topology"] == {"hierarchy": "node", "num_nodes": NODES, "ranks_per_node": PER_NODE}
+        assert result["gmc_step"] == steps
+        assert _equal(result["params"], expected["params"]), f"rank {rank}"
+        residual = result["gmc_state"]["local"]["residual"]
+        assert _equal(residual, expected["residual"][rank // PER_NODE]), f"rank {rank}"
+    numel = sum(p.numel() for p in make_model("small").parameters())
+    metrics = results[0]["metrics"]  # the last step's
+    assert metrics["gmc/bytes_sent_intra"] == ring_allreduce_bytes(4 * numel, PER_NODE) * 4
+    assert 0 < metrics["gmc/bytes_sent_inter"] < expected["bytes_sent"]
