@@ -1,9 +1,11 @@
 """What a user sees from GMCStrategy: the run summary line, progress-bar metrics, the gradient-clipping
-policy and command-line overrides of single strategy fields (one process, CPU)."""
+policy, command-line overrides of single strategy fields and the signature both strategies show
+(one process, CPU)."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from helpers import REPO
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gmc import GMCConfig, GMCHookState, GMCStrategy
+from lightning_gmc import GMCConfig, GMCFabricStrategy, GMCHookState, GMCStrategy
 from lightning_gmc.methods import GMC
 
 
@@ -172,3 +174,22 @@ def test_run_summary_is_printed_without_logging_configuration(tmp_path: Path) ->
     assert len(lines) == 1, proc.stderr[-3000:]
     for expected in ("compressor=RandomBlock(density=0.01, wire_dtype='fp32')", "detach=0.5"):
         assert expected in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("strategy", [GMCStrategy, GMCFabricStrategy])
+def test_every_config_field_is_a_typed_documented_argument(strategy: type) -> None:
+    # The strategies build their GMCConfig from their arguments by name; users and LightningCLI read
+    # the signature and the docstring, so each field must be an explicit, typed, documented argument
+    # with the config's default (None for the option dicts).
+    parameters = inspect.signature(strategy.__init__).parameters
+    doc = strategy.__doc__ or ""
+    for field in dataclasses.fields(GMCConfig):
+        parameter = parameters[field.name]
+        assert parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, field.name
+        assert parameter.annotation is not inspect.Parameter.empty, field.name
+        default = None if field.default is dataclasses.MISSING else field.default
+        assert parameter.default == default, field.name
+        assert f"\n        {field.name}: " in doc, field.name
+    assert "{gmc_arguments}" not in doc
+    config = strategy(method_options=None, compressor_options=None, hierarchy="node").gmc_config
+    assert (config.method_options, config.compressor_options, config.hierarchy) == ({}, {}, "node")
