@@ -58,3 +58,52 @@ def test_def_a_keeps_the_evaluation_it_was_given() -> None:
     assert build_method("def_a", TOPK, evaluation="x_t").evaluation == "x_t"  # type: ignore[attr-defined]
     assert build_method("def_a", TOPK).evaluation_point == "params_minus_mean_residual"
     assert build_method("def_a", TOPK, evaluation="x_t").evaluation_point == "params"
+
+
+TOPK_LABEL = "topk, density=0.1"
+
+
+@pytest.mark.parametrize(
+    ("method", "compressor", "options", "label"),
+    [
+        ("gmc", "topk", {}, f"gmc with {TOPK_LABEL}, momentum_lr_convention=prev"),
+        ("gmc", "topk", {"detach": 0.5}, f"gmc+ (detach=0.5) with {TOPK_LABEL}, momentum_lr_convention=prev"),
+        (
+            "dgc",
+            "topk",
+            {"clip_norm": 2.0, "sparsity_warmup": True, "momentum_masking": False},
+            "dgc (momentum_masking=False, clip_norm=2, sparsity_warmup=0.25/0.1/0.1/0.1, "
+            f"weight_decay_mode=compressed) with {TOPK_LABEL}",
+        ),
+        ("dgc", "topk", {}, f"dgc (momentum_masking=True, weight_decay_mode=compressed) with {TOPK_LABEL}"),
+        ("def_a", "topk", {"evaluation": "x_t"}, f"def_a (detach=0.3, evaluation=x_t) with {TOPK_LABEL}"),
+        ("cser", "topk", {}, f"cser (H=16) with C1={TOPK_LABEL}, C2=topk, density=1"),
+        ("dmsgd", "none", {}, "dmsgd (dense)"),
+    ],
+)
+def test_the_method_label_names_every_option_that_changes_the_algorithm(
+    method: str, compressor: str, options: dict[str, object], label: str
+) -> None:
+    # The label is the run's summary line and what a checkpoint's resume compares.
+    built = build_method(method, build_compressor(compressor, density=0.1), **options)
+    assert built.describe() == label
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "label"),
+    [
+        ("none", {}, "none"),
+        ("none", {"wire_dtype": "bf16"}, "none, wire_dtype=bf16"),
+        ("rbgs", {"density": 0.1, "wire_dtype": "fp16"}, "rbgs, density=0.1, wire_dtype=fp16"),
+        ("topk", {"density": 0.1}, TOPK_LABEL),
+        (
+            "topk_approx",
+            {"density": 0.1, "sample_ratio": 0.05},
+            "topk_approx, density=0.1, sample_ratio=0.05",
+        ),
+    ],
+)
+def test_the_compressor_label_names_its_options_and_a_16_bit_wire(
+    name: str, options: dict[str, object], label: str
+) -> None:
+    assert build_compressor(name, **options).describe() == label
