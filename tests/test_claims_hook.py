@@ -281,3 +281,13 @@ def test_hook_metrics_report_the_residual_norm_and_count_skips_over_the_run() ->
     run.nonfinite_at = 4
     run.train(range(3, STEPS))
     assert run.state.take_metrics()["nonfinite_skips"] == 2  # a run total, like the byte totals
+
+
+def test_resume_restores_the_run_totals_of_the_metrics() -> None:
+    first = HookRun("prev", nonfinite_at=1)
+    first.train(range(STEPS // 2))
+    saved_state = first.state.state_dict()
+    resumed = HookRun("prev")
+    resumed.state.load_state_dict(saved_state)
+    resumed.train(range(STEPS // 2, STEPS))
+    assert resumed.state.take_metrics()["nonfinite_skips"] == 1  # the skip before the checkpoint
