@@ -94,10 +94,10 @@ def summarise(statuses: Iterable[tuple[str, str]], classes: dict[str, str]) -> s
     equivalent = sum(counted[name] for name in EQUIVALENT)
     scored = total["killed"] + total["survived"] + total["timeout"]
     if scored:
+        killed, rest = total["killed"], scored - equivalent
         rows.append(
-            f"\nRaw score {100 * total['killed'] / scored:.1f} % ({total['killed']} of {scored}); "
-            f"without the {equivalent} equivalent survivors "
-            f"{100 * total['killed'] / (scored - equivalent):.1f} % ({total['killed']} of {scored - equivalent})."
+            f"\nRaw score {100 * killed / scored:.1f} % ({killed} of {scored}); without the "
+            f"{equivalent} equivalent survivors {100 * killed / rest:.1f} % ({killed} of {rest})."
         )
     return "\n".join(rows)
 
