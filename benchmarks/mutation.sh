@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of lightning_gmc/methods/, lightning_gmc/transport/, lightning_gmc/hook/ and
-# lightning_gmc/compressors/sparse.py with mutmut (docs/testing.md, "Mutation testing"). Not in CI.
+# lightning_gmc/compressors/sparse.py (with its index helpers, selection.py) with mutmut (docs/testing.md, "Mutation testing"). Not in CI.
 #
 #   .venv/bin/pip install -e ".[mutation]"
 #   bash benchmarks/mutation.sh                          # every mutant
@@ -10,8 +10,8 @@
 # in pyproject.toml once to record which test reaches which function, then runs, for each mutant, only
 # the tests that reach the mutated function. The multi-process tests are not in that subset (too slow
 # per mutant); benchmarks/planted_bugs.py runs them against hand-planted bugs instead. The summary
-# (per file: killed, survived, no test reaches it) is printed and written to mutants/summary.md;
-# `.venv/bin/mutmut show NAME` prints one mutant's diff.
+# (per file: killed, survived, no test reaches it; the survivors by class) is printed and written to
+# mutants/summary.md, and every survivor's diff, grouped by class, to mutants/survivors.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
@@ -23,4 +23,4 @@ if [ "$#" -eq 0 ]; then
 fi
 nice -n 10 "$PYTHON" -m mutmut run --max-children "$JOBS" "$@" >/dev/null
 "$PYTHON" -m mutmut results --all true >mutants/results.txt
-"$PYTHON" benchmarks/mutation_summary.py mutants/results.txt | tee mutants/summary.md
+"$PYTHON" benchmarks/mutation_summary.py  # prints; writes mutants/summary.md and mutants/survivors.md

@@ -268,3 +268,26 @@ def test_gathered_state_of_another_world_size_errors_or_resets_residuals() -> No
     same.state.load_state_dict(block)
     for name, tensor in block["per_rank_local"][0]["buffers"]["residual"].items():
         assert torch.equal(same.state.state_dict()["local"]["residual"][name], tensor), name
+
+
+def test_hook_metrics_report_the_residual_norm_and_count_skips_over_the_run() -> None:
+    run = HookRun("prev", nonfinite_at=1)
+    run.train(range(3))
+    first = run.state.take_metrics()
+    residual = torch.cat([t.reshape(-1) for t in run.buffer("residual").values()])
+    assert residual.abs().sum() > 0
+    assert first["residual_norm"] == pytest.approx(float(residual.double().square().sum()) ** 0.5, rel=1e-6)
+    assert first["nonfinite_skips"] == 1
+    run.nonfinite_at = 4
+    run.train(range(3, STEPS))
+    assert run.state.take_metrics()["nonfinite_skips"] == 2  # a run total, like the byte totals
+
+
+def test_resume_restores_the_run_totals_of_the_metrics() -> None:
+    first = HookRun("prev", nonfinite_at=1)
+    first.train(range(STEPS // 2))
+    saved_state = first.state.state_dict()
+    resumed = HookRun("prev")
+    resumed.state.load_state_dict(saved_state)
+    resumed.train(range(STEPS // 2, STEPS))
+    assert resumed.state.take_metrics()["nonfinite_skips"] == 1  # the skip before the checkpoint

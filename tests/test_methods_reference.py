@@ -95,8 +95,8 @@ def test_dgc_identity_with_masking_is_plain_sgd() -> None:
     close(xs[0], torch_sgd(COSINE, 0.0))
 
 
-def test_dgc_local_clipping_is_per_parameter_with_threshold_over_sqrt_k() -> None:
-    theta = 1.5
+@pytest.mark.parametrize("theta", [1.5, 7.5])  # every parameter clipped; only the larger ones
+def test_dgc_local_clipping_is_per_parameter_with_threshold_over_sqrt_k(theta: float) -> None:
     xs, _ = simulate("dgc", "none", COSINE, momentum_masking=False, clip_norm=theta)
     expected = torch_sgd(COSINE, BETA, clip=theta / math.sqrt(K))
     close(xs[0], expected)

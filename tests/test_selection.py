@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_gmc.compressors import RandomStreams, TopKApprox, segments_from_numels
+from lightning_gmc.compressors import RandomStreams, TopKApprox, mix_seed, segments_from_numels
 from lightning_gmc.compressors.selection import random_subset
 
 CPU = torch.device("cpu")
@@ -62,3 +62,17 @@ def test_topk_approx_selects_exactly_the_top_k_set(ratio: float) -> None:
             expected = torch.topk(x[offset : offset + n].abs(), k).indices + offset
             assert set(mine.tolist()) == set(expected.tolist()), (n, step)
             offset += n
+
+
+def test_topk_approx_falls_back_to_exact_top_k_when_the_sample_overshoots() -> None:
+    # Put the largest values exactly on the strided sample: the sampled threshold then admits only a
+    # few more than the expected count of the sample (12 here), far fewer than k = 400.
+    n, density, seed, step, rank = 20_000, 0.02, 1, 0, 0
+    compressor = TopKApprox(density, sample_ratio=0.01)
+    stride = n // 200  # 200 samples: max(0.01 n, 2 / density)
+    start = mix_seed(seed, step, 0, rank) % stride
+    x = torch.rand(n, generator=torch.Generator().manual_seed(0)) * 1e-3
+    x[start::stride] += 10.0 + torch.arange(200, dtype=torch.float32)
+    plan = compressor.plan(segments_from_numels([n]))
+    sent = compressor.compress(x, plan, RandomStreams(seed=seed, rank=rank), step).tensors["indices"]
+    assert set(sent.tolist()) == set(torch.topk(x, 400).indices.tolist())

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from lightning_gmc import Simulator
-from lightning_gmc.transport import CommStats
+from lightning_gmc.transport import CommStats, Exchange, InProcessCollectives
+from lightning_gmc.transport.support import LeaderSupport
 
 D = 40
 K_TOPK = 4  # 3 of the 30-element parameter + 1 of the 10-element one
@@ -76,6 +77,9 @@ CASES: dict[str, tuple[dict[str, object], int, Callable[[int], Expected]]] = {
     ),
     # Natural compression: 9 bits per element packed into ceil(360 / 8) = 45 bytes, all-gathered.
     "natural_allgather": ({"compressor": "natural"}, 2, lambda t: (45, 45, 360, 1, D)),
+    # Natural compression with 8 workers: an all-gather of 7 * 45 bytes would exceed a ring all-reduce
+    # of the 160-byte bucket (280 bytes), so the decoded vectors are all-reduced densely.
+    "natural_dense_fallback": ({"compressor": "natural"}, 8, lambda t: (4 * D, _ring(4 * D, 8), 360, 1, D)),
     # Dense momentum SGD: the fp32 bucket, all-reduced.
     "dense": ({"method": "dmsgd", "compressor": "none"}, 4, lambda t: (4 * D, _ring(4 * D, 4), 32 * D, 1, D)),
     # One worker: nothing crosses a link, but RCC still counts the message.
@@ -123,6 +127,7 @@ def test_bytes_collectives_and_density_per_step_and_in_total(case: str) -> None:
         ("one_worker", lambda: 64 * K_TOPK),
         ("rbgs_allreduce", lambda: 32 * K_TOPK),  # the shared block: values only
         ("natural_allgather", lambda: 32 * D),  # the aggregate of quantized vectors is dense fp32
+        ("natural_dense_fallback", lambda: 32 * D),
         ("dense", lambda: 32 * D),
         # the leader's indices go up and come down once (2 * 128 bits), the summed values down
         ("topk_shared", lambda: 2 * 128 + 32 * K_TOPK),
@@ -176,3 +181,18 @@ def test_skipped_buckets_are_counted_in_the_state() -> None:
     restored = CommStats()
     restored.load_state_dict(stats.state_dict())
     assert restored.take_step()["nonfinite_skips"] == 2
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_deferred_accounting_equals_eager_accounting_on_every_taken_step(case: str) -> None:
+    # The DDP hook defers RCC's download count to the steps whose metrics are taken; taken every
+    # step, it must report what the simulator's eager accounting reports.
+    options, workers, _ = CASES[case]
+    eager = Simulator(dict(SHAPES), workers, **options)  # type: ignore[arg-type]
+    deferred = Simulator(dict(SHAPES), workers, **options)  # type: ignore[arg-type]
+    deferred.stats = CommStats(defer_rcc=True)
+    deferred.exchange = Exchange(InProcessCollectives(workers), deferred.stats)
+    deferred.support = LeaderSupport(deferred.exchange.collectives, deferred.stats)
+    for eager_step, deferred_step in zip(_run(eager, 3), _run(deferred, 3), strict=True):
+        assert deferred_step == pytest.approx(eager_step, rel=1e-12)
+        assert deferred_step["rcc_step"] > 0

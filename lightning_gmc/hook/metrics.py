@@ -36,6 +36,13 @@ class HookMetrics:
             pending if self._nonfinite_pending is None else self._nonfinite_pending + pending
         )
 
+    def flush_nonfinite(self) -> None:
+        """Fold the skipped-bucket events not read yet into the run total (one host sync), so that
+        a checkpoint written between logging steps keeps them."""
+        pending, self._nonfinite_pending = self._nonfinite_pending, None
+        if pending is not None:
+            self.stats.nonfinite_skips += int(pending.item())
+
     def take(self, worker: WorkerState | None) -> dict[str, float]:
         """This step's traffic metrics plus the residual norm; resets the per-step counters.
 

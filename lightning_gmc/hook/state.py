@@ -215,6 +215,7 @@ class GMCHookState:
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: step, learning-rate history, shared and local buffers, traffic totals."""
         worker = self._attached_worker("state_dict()")
+        self.metrics.flush_nonfinite()
         return codec.encode_rank_state(self.method, self.clock, worker, self.stats)
 
     def gathered_state_dict(self) -> dict[str, Any]:
