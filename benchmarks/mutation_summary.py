@@ -125,9 +125,8 @@ def _changed_lines(diff: str) -> tuple[list[str], list[str]]:
 
 
 def main() -> int:
-    from mutmut import __main__ as mutmut  # the mutation extra; read from the run's mutants/
+    from mutmut import __main__ as mutmut  # the mutation extra; reads the run's mutants/ (config lazily)
 
-    mutmut.ensure_config_loaded()
     statuses, classes, diffs = [], {}, defaultdict(list)
     for path in mutmut.walk_mutatable_files():
         data = mutmut.SourceFileMutationData(path=path)

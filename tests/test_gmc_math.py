@@ -103,7 +103,7 @@ def _gmc_by_hand(compress, density, lrs, detach=0.0, convention="prev"):
     return w
 
 
-def _gmc_simulated(compressor, density, lrs, detach=0.0, convention="prev", seed=0):
+def _gmc_simulated(compressor, density, lrs, detach=0.0, convention="prev", seed=0, momentum=BETA):
     d, grad = _problem()
     sim = Simulator(
         {name: torch.zeros(shape) for name, shape in SHAPES.items()},
@@ -111,7 +111,7 @@ def _gmc_simulated(compressor, density, lrs, detach=0.0, convention="prev", seed
         method="gmc",
         compressor=compressor,
         density=density,
-        momentum=BETA,
+        momentum=momentum,
         weight_decay=WD,
         seed=seed,
         detach=detach,
@@ -157,12 +157,13 @@ def test_conventions_differ_only_when_the_lr_changes() -> None:
     assert not torch.allclose(c, d)
 
 
-def test_identity_compressor_equals_torch_sgd_momentum() -> None:
+@pytest.mark.parametrize("momentum", [BETA, 0.0])  # 0: plain SGD on the mean gradient
+def test_identity_compressor_equals_torch_sgd_momentum(momentum: float) -> None:
     d, grad = _problem()
     lrs = COSINE
-    actual, _ = _gmc_simulated("none", 1.0, lrs)
+    actual, _ = _gmc_simulated("none", 1.0, lrs, momentum=momentum)
     w = torch.zeros(d, requires_grad=True)
-    optimizer = torch.optim.SGD([w], lr=lrs[0], momentum=BETA, weight_decay=WD)
+    optimizer = torch.optim.SGD([w], lr=lrs[0], momentum=momentum, weight_decay=WD)
     for t, lr in enumerate(lrs):
         for group in optimizer.param_groups:
             group["lr"] = lr
