@@ -116,3 +116,21 @@ def test_torch_collectives_on_a_one_rank_group() -> None:
     assert backend.all_gather_bytes([send], out).wait().tolist() == [0, 1, 2, 3]
     ids = torch.tensor([7, 9], dtype=torch.int32)
     assert backend.broadcast([ids], src=0).wait().tolist() == [7, 9]
+
+
+def test_start_refuses_messages_or_buckets_of_another_worker_count() -> None:
+    comp = build_compressor("topk", density=0.1)
+    method = build_method("gmc", comp)
+    table = ParameterTable(("w",), (torch.Size([NUMEL]),), (0,))
+    states = [WorkerState(method, table, torch.device("cpu"), rank, seed=5) for rank in range(2)]
+    buckets = [state.bucket((0,)) for state in states]
+    plan = buckets[0].plan(comp)
+    x = torch.randn(NUMEL, generator=torch.Generator().manual_seed(0))
+    messages = [[Message(comp, plan, comp.compress(x, plan, states[k].rng, 0))] for k in range(2)]
+    exchange = Exchange(InProcessCollectives(2), CommStats())
+    with pytest.raises(ValueError, match="2 local workers"):
+        exchange.start(messages, buckets[:1], step=0)
+    with pytest.raises(ValueError, match="2 local workers"):
+        exchange.start(messages[:1], buckets, step=0)
+    with pytest.raises(ValueError, match="every worker must send 1 messages"):
+        exchange.start([messages[0], messages[1] * 2], buckets, step=0)

@@ -196,3 +196,24 @@ def test_deferred_accounting_equals_eager_accounting_on_every_taken_step(case: s
     for eager_step, deferred_step in zip(_run(eager, 3), _run(deferred, 3), strict=True):
         assert deferred_step == pytest.approx(eager_step, rel=1e-12)
         assert deferred_step["rcc_step"] > 0
+
+
+def test_a_step_of_several_buckets_and_supports_adds_them_up() -> None:
+    # The DDP hook records every bucket of a step (the simulator has one): counts add up per step.
+    stats = CommStats()
+    for numel in (30, 10):
+        stats.record_bucket(numel, 4, 4, step=0)
+        stats.record_support(4 * 2, 4, step=0)  # 2 int32 leader indices
+        stats.record_message("allreduce", 4, 4 * 2, 2, 64.0, step=0)
+    taken = stats.take_step()
+    assert taken["dense_bytes"] == pytest.approx(_ring(4 * 40, 4), rel=1e-12)
+    assert taken["density"] == pytest.approx(4 / 40, rel=1e-12)
+    assert taken["collectives"] == 4 and taken["bytes_to_collectives"] == 4 * 8
+    assert taken["bytes_sent"] == pytest.approx(2 * (3 / 4 * 8 + _ring(8, 4)), rel=1e-12)
+    # RCC: the indices up and down (2 * 64 bits each), the values up from 4 workers; no download here
+    assert taken["rcc_step"] == pytest.approx(2 * (2 * 64 + 4 * 64) / (5 * 32 * 40), rel=1e-12)
+
+
+def test_a_step_without_traffic_reports_zeros() -> None:
+    taken = CommStats().take_step()
+    assert taken["density"] == taken["rcc"] == taken["rcc_step"] == taken["bytes_sent"] == 0.0
