@@ -1,4 +1,4 @@
-"""Issue 4: every bit-budget compressor trains a tiny model with GMC on 2 gloo ranks.
+"""Every bit-budget compressor trains a tiny model with GMC on 2 gloo ranks.
 
 Uses the shared launcher (``helpers.run_distributed``): Lightning starts 2 CPU ranks on gloo, three
 optimizer steps are taken, and each rank reports its parameters and logged metrics. The payloads of
