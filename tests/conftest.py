@@ -21,6 +21,16 @@ def _restore_environment() -> Iterator[None]:
     os.environ.update(saved)
 
 
+@pytest.fixture(autouse=True)
+def _no_process_group_left_behind() -> Iterator[None]:
+    # An in-process Trainer or Fabric (devices=1) leaves its one-rank default group initialised. Torn
+    # down here, no test inherits it; under mutation testing, whose workers fork after the test run
+    # that maps tests to functions, an inherited gloo group has no threads and would hang.
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @pytest.fixture
 def single_rank_group() -> Iterator[None]:
     """A fresh world-size-1 gloo group for plain-DDP tests, torn down so later in-process Trainers
