@@ -144,3 +144,32 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# ------------------------------------------------- assertions on run_distributed results
+def assert_two_buckets(results: list[dict[str, Any]], steps: int) -> None:
+    """Every rank trained ``steps`` steps over at least two DDP buckets, the hook running for each."""
+    for r in results:
+        assert len(r["bucket_numels"]) >= 2, r["bucket_numels"]
+        # step 0 runs with DDP's single bucket, later steps with the rebuilt layout: the hook ran for
+        # every bucket of every step (on CPU too, where Lightning would skip registering it).
+        assert r["hook_calls"] == 1 + (steps - 1) * len(r["bucket_numels"])
+        assert r["gmc_step"] == steps
+
+
+def assert_replicas_identical(results: list[dict[str, Any]]) -> None:
+    """Rank 1's parameters equal rank 0's, bit for bit."""
+    for name, tensor in results[0]["params"].items():
+        assert torch.equal(tensor, results[1]["params"][name]), name
+
+
+def assert_resumed_bitwise(straight: list[dict[str, Any]], resumed: list[dict[str, Any]]) -> None:
+    """Per rank, a resumed run's parameters and every GMC buffer (local and shared) equal the
+    uninterrupted run's, bit for bit."""
+    for rank, (run, again) in enumerate(zip(straight, resumed, strict=True)):
+        for name, tensor in run["params"].items():
+            assert torch.equal(again["params"][name], tensor), (rank, name)
+        for scope in ("local", "shared"):
+            for buffer, by_name in run["gmc_state"][scope].items():
+                for name, tensor in by_name.items():
+                    assert torch.equal(again["gmc_state"][scope][buffer][name], tensor), (rank, buffer, name)

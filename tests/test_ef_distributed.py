@@ -15,7 +15,15 @@ import pytest
 import torch
 from distributed_runner import Module
 from gmc_reference import Compress, assert_close, identity_by_hand, rbgs_by_hand, topk_by_hand
-from helpers import loss_fn, make_dataset, rank_batch, run_distributed
+from helpers import (
+    assert_replicas_identical,
+    assert_resumed_bitwise,
+    assert_two_buckets,
+    loss_fn,
+    make_dataset,
+    rank_batch,
+    run_distributed,
+)
 
 from lightning_gmc import Simulator
 
@@ -28,18 +36,6 @@ BASE = {
     "schedule": "cosine",
     "batch_size": 16,
 }
-
-
-def _assert_two_buckets(results: list[dict[str, Any]], steps: int) -> None:
-    for r in results:
-        assert len(r["bucket_numels"]) >= 2, r["bucket_numels"]
-        assert r["hook_calls"] == 1 + (steps - 1) * len(r["bucket_numels"])
-        assert r["gmc_step"] == steps
-
-
-def _assert_replicas_identical(results: list[dict[str, Any]]) -> None:
-    for name, tensor in results[0]["params"].items():
-        assert torch.equal(tensor, results[1]["params"][name]), name
 
 
 def _residual(result: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -164,8 +160,8 @@ def test_identity_compressor_with_adamw_equals_ddp_strategy(tmp_path: Path) -> N
     cfg = {**BASE, "total_steps": steps, "max_steps": steps}
     ef = run_distributed(tmp_path, {**cfg, "strategy_kwargs": {"method": "ef", "compressor": "none"}})
     ddp = run_distributed(tmp_path, {**cfg, "strategy": "ddp"})
-    _assert_two_buckets(ef, steps)
-    _assert_replicas_identical(ef)
+    assert_two_buckets(ef, steps)
+    assert_replicas_identical(ef)
     for name, expected in ddp[0]["params"].items():
         torch.testing.assert_close(ef[0]["params"][name], expected, rtol=0, atol=1e-6)
     # AdamW kept its own hyper-parameters (decoupled decay per group) and state, as under DDP
@@ -198,8 +194,8 @@ def test_identity_compressor_equals_dense_training_with_the_users_optimizer(
     steps = 20
     cfg = {**BASE, **optimizer, "total_steps": steps, "max_steps": steps}
     ef = run_distributed(tmp_path, {**cfg, "strategy_kwargs": {"method": "ef", "compressor": "none"}})
-    _assert_two_buckets(ef, steps)
-    _assert_replicas_identical(ef)
+    assert_two_buckets(ef, steps)
+    assert_replicas_identical(ef)
     dense = replay_ef(cfg, identity_by_hand(), steps)
     assert_close(ef[0]["params"], dense["params"], rtol=0, atol=1e-6)
     if optimizer["optimizer"] == "sgd":  # the takeover would have refused Nesterov; ef keeps it
@@ -220,8 +216,8 @@ def test_topk_with_adamw_equals_ef_by_hand_and_the_simulator_across_a_nonfinite_
     }
     # rank 0's gradient is NaN at step 2: the default policy sends zero for it that step
     results = run_distributed(tmp_path, {**cfg, "nan_at_step": 2, "nan_rank": 0})
-    _assert_two_buckets(results, steps)
-    _assert_replicas_identical(results)
+    assert_two_buckets(results, steps)
+    assert_replicas_identical(results)
     skips = [m["gmc/nonfinite_skips"] for m in results[0]["metrics"] if "gmc/nonfinite_skips" in m]
     assert skips == [0, 0] + [len(results[0]["bucket_numels"])] * (steps - 2)
     by_hand = replay_ef(cfg, topk_by_hand(density), steps, zero_gradient=(2, 0))
@@ -253,13 +249,10 @@ def test_resume_with_rbgs_and_adamw_is_bitwise_equal_to_an_uninterrupted_run(tmp
     ckpt = str(tmp_path / "half.ckpt")
     first = run_distributed(tmp_path, {**cfg, "max_epochs": 1, "save_checkpoint": ckpt})
     resumed = run_distributed(tmp_path, {**cfg, "max_epochs": 2, "resume_from": ckpt})
-    _assert_two_buckets(straight, steps)
+    assert_two_buckets(straight, steps)
     assert first[0]["gmc_step"] == steps // 2 and resumed[0]["gmc_step"] == steps
+    assert_resumed_bitwise(straight, resumed)
     for rank in range(2):
-        for name, tensor in straight[rank]["params"].items():
-            assert torch.equal(resumed[rank]["params"][name], tensor), (rank, name)
-        for name, tensor in straight[rank]["gmc_state"]["local"]["residual"].items():
-            assert torch.equal(resumed[rank]["gmc_state"]["local"]["residual"][name], tensor), (rank, name)
         # AdamW's moments came back through Lightning's optimizer state
         for index, state in straight[rank]["optimizer_state"]["state"].items():
             for key in ("exp_avg", "exp_avg_sq"):
@@ -283,8 +276,8 @@ def test_gradient_accumulation_compresses_once_per_optimizer_step(tmp_path: Path
         "max_steps": steps,
     }
     results = run_distributed(tmp_path, cfg)
-    _assert_two_buckets(results, steps)
-    _assert_replicas_identical(results)
+    assert_two_buckets(results, steps)
+    assert_replicas_identical(results)
     by_hand = replay_ef(cfg, topk_by_hand(0.05), steps)
     assert_close(results[0]["params"], by_hand["params"])
     for rank in range(2):
@@ -300,8 +293,8 @@ def test_ef21_with_topk_and_adamw_equals_the_rule_by_hand(tmp_path: Path) -> Non
         "strategy_kwargs": {"method": "ef21", "compressor": "topk", "density": 0.02},
     }
     results = run_distributed(tmp_path, cfg)
-    _assert_two_buckets(results, steps)
-    _assert_replicas_identical(results)
+    assert_two_buckets(results, steps)
+    assert_replicas_identical(results)
     by_hand = replay_ef(cfg, topk_by_hand(0.02), steps, ef21=True)
     assert_close(results[0]["params"], by_hand["params"])
     for rank in range(2):

@@ -13,27 +13,23 @@ from typing import Any
 import pytest
 import torch
 from gmc_reference import assert_close, rbgs_by_hand, replay_gmc, topk_by_hand
-from helpers import loss_fn, make_dataset, make_model, rank_batch, run_distributed, run_distributed_error
+from helpers import (
+    assert_replicas_identical,
+    assert_resumed_bitwise,
+    assert_two_buckets,
+    loss_fn,
+    make_dataset,
+    make_model,
+    rank_batch,
+    run_distributed,
+    run_distributed_error,
+)
 
 from lightning_gmc import Simulator
 from lightning_gmc.transport import ring_allreduce_bytes
 
 STEPS = 8
 BASE = {"model": "two_buckets", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "batch_size": 16}
-
-
-def _assert_two_buckets(results: list[dict[str, Any]], steps: int) -> None:
-    for r in results:
-        assert len(r["bucket_numels"]) >= 2, r["bucket_numels"]
-        # step 0 runs with DDP's single bucket, later steps with the rebuilt layout: the hook ran for
-        # every bucket of every step (on CPU too, where Lightning would skip registering it).
-        assert r["hook_calls"] == 1 + (steps - 1) * len(r["bucket_numels"])
-        assert r["gmc_step"] == steps
-
-
-def _assert_replicas_identical(results: list[dict[str, Any]]) -> None:
-    for name, tensor in results[0]["params"].items():
-        assert torch.equal(tensor, results[1]["params"][name]), name
 
 
 def _simulate(cfg: dict[str, Any], lrs: list[float]) -> dict[str, torch.Tensor]:
@@ -83,8 +79,8 @@ def test_identity_compressor_equals_ddp_with_sgd_momentum(tmp_path: Path) -> Non
     cfg["two_groups"] = True  # per-group lr / momentum / weight decay must be honoured
     gmc = run_distributed(tmp_path, {**cfg, "strategy_kwargs": {"compressor": "none"}})
     ddp = run_distributed(tmp_path, {**cfg, "strategy": "ddp"})
-    _assert_two_buckets(gmc, steps)
-    _assert_replicas_identical(gmc)
+    assert_two_buckets(gmc, steps)
+    assert_replicas_identical(gmc)
     for name, expected in ddp[0]["params"].items():
         torch.testing.assert_close(gmc[0]["params"][name], expected, rtol=0, atol=1e-6)
     # the optimizer's own momentum and weight decay were handed to the method
@@ -112,8 +108,8 @@ def test_two_ranks_equal_the_simulator(tmp_path: Path, strategy_kwargs: dict[str
         "count_collectives": True,
     }
     results = run_distributed(tmp_path, cfg)
-    _assert_two_buckets(results, STEPS)
-    _assert_replicas_identical(results)
+    assert_two_buckets(results, STEPS)
+    assert_replicas_identical(results)
     expected = _simulate(cfg, _lrs_per_step(results[0]))
     for name, tensor in expected.items():
         torch.testing.assert_close(results[0]["params"][name], tensor, rtol=1e-5, atol=1e-6)
@@ -167,16 +163,10 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path: Path) -> None
     ckpt = str(tmp_path / "half.ckpt")
     first = run_distributed(tmp_path, {**cfg, "max_epochs": 1, "save_checkpoint": ckpt})
     resumed = run_distributed(tmp_path, {**cfg, "max_epochs": 2, "resume_from": ckpt})
-    _assert_two_buckets(straight, STEPS)
+    assert_two_buckets(straight, STEPS)
     assert first[0]["gmc_step"] == STEPS // 2 and resumed[0]["gmc_step"] == STEPS
-    for rank in range(2):
-        for name, tensor in straight[rank]["params"].items():
-            assert torch.equal(resumed[rank]["params"][name], tensor), (rank, name)
-        for scope in ("local", "shared"):
-            for buffer, by_name in straight[rank]["gmc_state"][scope].items():
-                for name, tensor in by_name.items():
-                    assert torch.equal(resumed[rank]["gmc_state"][scope][buffer][name], tensor)
-        # the two ranks' residuals differ, so each rank really got its own back
+    assert_resumed_bitwise(straight, resumed)
+    # the two ranks' residuals differ, so each rank really got its own back
     assert not torch.equal(
         straight[0]["gmc_state"]["local"]["residual"]["net.0.weight"],
         straight[1]["gmc_state"]["local"]["residual"]["net.0.weight"],
@@ -227,8 +217,8 @@ def test_gradient_accumulation_steps_the_method_once_per_optimizer_step(tmp_path
         "max_steps": 4,
     }
     results = run_distributed(tmp_path, cfg)
-    _assert_two_buckets(results, 4)
-    _assert_replicas_identical(results)
+    assert_two_buckets(results, 4)
+    assert_replicas_identical(results)
     expected = _simulate(cfg, _lrs_per_step(results[0], acc=2))
     for name, tensor in expected.items():
         torch.testing.assert_close(results[0]["params"][name], tensor, rtol=1e-5, atol=1e-6)
@@ -237,7 +227,7 @@ def test_gradient_accumulation_steps_the_method_once_per_optimizer_step(tmp_path
 def test_nonfinite_gradient_is_skipped_without_poisoning_state(tmp_path: Path) -> None:
     cfg = {**BASE, "strategy_kwargs": {"compressor": "topk", "density": 0.05}, "max_steps": 6}
     results = run_distributed(tmp_path, {**cfg, "nan_at_step": 2, "nan_rank": 0})
-    _assert_replicas_identical(results)
+    assert_replicas_identical(results)
     for r in results:
         assert all(torch.isfinite(t).all() for t in r["params"].values())
         for by_name in r["gmc_state"]["local"].values():
@@ -298,7 +288,7 @@ def test_dense_fallback_past_the_crossover_keeps_the_maths(tmp_path: Path) -> No
         "count_collectives": True,
     }
     results = run_distributed(tmp_path, cfg)
-    _assert_replicas_identical(results)
+    assert_replicas_identical(results)
     calls = results[0]["collective_calls"]
     assert {kind for kind, _ in calls} == {"all_reduce"}
     numel = sum(t.numel() for t in results[0]["params"].values())
@@ -316,7 +306,7 @@ def test_bf16_parameters_keep_fp32_state(tmp_path: Path) -> None:
         "precision": "bf16-true",
     }
     results = run_distributed(tmp_path, cfg)
-    _assert_replicas_identical(results)
+    assert_replicas_identical(results)
     for r in results:
         assert all(t.dtype == torch.bfloat16 and torch.isfinite(t).all() for t in r["params"].values())
         for scope in ("local", "shared"):
