@@ -12,7 +12,7 @@ from torch.futures import Future
 
 from lightning_gmc.hook.hierarchy import NodeGroups
 from lightning_gmc.hook.state import GMCHookState
-from lightning_gmc.methods import BucketStep
+from lightning_gmc.methods import BucketState, BucketStep, GroupHyper
 
 __all__ = ["gmc_hook"]
 
@@ -22,6 +22,40 @@ def _read_params(params: list[Tensor]) -> Callable[[Tensor], None]:
         torch.cat([p.detach().reshape(-1).to(torch.float32) for p in params], out=out)
 
     return read
+
+
+def _screened_gradient(state: GMCHookState, bucket: dist.GradBucket) -> tuple[list[Tensor], Tensor, Tensor]:
+    """The bucket's parameters, its buffer, and the fp32 gradient the method reads (the buffer itself
+    for an fp32 bucket, a copy otherwise) after the ``nonfinite`` policy."""
+    params = bucket.parameters()
+    buffer = bucket.buffer()
+    grad = buffer if buffer.dtype == torch.float32 else buffer.to(torch.float32)
+    _screen_nonfinite(state, grad, len(params))
+    return params, buffer, grad
+
+
+def _method_step(
+    state: GMCHookState,
+    bucket_state: BucketState,
+    grad: Tensor,
+    params: list[Tensor],
+    hypers: list[GroupHyper],
+    bucket_index: int,
+) -> BucketStep:
+    """This rank's method step on ``grad`` (the parameters ``params``, in place: ``out`` is ``grad``)."""
+    worker = state.worker
+    assert worker is not None
+    return BucketStep(
+        bucket=bucket_state,
+        grad=grad,
+        out=grad,
+        hypers=hypers,
+        step=state.step,
+        rng=worker.rng,
+        world_size=state.exchange.world_size,
+        read_params=_read_params(params),
+        agree_support=state.support.bind(state.step, worker.rank, bucket_index),
+    )
 
 
 def _screen_nonfinite(state: GMCHookState, grad: Tensor, num_params: int) -> None:
@@ -65,23 +99,9 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
     if state.node_groups is not None:
         return _hierarchical_bucket(state, bucket, state.node_groups)
     hypers = state.begin_step()
-    params = bucket.parameters()
+    params, buffer, grad = _screened_gradient(state, bucket)
     bucket_state = state.worker.bucket(state.binding.parameter_indices(params))
-    buffer = bucket.buffer()
-    grad = buffer if buffer.dtype == torch.float32 else buffer.to(torch.float32)
-    _screen_nonfinite(state, grad, len(params))
-    world_size = state.exchange.world_size
-    step = BucketStep(
-        bucket=bucket_state,
-        grad=grad,
-        out=grad,
-        hypers=hypers,
-        step=state.step,
-        rng=state.worker.rng,
-        world_size=world_size,
-        read_params=_read_params(params),
-        agree_support=state.support.bind(state.step, state.worker.rank, bucket.index()),
-    )
+    step = _method_step(state, bucket_state, grad, params, hypers, bucket.index())
     messages = state.method.encode(step)
     future = state.exchange.start(
         [messages], [bucket_state], state.step, bucket.index(), dense_element_size=buffer.element_size()
@@ -116,11 +136,8 @@ def _hierarchical_bucket(state: GMCHookState, bucket: dist.GradBucket, groups: N
     worker = state.worker
     assert worker is not None
     hypers = state.begin_step()
-    params = bucket.parameters()
+    params, buffer, grad = _screened_gradient(state, bucket)
     layout = state.node_layout(state.binding.parameter_indices(params))
-    buffer = bucket.buffer()
-    grad = buffer if buffer.dtype == torch.float32 else buffer.to(torch.float32)
-    _screen_nonfinite(state, grad, len(params))
     ranks_per_node = groups.topology.ranks_per_node
     state.intra_traffic.record_allreduce(grad.numel() * grad.element_size(), ranks_per_node)
     dist.all_reduce(grad, group=groups.intra)
@@ -131,17 +148,7 @@ def _hierarchical_bucket(state: GMCHookState, bucket: dist.GradBucket, groups: N
         owned = bucket_state.workspace("node_grad")
         layout.gather(grad, owned)
         owned_params = [params[pos] for pos in layout.owned_positions]
-        step = BucketStep(
-            bucket=bucket_state,
-            grad=owned,
-            out=owned,
-            hypers=hypers,
-            step=state.step,
-            rng=worker.rng,
-            world_size=state.exchange.world_size,
-            read_params=_read_params(owned_params),
-            agree_support=state.support.bind(state.step, worker.rank, bucket.index()),
-        )
+        step = _method_step(state, bucket_state, owned, owned_params, hypers, bucket.index())
         messages = state.method.encode(step)
         means = state.exchange.start([messages], [bucket_state], state.step, bucket.index()).wait()
         state.method.decode(step, means[0])
