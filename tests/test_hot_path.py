@@ -162,14 +162,10 @@ def test_identity_sends_its_staged_buffer_and_decodes_the_mean_into_it(name: str
     w = {"a": torch.randn(6, generator=gen), "b": torch.randn(3, generator=gen)}
     for _ in range(2):
         grads = [{k: torch.randn(v.shape, generator=gen) for k, v in w.items()} for _ in range(2)]
-        directions = sim.step(grads, sim.gradient_points(w, 0.1), 0.1)
+        sim.step(grads, sim.gradient_points(w, 0.1), 0.1)
         for worker, messages in enumerate(sent):
             (message,) = messages
             values = message.payload.tensors["values"]
             assert message.decode_into is not None
             assert values.data_ptr() == message.decode_into.data_ptr(), worker  # sent without a copy
             assert means[worker][0].data_ptr() == message.decode_into.data_ptr(), worker  # mean in place
-            direction = torch.cat([directions[worker]["a"], directions[worker]["b"]])
-            staged = message.decode_into
-            if not method.takes_over_optimizer:  # the caller's optimizer gets the mean itself
-                assert torch.equal(direction, staged)
