@@ -176,21 +176,26 @@ def ef_local_momentum_by_hand(compress: Compress, lrs: list[float]) -> torch.Ten
     return x
 
 
-def alg3_by_hand(compress: Compress, lrs: list[float]) -> torch.Tensor:
-    """Algorithm 3 (docs/algorithms.md 2.7): p = g + e; e = p - C(p); m = beta m + mean C(p); w -= lr m."""
+def alg3_by_hand(
+    compress: Compress, lrs: list[float], detach: float = 0.0
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Algorithm 3 (docs/algorithms.md 2.7), with the gradient taken at ``x_k = w - detach lr e_k``
+    (detach 0: the paper's Algorithm 3): p_k = e_k + g_k(x_k) + wd x_k; e_k = p_k - C(p_k);
+    m = beta m + mean_k C(p_k); w -= lr m. Returns w, the residuals and m."""
     w = W0.clone()
     m = torch.zeros(D, dtype=torch.float64)
     e = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
     for t, lr in enumerate(lrs):
         sent = []
         for k in range(K):
-            p = GRAD(k, w, t) + WD * w + e[k]
+            x = w - detach * lr * e[k]
+            p = e[k] + GRAD(k, x, t) + WD * x
             c = compress(p, DENSITY)[0]
             e[k] = p - c
             sent.append(c)
         m = BETA * m + sum(sent) / K
         w = w - lr * m
-    return w
+    return w, e, m
 
 
 def alg4_by_hand(compress: Compress, lrs: list[float]) -> torch.Tensor:

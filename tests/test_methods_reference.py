@@ -70,7 +70,7 @@ def test_def_a_three_steps_topk() -> None:
 
 def test_alg3_three_steps_topk() -> None:
     xs, _ = simulate("ef_server_momentum", "topk", LRS3)
-    close(xs[0], alg3_by_hand(topk, LRS3))
+    close(xs[0], alg3_by_hand(topk, LRS3)[0])
 
 
 def test_alg4_three_steps_topk() -> None:
