@@ -224,7 +224,7 @@ class Exchange:
         ]
         recv = buckets[0].workspace(f"recv{index}", nbytes * world, torch.uint8)
         self.stats.record_message(route, world, nbytes, nnz, upload_bits, step)
-        future = self.collectives.all_gather_bytes(sends, recv)
+        future = self.collectives.all_gather(sends, recv)
 
         def finish_gather() -> Tensor:
             payloads = [_unpack(recv[r * nbytes : (r + 1) * nbytes], plan.payload) for r in range(world)]
