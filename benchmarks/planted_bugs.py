@@ -39,7 +39,7 @@ BUGS: tuple[PlantedBug, ...] = (
     PlantedBug(
         "padded_allgather",
         "the all-gather payload padded by 4 %",
-        "lightning_gmc/transport/exchange.py",
+        "lightning_gmc/transport/exchange/routes.py",
         "        nbytes = plan.payload_nbytes\n",
         "        nbytes = plan.payload_nbytes + max(1, plan.payload_nbytes // 25)\n",
         (

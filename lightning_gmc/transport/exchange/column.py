@@ -1,0 +1,84 @@
+"""What a route works on (:class:`Column`, one message slot across the local workers) and hands back
+(:class:`Launched`, its collectives in flight and the decoding that follows them)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor
+from torch.futures import Future
+
+from lightning_gmc.methods import BucketState, Message
+from lightning_gmc.transport.collectives import Collectives
+from lightning_gmc.transport.routing import Route
+from lightning_gmc.transport.stats import CommStats
+
+__all__ = ["Column", "Launched", "RouteLauncher"]
+
+
+@dataclass
+class Column:
+    """One message slot of a bucket across this process's local workers.
+
+    Attributes:
+        index: the slot (a method's ``i``-th message of the step).
+        messages: each local worker's message in this slot (same compressor and plan on every worker).
+        buckets: each local worker's state of the bucket (owns the exchange's workspaces).
+        collectives: the back-end.
+        stats: where the traffic is counted.
+        step: the optimizer step.
+        where: the bucket, step and rank, as errors name them.
+    """
+
+    index: int
+    messages: Sequence[Message]
+    buckets: Sequence[BucketState]
+    collectives: Collectives
+    stats: CommStats
+    step: int
+    where: str
+
+    @property
+    def world(self) -> int:
+        return self.collectives.world_size
+
+    def mean_buffer(self, worker: int) -> Tensor:
+        """Where local worker ``worker``'s mean goes: its message's ``decode_into``, or a workspace."""
+        message = self.messages[worker]
+        if message.decode_into is not None:
+            return message.decode_into
+        return self.buckets[worker].workspace(f"mean{self.index}", message.plan.numel)
+
+    def record(self, route: Route, handed_bytes: int) -> None:
+        """Count the message: ``handed_bytes`` to its collective, its upload bits and nonzeros."""
+        first = self.messages[0]
+        upload_bits = first.compressor.payload_bits(first.plan)
+        nnz = first.compressor.nnz(first.plan)
+        self.stats.record_message(route, self.world, handed_bytes, nnz, upload_bits, self.step)
+
+
+@dataclass
+class Launched:
+    """One message's collectives in flight and the local decoding that follows them.
+
+    Attributes:
+        column: the message slot.
+        collective: the collective named in errors.
+        futures: the collectives still in flight (none for a local route).
+        finish: decodes local worker 0's mean once every future has completed, and returns it.
+    """
+
+    column: Column
+    collective: str
+    futures: list[Future[Tensor]]
+    finish: Callable[[], Tensor]
+
+
+class RouteLauncher(Protocol):
+    """How one route sends a message slot."""
+
+    def launch(self, column: Column) -> Launched:
+        """Issue the slot's collectives now and return what is in flight (module docstring)."""
+        ...
