@@ -25,7 +25,15 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.futures import Future
 
-from lightning_gmc.methods import BucketState, BucketStep, GroupHyper, Method, ParameterTable, WorkerState
+from lightning_gmc.methods import (
+    BucketState,
+    BucketStep,
+    GroupHyper,
+    Method,
+    ParameterTable,
+    StepSnapshot,
+    WorkerState,
+)
 from lightning_gmc.transport import CommStats, Exchange, LeaderSupport, TorchCollectives
 
 __all__ = ["BucketWork", "FlatReducer", "Reducer", "method_step"]
@@ -76,6 +84,12 @@ class Reducer(Protocol):
     def reduce(self, work: BucketWork) -> Future[Tensor]:
         """Issue every collective of the bucket now, in the caller's thread; the future yields the
         bucket's update direction."""
+        ...
+
+    def restore_step(self) -> None:
+        """Put back the method buffers of every bucket of the current step as they were before it (a
+        refused step, :mod:`~lightning_gmc.hook.refusal`); the reducer keeps them when its method sends
+        fp16."""
         ...
 
     def topology(self) -> dict[str, Any]:
@@ -137,6 +151,7 @@ class FlatReducer:
         self._support = LeaderSupport(self._exchange.collectives, stats)
         self.method: Method | None = None
         self.worker: WorkerState | None = None
+        self._snapshot: StepSnapshot | None = None
 
     @property
     def exchange(self) -> Exchange:
@@ -155,12 +170,15 @@ class FlatReducer:
         rank = dist.get_rank(self.process_group) if distributed else 0
         self.method = method
         self.worker = WorkerState(method, table, device, rank, seed)
+        self._snapshot = StepSnapshot() if method.sends_fp16() else None
         return self.worker
 
     def reduce(self, work: BucketWork) -> Future[Tensor]:
         method, worker = self.method, self.worker
         assert method is not None and worker is not None, "attach() runs before the first bucket"
         bucket_state = worker.bucket(work.param_indices)
+        if self._snapshot is not None:
+            self._snapshot.keep(work.step, bucket_state)
         step = method_step(worker, self.exchange, self.support, bucket_state, work.grad, work.params, work)
         messages = method.encode(step)
         future = self.exchange.start(
@@ -169,7 +187,7 @@ class FlatReducer:
         buffer = work.buffer
 
         def finish(fut: Future[list[list[Tensor]]]) -> Tensor:
-            method.decode(step, fut.value()[0])
+            method.complete(step, messages, fut.value()[0])
             direction = step.direction()
             if direction is buffer:
                 return buffer
@@ -182,6 +200,10 @@ class FlatReducer:
             return buffer
 
         return future.then(finish)
+
+    def restore_step(self) -> None:
+        if self._snapshot is not None:
+            self._snapshot.restore()
 
     def topology(self) -> dict[str, Any]:
         return {"hierarchy": "flat"}

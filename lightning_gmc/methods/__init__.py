@@ -8,7 +8,9 @@ from lightning_gmc.methods.base import (
     Message,
     Method,
     ParameterTable,
+    StepSnapshot,
     SupportAgreement,
+    Undelivered,
     WorkerState,
 )
 from lightning_gmc.methods.cser import CSER
@@ -52,7 +54,9 @@ __all__ = [
     "Method",
     "MomentumConvention",
     "ParameterTable",
+    "StepSnapshot",
     "SupportAgreement",
+    "Undelivered",
     "WorkerState",
     "build_method",
     "method_option_names",

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from lightning_gmc.compressors import Compressor
 from lightning_gmc.methods._common import add_into, add_momentum, apply_lr_inside_out, check_lr
-from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method
+from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method, Undelivered
 
 __all__ = ["EFServerMomentum", "GMCLRInside"]
 
@@ -91,6 +91,10 @@ class EFServerMomentum(Method):
         add_momentum(step, momentum, mean)  # m_t = beta m_{t-1} + mean
         step.use_direction(momentum)
 
+    def absorb_undelivered(self, step: BucketStep, slot: int, undelivered: Undelivered) -> None:
+        # What a 16-bit sum's rounding did not deliver stays to be sent, like what C dropped.
+        undelivered.add_to(step.buffer("residual"))
+
     def detach_scale(self, hyper: GroupHyper) -> float:
         return self.detach * hyper.lr  # the residual is in gradient units, as GMC+'s
 
@@ -138,6 +142,10 @@ class GMCLRInside(Method):
         if mean is not last_update:
             last_update.copy_(mean)  # w_t - w_{t+1} for the next step
         apply_lr_inside_out(self.name, step, mean)
+
+    def absorb_undelivered(self, step: BucketStep, slot: int, undelivered: Undelivered) -> None:
+        # What a 16-bit sum's rounding did not deliver stays to be sent, like what C dropped.
+        undelivered.add_to(step.buffer("residual"))
 
     def describe(self) -> str:
         return f"gmc_lr_inside (Alg. 4) with {self.compressor.describe()}"

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from lightning_gmc.compressors import Compressor
 from lightning_gmc.methods._common import add_momentum, check_lr, resolve_compressor, with_density
-from lightning_gmc.methods.base import BucketStep, Message, Method
+from lightning_gmc.methods.base import BucketStep, Message, Method, Undelivered
 
 __all__ = ["CSER"]
 
@@ -135,6 +135,11 @@ class CSER(Method):
         change.sub_(step.bucket.workspace("cser_previous_residual"))
         for sl, hyper in step.runs():
             change[sl].div_(check_lr(self.name, hyper))
+
+    def absorb_undelivered(self, step: BucketStep, slot: int, undelivered: Undelivered) -> None:
+        # Into the residual before decode reads it: the worker's model moves by the remainder too, so
+        # x_i = x_hat - r_i still holds and the mean model moves by exactly the mean of the d_i.
+        undelivered.add_to(step.buffer("residual"))
 
     def describe(self) -> str:
         return (

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from lightning_gmc.compressors import Compressor
 from lightning_gmc.methods._common import add_into, add_momentum, apply_lr_inside_out, check_lr
-from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method
+from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method, Undelivered
 
 __all__ = ["DEFA", "DEFEvaluation"]
 
@@ -91,6 +91,10 @@ class DEFA(Method):
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means
         apply_lr_inside_out(self.name, step, mean)  # x_{t+1} = x_t - mean
+
+    def absorb_undelivered(self, step: BucketStep, slot: int, undelivered: Undelivered) -> None:
+        # What a 16-bit sum's rounding did not deliver stays to be sent, like what C dropped.
+        undelivered.add_to(step.buffer("residual"))
 
     def detach_scale(self, hyper: GroupHyper) -> float:
         return self.detach  # the residual is already in parameter units

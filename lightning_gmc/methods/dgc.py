@@ -47,7 +47,7 @@ from torch import Tensor
 
 from lightning_gmc.compressors import Compressor, Identity, SparseCompressor
 from lightning_gmc.methods._common import add_into, add_momentum, with_density
-from lightning_gmc.methods.base import BucketStep, Message, Method
+from lightning_gmc.methods.base import BucketStep, Message, Method, Undelivered
 
 __all__ = ["DGC", "PAPER_SPARSITY_WARMUP", "WeightDecayMode"]
 
@@ -175,6 +175,10 @@ class DGC(Method):
         else:
             # The mean stays in its buffer until this bucket's next exchange: no copy.
             step.use_direction(mean)
+
+    def absorb_undelivered(self, step: BucketStep, slot: int, undelivered: Undelivered) -> None:
+        # What a 16-bit sum's rounding did not deliver stays to be sent, like what C dropped.
+        undelivered.add_to(step.buffer("residual"))
 
     def describe(self) -> str:
         # Stable across epochs (the checkpoint compares it on resume): the target compressor, not the

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from lightning_gmc.methods._common import add_into
-from lightning_gmc.methods.base import BucketStep, Message, Method
+from lightning_gmc.methods.base import BucketStep, Message, Method, Undelivered
 
 __all__ = ["ErrorFeedback"]
 
@@ -64,3 +64,7 @@ class ErrorFeedback(Method):
         (mean,) = means
         # The optimizer's gradient: the mean stays in its buffer until this bucket's next exchange.
         step.use_direction(mean)
+
+    def absorb_undelivered(self, step: BucketStep, slot: int, undelivered: Undelivered) -> None:
+        # What a 16-bit sum's rounding did not deliver stays to be sent, like what C dropped.
+        undelivered.add_to(step.buffer("residual"))

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from lightning_gmc.compressors import Compressor
-from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method
+from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method, Undelivered
 
 __all__ = ["GMC", "MomentumConvention"]
 
@@ -95,6 +95,10 @@ class GMC(Method):
         if mean is not momentum:
             momentum.copy_(mean)
         step.use_direction(momentum)  # the direction is m_t: no copy into the gradient bucket
+
+    def absorb_undelivered(self, step: BucketStep, slot: int, undelivered: Undelivered) -> None:
+        # What a 16-bit sum's rounding did not deliver stays to be sent, like what C dropped.
+        undelivered.add_to(step.buffer("residual"))
 
     def detach_scale(self, hyper: GroupHyper) -> float:
         return self.detach * hyper.lr

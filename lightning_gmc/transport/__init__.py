@@ -7,13 +7,16 @@ in one process; the simulator).
 """
 
 from lightning_gmc.transport.collectives import Collectives, InProcessCollectives, TorchCollectives
-from lightning_gmc.transport.exchange import CollectiveFailure, Exchange
+from lightning_gmc.transport.exchange import CollectiveFailure, Exchange, WireOverflow
 from lightning_gmc.transport.routing import (
     Route,
+    SumOrder,
     broadcast_bytes,
+    check_sum_order,
     choose_route,
     decode_mean,
     ring_allreduce_bytes,
+    sums_in_rank_order,
 )
 from lightning_gmc.transport.stats import CommStats
 from lightning_gmc.transport.support import LeaderSupport, leader_of
@@ -26,10 +29,14 @@ __all__ = [
     "InProcessCollectives",
     "LeaderSupport",
     "Route",
+    "SumOrder",
     "TorchCollectives",
+    "WireOverflow",
     "broadcast_bytes",
+    "check_sum_order",
     "choose_route",
     "decode_mean",
     "leader_of",
     "ring_allreduce_bytes",
+    "sums_in_rank_order",
 ]

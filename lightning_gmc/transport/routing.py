@@ -18,13 +18,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from lightning_gmc.compressors import CompressionPlan, Compressor, Payload
 
-__all__ = ["Route", "broadcast_bytes", "choose_route", "decode_mean", "ring_allreduce_bytes"]
+__all__ = [
+    "Route",
+    "SumOrder",
+    "broadcast_bytes",
+    "check_sum_order",
+    "choose_route",
+    "decode_mean",
+    "ring_allreduce_bytes",
+    "sums_in_rank_order",
+]
 
 Route = Literal["local", "allreduce", "allgather", "dense"]
+#: How a summing route (``allreduce``, ``dense``) adds fp32 values: ``"ring"``, one all-reduce of the
+#: back-end (gloo and NCCL add each chunk in ring order), or ``"rank"``, in rank order (a reduce-scatter
+#: that adds in rank order, then an all-gather; ``transport/exchange/ordered.py``).
+SumOrder = Literal["ring", "rank"]
 
 
 def ring_allreduce_bytes(nbytes: int, world_size: int) -> float:
@@ -48,6 +62,25 @@ def choose_route(compressor: Compressor, plan: CompressionPlan, world_size: int)
     if gather_bytes > ring_allreduce_bytes(4 * plan.numel, world_size):
         return "dense"
     return "allgather"
+
+
+def check_sum_order(order: object) -> SumOrder:
+    """``order`` if it is ``"rank"`` or ``"ring"``, else a ValueError naming both."""
+    if order not in ("rank", "ring"):
+        raise ValueError(f"fp32_order must be 'rank' or 'ring', got {order!r}")
+    return order  # type: ignore[return-value]
+
+
+def sums_in_rank_order(dtype: torch.dtype, world_size: int, fp32_order: SumOrder) -> bool:
+    """Whether a summing route adds values of ``dtype`` in rank order. Always for 16-bit values (fp32
+    accumulation, one rounding, and the rounding's remainder known to its owner:
+    ``docs/algorithms.md`` 3.12); for fp32 when ``fp32_order == "rank"`` and ``K >= 3`` (a ring of two
+    adds ``a + b``, the bits of rank order)."""
+    if world_size < 2:
+        return False
+    if dtype != torch.float32:
+        return True
+    return fp32_order == "rank" and world_size >= 3
 
 
 def decode_mean(

@@ -16,9 +16,13 @@ Ordering and failures:
   :class:`CollectiveFailure` naming the collective, the message, the bucket and the step. Every
   collective's result is checked before anything is decoded, so nothing stale is ever decoded or
   applied.
+* Summing routes add in rank order where it matters (16-bit values always; fp32 with ``K >= 3``
+  unless ``fp32_order="ring"``): :mod:`~lightning_gmc.transport.exchange.ordered`.
+* ``wire_dtype="fp16"``: an overflow raises :class:`WireOverflow` from :meth:`Exchange.start` itself,
+  on every rank at the same bucket.
 """
 
 from lightning_gmc.transport.exchange.core import Exchange, Means
-from lightning_gmc.transport.exchange.failures import CollectiveFailure
+from lightning_gmc.transport.exchange.failures import CollectiveFailure, WireOverflow
 
-__all__ = ["CollectiveFailure", "Exchange", "Means"]
+__all__ = ["CollectiveFailure", "Exchange", "Means", "WireOverflow"]

@@ -7,12 +7,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import Tensor
 from torch.futures import Future
 
 from lightning_gmc.methods import BucketState, Message
 from lightning_gmc.transport.collectives import Collectives
-from lightning_gmc.transport.routing import Route
+from lightning_gmc.transport.routing import Route, SumOrder, sums_in_rank_order
 from lightning_gmc.transport.stats import CommStats
 
 __all__ = ["Column", "Launched", "RouteLauncher"]
@@ -30,6 +31,7 @@ class Column:
         stats: where the traffic is counted.
         step: the optimizer step.
         where: the bucket, step and rank, as errors name them.
+        fp32_order: how a summing route adds fp32 values (``routing.sums_in_rank_order``).
     """
 
     index: int
@@ -39,6 +41,7 @@ class Column:
     stats: CommStats
     step: int
     where: str
+    fp32_order: SumOrder = "ring"
 
     @property
     def world(self) -> int:
@@ -51,12 +54,20 @@ class Column:
             return message.decode_into
         return self.buckets[worker].workspace(f"mean{self.index}", message.plan.numel)
 
-    def record(self, route: Route, handed_bytes: int) -> None:
-        """Count the message: ``handed_bytes`` to its collective, its upload bits and nonzeros."""
+    def in_rank_order(self, dtype: torch.dtype) -> bool:
+        """Whether a summing route adds values of ``dtype`` in rank order (two phases) here."""
+        return sums_in_rank_order(dtype, self.world, self.fp32_order)
+
+    def record(self, route: Route, handed_bytes: int, in_rank_order: bool = False) -> None:
+        """Count the message: ``handed_bytes`` to its collective (to the reduce-scatter of a sum in rank
+        order, padded), its upload bits and nonzeros."""
         first = self.messages[0]
         upload_bits = first.compressor.payload_bits(first.plan)
         nnz = first.compressor.nnz(first.plan)
-        self.stats.record_message(route, self.world, handed_bytes, nnz, upload_bits, self.step)
+        if in_rank_order:
+            self.stats.record_rank_ordered_sum(route, self.world, handed_bytes, nnz, upload_bits, self.step)
+        else:
+            self.stats.record_message(route, self.world, handed_bytes, nnz, upload_bits, self.step)
 
 
 @dataclass

@@ -11,9 +11,14 @@ from torch.futures import Future
 from lightning_gmc.methods import BucketState, Message
 from lightning_gmc.transport.collectives import Collectives
 from lightning_gmc.transport.exchange.column import Column, Launched
-from lightning_gmc.transport.exchange.failures import check_fp16_range, failure
+from lightning_gmc.transport.exchange.failures import (
+    CollectiveFailure,
+    check_fp16_range,
+    failure,
+    wait_or_fail,
+)
 from lightning_gmc.transport.exchange.routes import ROUTES
-from lightning_gmc.transport.routing import choose_route
+from lightning_gmc.transport.routing import SumOrder, check_sum_order, choose_route
 from lightning_gmc.transport.stats import CommStats
 
 __all__ = ["Exchange", "Means"]
@@ -28,11 +33,29 @@ class Exchange:
     Args:
         collectives: the back-end (which workers take part, and which of them are local).
         stats: counters the traffic is recorded into, once per message and as one worker sees it.
+        fp32_order: how the summing routes add fp32 values with ``K >= 3`` workers: ``"rank"`` (in
+            rank order: the bits do not depend on K's ring or DDP's bucket layout, a run equals its
+            simulation and its resume; two collectives, the first waited for in the caller's thread),
+            ``"ring"`` (one all-reduce in the back-end's order), or None (default): ``"rank"`` while
+            ``torch.are_deterministic_algorithms_enabled()`` (``Trainer(deterministic=True)``), else
+            ``"ring"``, read at every :meth:`start`. 16-bit values are always added in rank order
+            (:func:`~lightning_gmc.transport.routing.sums_in_rank_order`).
     """
 
-    def __init__(self, collectives: Collectives, stats: CommStats) -> None:
+    def __init__(
+        self, collectives: Collectives, stats: CommStats, fp32_order: SumOrder | None = None
+    ) -> None:
         self.collectives = collectives
         self.stats = stats
+        self.fp32_order = None if fp32_order is None else check_sum_order(fp32_order)
+        #: the first collective that failed (its step's state may be half-summed), until cleared
+        self.failed: CollectiveFailure | None = None
+
+    def current_fp32_order(self) -> SumOrder:
+        """The order fp32 sums take now (``fp32_order``, or what deterministic mode asks for)."""
+        if self.fp32_order is not None:
+            return self.fp32_order
+        return "rank" if torch.are_deterministic_algorithms_enabled() else "ring"
 
     @property
     def world_size(self) -> int:
@@ -60,7 +83,12 @@ class Exchange:
                 reference: 4 for fp32 gradients, 2 for bf16).
 
         The yielded tensors are each message's ``decode_into`` or a workspace of its worker's
-        bucket, overwritten by the next exchange of that bucket.
+        bucket, overwritten by the next exchange of that bucket. A message whose sum was rounded to
+        16 bits gets its worker's :attr:`~lightning_gmc.methods.Message.undelivered`.
+
+        With ``wire_dtype="fp16"`` everything is waited for and decoded here, in the caller's thread,
+        and an overflow raises :class:`WireOverflow` from this call on every rank alike (nothing of the
+        bucket is left in flight, so the caller can restore the step's state).
         """
         workers = len(self.collectives.local_ranks)
         if len(messages) != workers or len(buckets) != workers:
@@ -76,10 +104,19 @@ class Exchange:
             f"bucket {bucket_index} ({buckets[0].numel} elements) at step {step} on rank "
             f"{self.collectives.local_ranks[0]}"
         )
-        launched = [self._launch(index, messages, buckets, step, where) for index in range(slots)]
+        order = self.current_fp32_order()
+        try:
+            launched = [self._launch(index, messages, buckets, step, where, order) for index in range(slots)]
+        except CollectiveFailure as err:  # a reduce-scatter waited for in this thread
+            self.failed = err
+            raise
 
         def finish_all(combined: Future[list[Future[Tensor]]] | None = None) -> Means:
-            _check_results(launched, combined, where)
+            try:
+                _check_results(launched, combined, where)
+            except CollectiveFailure as err:
+                self.failed = err
+                raise
             means = [item.finish() for item in launched]
             for message, mean in zip(messages[0], means, strict=True):
                 if message.compressor.value_dtype == torch.float16:
@@ -91,7 +128,15 @@ class Exchange:
             return [means, *copies]
 
         futures = [future for item in launched for future in item.futures]
-        if not futures:
+        refusable = any(message.compressor.value_dtype == torch.float16 for message in messages[0])
+        if not futures or refusable:
+            try:
+                for item in launched:
+                    for future in item.futures:
+                        wait_or_fail(future, f"{item.collective} of message {item.column.index}", where)
+            except CollectiveFailure as err:
+                self.failed = err
+                raise
             done: Future[Means] = Future()
             done.set_result(finish_all())
             return done
@@ -106,9 +151,17 @@ class Exchange:
         buckets: Sequence[BucketState],
         step: int,
         where: str,
+        fp32_order: SumOrder,
     ) -> Launched:
         column = Column(
-            index, [sent[index] for sent in messages], buckets, self.collectives, self.stats, step, where
+            index,
+            [sent[index] for sent in messages],
+            buckets,
+            self.collectives,
+            self.stats,
+            step,
+            where,
+            fp32_order,
         )
         first = column.messages[0]
         route = choose_route(first.compressor, first.plan, self.world_size)

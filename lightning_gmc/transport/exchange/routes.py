@@ -8,14 +8,15 @@ decodes once they have completed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from lightning_gmc.compressors import Payload, TensorSpec
-from lightning_gmc.methods import Message
+from lightning_gmc.methods import Message, Undelivered
 from lightning_gmc.transport.exchange.column import Column, Launched, RouteLauncher
+from lightning_gmc.transport.exchange.ordered import OrderedSum, ownership_of, start_ordered_sum
 from lightning_gmc.transport.routing import Route, decode_mean
 
 __all__ = ["ROUTES"]
@@ -40,29 +41,50 @@ class LocalRoute:
 
 class SharedSupportRoute:
     """A shared support (identity, RBGS, shared-seed random-k, ``topk_shared``): the ``values`` of every
-    worker are summed by one all-reduce and decoded once."""
+    worker are summed (one all-reduce, or in rank order: ``ordered.py``) and decoded once."""
 
     def launch(self, column: Column) -> Launched:
         first = column.messages[0]
         compressor, plan, payload = first.compressor, first.plan, first.payload
         mean = column.mean_buffer(0)
         values = [message.payload.tensors["values"] for message in column.messages]
-        column.record("allreduce", values[0].numel() * values[0].element_size())
-        future = column.collectives.all_reduce_sum(values)
-        world = column.world
+        world, stats, step = column.world, column.stats, column.step
 
-        def finish() -> Tensor:
-            # The summed values decode (linearly) into the sum; the compressor divides once.
-            compressor.decode_summed(payload, plan, mean, world)
-            column.stats.record_broadcast(lambda: compressor.broadcast_bits([payload], plan), column.step)
+        def broadcast_bits() -> int:
+            return compressor.broadcast_bits([payload], plan)
+
+        if not column.in_rank_order(values[0].dtype):
+            column.record("allreduce", values[0].numel() * values[0].element_size())
+            future = column.collectives.all_reduce_sum(values)
+
+            def finish() -> Tensor:
+                # The summed values decode (linearly) into the sum; the compressor divides once.
+                compressor.decode_summed(payload, plan, mean, world)
+                stats.record_broadcast(broadcast_bits, step)
+                return mean
+
+            return Launched(column, "all_reduce", [future], finish)
+
+        owners = ownership_of(plan, compressor.value_counts(plan), world, values[0].device)
+        total = start_ordered_sum(column, values, owners)
+        column.record("allreduce", total.padded_bytes, in_rank_order=True)
+
+        def finish_ordered() -> Tensor:
+            summed = total.result(
+                column.buckets[0].workspace(f"summed{column.index}", values[0].numel(), values[0].dtype)
+            )
+            compressor.decode_summed(Payload({"values": summed}, payload.context), plan, mean, world)
+            stats.record_broadcast(broadcast_bits, step)
+            _hand_back_shared(column, total)
             return mean
 
-        return Launched(column, "all_reduce", [future], finish)
+        return Launched(column, "all_gather of the summed values", [total.future], finish_ordered)
 
 
 class DenseRoute:
     """The all-gather would cost more than a dense all-reduce (``docs/algorithms.md`` 3.7): every worker
-    decodes its own payload into a dense vector, and the vectors are all-reduced."""
+    decodes its own payload into a dense vector, and the vectors are summed (one all-reduce, or in
+    rank order: ``ordered.py``)."""
 
     def launch(self, column: Column) -> Launched:
         first = column.messages[0]
@@ -80,14 +102,10 @@ class DenseRoute:
                 bucket.workspace(f"wire{column.index}", mean.numel(), wire_dtype).copy_(vector)
                 for bucket, vector in zip(column.buckets, dense, strict=True)
             ]
-        column.record("dense", sent[0].numel() * sent[0].element_size())
-        future = column.collectives.all_reduce_sum(sent)
         value_bits = 8.0 * sent[0].element_size()
         world, step, stats = column.world, column.step, column.stats
 
-        def finish() -> Tensor:
-            if sent is not dense:
-                mean.copy_(sent[0])
+        def divide_and_count() -> Tensor:
             mean.div_(world)
             if compressor.sparse:  # counted now (no host sync): mean may be a state buffer
                 nonzero = torch.count_nonzero(mean)
@@ -96,7 +114,33 @@ class DenseRoute:
                 stats.record_broadcast(lambda: value_bits * mean.numel(), step)
             return mean
 
-        return Launched(column, "dense all_reduce", [future], finish)
+        if not column.in_rank_order(wire_dtype):
+            column.record("dense", sent[0].numel() * sent[0].element_size())
+            future = column.collectives.all_reduce_sum(sent)
+
+            def finish() -> Tensor:
+                if sent is not dense:
+                    mean.copy_(sent[0])
+                return divide_and_count()
+
+            return Launched(column, "dense all_reduce", [future], finish)
+
+        plan = first.plan
+        owners = ownership_of(plan, [seg.numel for seg in plan.segments], world, mean.device)
+        total = start_ordered_sum(column, sent, owners)
+        column.record("dense", total.padded_bytes, in_rank_order=True)
+
+        def finish_ordered() -> Tensor:
+            if sent is dense:
+                total.result(mean)
+            else:
+                mean.copy_(
+                    total.result(column.buckets[0].workspace(f"wire{column.index}", mean.numel(), wire_dtype))
+                )
+            _hand_back_dense(column, total)
+            return divide_and_count()
+
+        return Launched(column, "dense all_gather of the summed vectors", [total.future], finish_ordered)
 
 
 class GatherRoute:
@@ -126,6 +170,46 @@ class GatherRoute:
             return mean
 
         return Launched(column, "all_gather", [future], finish)
+
+
+def _hand_back_shared(column: Column, total: OrderedSum) -> None:
+    """Give every local worker's message what the rounding of the summed ``values`` it owns did not
+    deliver, decoded as the message's own payload is (linear for a shared support)."""
+    if total.remainders is None:
+        return
+    for worker, message in enumerate(column.messages):
+        rank = column.collectives.local_ranks[worker]
+        numel = message.payload.tensors["values"].numel()
+        values = total.remainder_of(
+            worker, rank, numel, column.buckets[worker].workspace(f"undelivered{column.index}", numel)
+        )
+        message.undelivered = Undelivered(values, _payload_decoder(message))
+
+
+def _payload_decoder(message: Message) -> Callable[[Tensor, Tensor], None]:
+    compressor, plan, context = message.compressor, message.plan, message.payload.context
+
+    def decode_add(values: Tensor, target: Tensor) -> None:
+        compressor.decompress_add(Payload({"values": values}, context), plan, target)
+
+    return decode_add
+
+
+def _hand_back_dense(column: Column, total: OrderedSum) -> None:
+    """The dense route's remainders are in the bucket's coordinates: added where their owner's elements
+    sit."""
+    if total.remainders is None:
+        return
+    for worker, message in enumerate(column.messages):
+        owned = total.owners.owned[column.collectives.local_ranks[worker]]
+        message.undelivered = Undelivered(total.remainders[worker][: owned.numel()], _adder(owned))
+
+
+def _adder(positions: Tensor) -> Callable[[Tensor, Tensor], None]:
+    def add(values: Tensor, target: Tensor) -> None:
+        target.index_add_(0, positions, values)
+
+    return add
 
 
 #: The launcher of every route (``routing.choose_route`` names it).

@@ -1,0 +1,151 @@
+"""The rank-ordered sum of the summing routes: reduce-scatter in fp32, one rounding per element by its
+owner, all-gather.
+
+A ring all-reduce adds each chunk in the order the ring visits the ranks, which differs per chunk, with
+the number of workers and with DDP's bucket layout; with 16-bit inputs it also rounds at every hop. The
+exchange's summing routes (a shared support's ``values``, the dense route's vectors) can instead sum
+in two phases:
+
+1. every element has an **owner**: element ``j`` of parameter ``p`` (``p`` its index in the model,
+   ``j`` its position among that parameter's summed values) belongs to worker ``(p + j) mod K``, a rule
+   that does not depend on how DDP groups parameters into buckets. Every worker lays its vector out
+   owner-major (worker ``r``'s elements in chunk ``r``, each chunk padded to the longest) and
+   :meth:`~lightning_gmc.transport.collectives.Collectives.reduce_scatter_sum` gives worker ``r`` the
+   sums ``S`` of its elements, added in rank order in fp32;
+2. the owner rounds ``S`` to the wire dtype once (nothing to round in fp32) and keeps what the rounding
+   did not deliver, ``S - round(S)`` (exact in fp32); the rounded chunks are all-gathered, so every
+   worker decodes the same rounded sum.
+
+Every element is therefore added in rank order in fp32 and rounded once, whatever the chunking: the
+bits equal the simulator's and do not depend on the bucket layout, and each worker's remainders are the
+same in any layout. On the wire this is a ring all-reduce's ``2 (K-1)/K`` of the padded vector (the
+padding is at most a few elements per parameter of the bucket, and counted). The reduce-scatter is
+waited for in the caller's thread before the all-gather is issued (the rounding sits between them), so
+a bucket's communication overlaps less with the backward pass than one all-reduce would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.futures import Future
+
+from lightning_gmc.compressors import CompressionPlan, Segment
+from lightning_gmc.transport.exchange.column import Column
+from lightning_gmc.transport.exchange.failures import wait_or_fail
+
+__all__ = ["OrderedSum", "Ownership", "ownership", "ownership_of", "start_ordered_sum"]
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """Who sums each element of a vector laid out segment after segment (module docstring).
+
+    Attributes:
+        chunk: elements per worker's chunk of the owner-major layout (the longest share).
+        slots: int64, for every element of the vector, its position in the ``K * chunk`` layout.
+        owned: per worker, int64 positions (in the vector) of the elements it owns, in chunk order.
+    """
+
+    chunk: int
+    slots: Tensor
+    owned: tuple[Tensor, ...]
+
+
+def ownership_of(
+    plan: CompressionPlan, counts: Sequence[int], world_size: int, device: torch.device
+) -> Ownership:
+    """The owners of a vector holding ``counts[i]`` elements of the plan's segment ``i``, built once per
+    plan, K and device (a plan's constant)."""
+    return plan.workspace.constant(
+        f"owners{world_size}", device, lambda: ownership(plan.segments, counts, world_size, device)
+    )
+
+
+def ownership(
+    segments: Sequence[Segment], counts: Sequence[int], world_size: int, device: torch.device
+) -> Ownership:
+    """The owners of a vector holding ``counts[i]`` elements of segment ``i``'s parameter, in order."""
+    owners = torch.cat(
+        [
+            torch.arange(count, dtype=torch.int64).add_(segment.param_index).remainder_(world_size)
+            for segment, count in zip(segments, counts, strict=True)
+        ]
+    )
+    order = torch.sort(owners, stable=True).indices  # positions grouped by owner, in vector order
+    shares = torch.bincount(owners, minlength=world_size)
+    chunk = max(1, int(shares.max()))
+    starts = torch.cumsum(shares, 0) - shares
+    grouped = owners[order]
+    rank_in_chunk = torch.arange(owners.numel(), dtype=torch.int64) - starts[grouped]
+    slots = torch.empty_like(order)
+    slots[order] = grouped * chunk + rank_in_chunk
+    owned = tuple(order[int(a) : int(a) + int(n)].to(device) for a, n in zip(starts, shares, strict=True))
+    return Ownership(chunk, slots.to(device), owned)
+
+
+@dataclass
+class OrderedSum:
+    """A rank-ordered sum whose all-gather is in flight.
+
+    Attributes:
+        future: the all-gather of the rounded chunks.
+        gathered: the rounded sums in the owner-major layout (``K * chunk`` elements of the inputs'
+            dtype) once ``future`` completes; :meth:`result` puts them back in the vector's order.
+        owners: who owns what.
+        remainders: per local worker, ``S - round(S)`` of the elements it owns, in chunk order (fp32),
+            or None when the inputs are fp32 (nothing is rounded).
+        padded_bytes: bytes of one worker's owner-major input (what the reduce-scatter is handed).
+    """
+
+    future: Future[Tensor]
+    gathered: Tensor
+    owners: Ownership
+    remainders: list[Tensor] | None
+    padded_bytes: int
+
+    def result(self, out: Tensor) -> Tensor:
+        """The rounded sum in the vector's order, written into ``out`` (of the inputs' dtype)."""
+        return torch.index_select(self.gathered, 0, self.owners.slots, out=out)
+
+    def remainder_of(self, worker: int, rank: int, numel: int, out: Tensor) -> Tensor:
+        """Local worker ``worker``'s (rank ``rank``'s) remainders in the vector's layout (zero where it
+        owns nothing), written into ``out`` (fp32, ``numel`` elements)."""
+        assert self.remainders is not None
+        owned = self.owners.owned[rank]
+        out.zero_()
+        return out.index_copy_(0, owned, self.remainders[worker][: owned.numel()])
+
+
+def start_ordered_sum(column: Column, tensors: Sequence[Tensor], owners: Ownership) -> OrderedSum:
+    """Sum the local workers' ``tensors`` (one per worker, of one size and dtype) in rank order; waits
+    for the reduce-scatter, leaves the all-gather in flight (module docstring)."""
+    index, world = column.index, column.world
+    dtype = tensors[0].dtype
+    padded = owners.chunk * world
+    sends = []
+    for tensor, bucket in zip(tensors, column.buckets, strict=True):
+        send = bucket.workspace(f"sum_send{index}", padded, dtype)
+        send.zero_()
+        sends.append(send.index_copy_(0, owners.slots, tensor))
+    sums = [bucket.workspace(f"sum_chunk{index}", owners.chunk) for bucket in column.buckets]
+    scratch = column.buckets[0].workspace(f"sum_received{index}", padded, dtype)
+    what = f"reduce_scatter of message {index}"
+    wait_or_fail(column.collectives.reduce_scatter_sum(sends, sums, scratch), what, column.where)
+    remainders: list[Tensor] | None = None
+    rounded = sums
+    if dtype != torch.float32:
+        # One rounding per element, by its owner; what the rounding drops stays with the owner.
+        rounded = [bucket.workspace(f"sum_rounded{index}", owners.chunk, dtype) for bucket in column.buckets]
+        remainders = []
+        for total, near, bucket in zip(sums, rounded, column.buckets, strict=True):
+            near.copy_(total)  # round to nearest
+            remainders.append(
+                torch.sub(total, near, out=bucket.workspace(f"sum_remainder{index}", owners.chunk))
+            )
+    gathered = column.buckets[0].workspace(f"sum_gathered{index}", padded, dtype)
+    future = column.collectives.all_gather(rounded, gathered)
+    return OrderedSum(future, gathered, owners, remainders, padded * tensors[0].element_size())
