@@ -228,16 +228,17 @@ def test_two_ranks_equal_the_simulator_bit_for_bit_and_resume(tmp_path: Path, ca
         shares = [sum((p + j) % 2 == r for p, n in enumerate(counts) for j in range(n)) for r in range(2)]
         summed = 2 * max(shares) if value_bytes == 2 else k
         assert sent == [0.5 * 4 * k + 2 * 0.5 * value_bytes * summed] * STEPS
-        # what the hook really handed to the collectives, per step (one bucket): the broadcast, then
-        # one all-reduce, or in 16 bits a reduce-scatter of the padded values and an all-gather of half
+        # what the exchange really handed to the collectives per step (one bucket; the support's
+        # broadcast goes through its own back-end): one all-reduce, or in 16 bits a reduce-scatter of
+        # the padded values and an all-gather of half of them
         values = (
             [("all_reduce", 4 * k)]
             if value_bytes == 4
             else [("reduce_scatter", 2 * summed), ("all_gather", summed)]
         )
         for result, step in runs:
-            calls = result[0]["collective_calls"]
-            assert calls == [("broadcast", 4 * k), *values] * (step - (STEPS // 2 if step == STEPS else 0))
+            steps_run = step - (STEPS // 2 if step == STEPS else 0)
+            assert result[0]["collective_calls"] == values * steps_run
     else:
         assert sent == [(value_bytes + 4) * k] * STEPS
 
