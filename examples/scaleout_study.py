@@ -2,16 +2,20 @@
 
 The simulator loop of ``examples/noniid_study.py`` (imported from ``examples/noniid_runs.py``:
 ``SeedPlan``, ``run_one``), Dirichlet(``--alpha``) non-IID split, one learning rate and schedule for
-every arm. Two suites:
+every arm. Four suites:
 
-* ``equal_cost`` (default ``--data synthetic --workers 32``): exact top-k at ``--density`` against
+* ``equal_cost`` (a generated set, K = 32): exact top-k at ``--density`` against
   ``topk_shared`` at the same density **and** at the density that costs the same RCC, exact top-k at
   the density that costs what ``topk_shared`` costs, and GMC+ with RBGS at top-k's RCC. RCC (the GMC
   paper's eq. (9), ``docs/algorithms.md`` 3.8) is measured in every run and printed beside its
   accuracy, so "equal RCC" is visible, not assumed. The synthetic set (a Gaussian mixture,
   ``--train-size`` samples, ``examples/data/synthetic.py``) gives each of 32 workers hundreds of
   samples, where digits would leave about 45.
-* ``wire`` (default ``--data digits --workers 8``): ``wire_dtype="bf16"`` against fp32 on the
+* ``equal_cost_digits``: the same arms on scikit-learn's digits with K = 8 (180 samples per worker;
+  at K = 32 digits would leave 45; the same arms without the GMC+ one).
+* ``starved_digits``: the same arms on digits with K = 32, 45 samples per worker (most workers see
+  one or two classes): where the data per worker, not the compressor, is the limit.
+* ``wire`` (digits, K = 8): ``wire_dtype="bf16"`` against fp32 on the
   routes that sum 16-bit values (RBGS, ``topk_shared``) and on top-k's all-gather (no sum to round).
 
 Writes ``--out``/``scaleout_study.md`` (mean, spread and per-seed final test accuracy, paired
@@ -37,6 +41,8 @@ if __package__ in (None, ""):
 
 from examples.noniid_runs import Problem, SeedPlan, run_one  # noqa: E402
 
+#: the reference of a 16-bit arm is the same arm in fp32
+FP32_TWIN = "the same arm in fp32"
 #: per suite: (data set, K, epochs, reference arm, arms). An arm's ``density_factor`` multiplies
 #: ``--density``.
 SUITES: dict[str, tuple[str, int, int, str, dict[str, dict[str, Any]]]] = {
@@ -67,11 +73,53 @@ SUITES: dict[str, tuple[str, int, int, str, dict[str, dict[str, Any]]]] = {
             },
         },
     ),
+    "equal_cost_digits": (
+        "digits",
+        8,
+        30,
+        "GMC, topk 1x",
+        {
+            "DMSGD (dense)": {"method": "dmsgd"},
+            "GMC, topk 1x": {"method": "gmc", "compressor": "topk"},
+            "GMC, topk_shared 1x (equal density)": {"method": "gmc", "compressor": "topk_shared"},
+            "GMC, topk_shared 3x (equal RCC)": {
+                "method": "gmc",
+                "compressor": "topk_shared",
+                "density_factor": 3.0,
+            },
+            "GMC, topk 0.35x (RCC of topk_shared 1x)": {
+                "method": "gmc",
+                "compressor": "topk",
+                "density_factor": 0.35,
+            },
+        },
+    ),
+    "starved_digits": (
+        "digits",
+        32,
+        30,
+        "GMC, topk 1x",
+        {
+            "DMSGD (dense)": {"method": "dmsgd"},
+            "GMC, topk 1x": {"method": "gmc", "compressor": "topk"},
+            "GMC, topk_shared 1x (equal density)": {"method": "gmc", "compressor": "topk_shared"},
+            "GMC, topk_shared 3x (equal RCC)": {
+                "method": "gmc",
+                "compressor": "topk_shared",
+                "density_factor": 3.0,
+            },
+            "GMC, topk 0.35x (RCC of topk_shared 1x)": {
+                "method": "gmc",
+                "compressor": "topk",
+                "density_factor": 0.35,
+            },
+        },
+    ),
     "wire": (
         "digits",
         8,
         30,
-        "GMC+, rbgs, fp32",
+        FP32_TWIN,
         {
             "GMC+, rbgs, fp32": {"method": "gmc", "compressor": "rbgs", "detach": 0.5},
             "GMC+, rbgs, bf16": {"method": "gmc", "compressor": "rbgs", "detach": 0.5, "wire_dtype": "bf16"},
@@ -152,17 +200,21 @@ def write_markdown(
         "",
     ]
     for suite, by_arm in results.items():
-        data, workers, reference_label, _ = SUITES[suite]
-        samples = (
-            f"{args.train_size // workers} samples per worker"
-            if data == "synthetic"
-            else "about 1440/K samples per worker"
+        data, workers, epochs, reference_label, _ = SUITES[suite]
+        size = args.train_size if data == "synthetic" else 1440
+        what = (
+            "Gaussian mixture, 64 features, 10 classes, MLP 64-128-10" if data == "synthetic" else "DigitsCNN"
         )
-        lines += [f"## {suite}: {data}, K = {workers} ({samples})", ""]
+        lines += [
+            f"## {suite}: {data} ({what}), K = {workers}, {size // workers} samples per worker, "
+            f"{args.epochs or epochs} epochs",
+            "",
+        ]
         lines += [f"| arm | density | RCC | mean acc | std | per seed | paired vs {reference_label} |"]
         lines += ["|---|---:|---:|---:|---:|---|---|"]
-        reference = [r["curve"][-1] for r in by_arm.get(reference_label, [])]
         for label, runs in by_arm.items():
+            twin = label.replace("bf16", "fp32") if reference_label == FP32_TWIN else reference_label
+            reference = [r["curve"][-1] for r in by_arm.get(twin, [])]
             accs = [r["curve"][-1] for r in runs]
             spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
             paired = ""

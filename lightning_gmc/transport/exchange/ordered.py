@@ -6,22 +6,23 @@ the number of workers and with DDP's bucket layout; with 16-bit inputs it also r
 exchange's summing routes (a shared support's ``values``, the dense route's vectors) can instead sum
 in two phases:
 
-1. every element has an **owner**: element ``j`` of parameter ``p`` (``p`` its index in the model,
-   ``j`` its position among that parameter's summed values) belongs to worker ``(p + j) mod K``, a rule
-   that does not depend on how DDP groups parameters into buckets. Every worker lays its vector out
-   owner-major (worker ``r``'s elements in chunk ``r``, each chunk padded to the longest) and
+1. the vector is cut into ``K`` chunks, and
    :meth:`~lightning_gmc.transport.collectives.Collectives.reduce_scatter_sum` gives worker ``r`` the
-   sums ``S`` of its elements, added in rank order in fp32;
-2. the owner rounds ``S`` to the wire dtype once (nothing to round in fp32) and keeps what the rounding
-   did not deliver, ``S - round(S)`` (exact in fp32); the rounded chunks are all-gathered, so every
-   worker decodes the same rounded sum.
+   sums ``S`` of chunk ``r``'s elements, added in rank order in fp32;
+2. with 16-bit inputs worker ``r`` rounds ``S`` to the wire dtype once and keeps what the rounding did
+   not deliver, ``S - round(S)`` (exact in fp32); the (rounded) chunks are all-gathered, so every
+   worker decodes the same sum.
 
-Every element is therefore added in rank order in fp32 and rounded once, whatever the chunking: the
-bits equal the simulator's and do not depend on the bucket layout, and each worker's remainders are the
-same in any layout. On the wire this is a ring all-reduce's ``2 (K-1)/K`` of the padded vector (the
-padding is at most a few elements per parameter of the bucket, and counted). The reduce-scatter is
-waited for in the caller's thread before the all-gather is issued (the rounding sits between them), so
-a bucket's communication overlaps less with the backward pass than one all-reduce would.
+Every element is therefore added in fp32 in rank order (and rounded once): its bits do not depend on
+the chunking, K's ring or the bucket layout, and equal the simulator's. fp32 vectors are cut into
+contiguous chunks (padded with at most ``K - 1`` zeros). A 16-bit vector's remainders must not depend
+on the layout either, so its chunks follow **owners** fixed per parameter element: element ``j`` of
+parameter ``p`` (``p`` its index in the model, ``j`` its position among that parameter's summed values)
+belongs to worker ``(p + j) mod K``; the vector is laid out owner by owner (each share padded to the
+longest, a few elements per parameter of the bucket at most), which costs a gather before and a scatter
+after the collectives. On the wire both are a ring all-reduce's ``2 (K-1)/K`` of the padded vector. The
+reduce-scatter is waited for in the caller's thread before the all-gather is issued (the rounding sits
+between them), so a bucket's communication overlaps less with the backward pass than one all-reduce.
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ class OrderedSum:
         future: the all-gather of the rounded chunks.
         gathered: the rounded sums in the owner-major layout (``K * chunk`` elements of the inputs'
             dtype) once ``future`` completes; :meth:`result` puts them back in the vector's order.
-        owners: who owns what.
+        owners: who owns what; None for fp32 inputs, which are cut into ``K`` contiguous chunks (nothing
+            is rounded, so who adds an element does not change its bits, and no permutation is paid).
+        numel: elements of the summed vector.
         remainders: per local worker, ``S - round(S)`` of the elements it owns, in chunk order (fp32),
             or None when the inputs are fp32 (nothing is rounded).
         padded_bytes: bytes of one worker's owner-major input (what the reduce-scatter is handed).
@@ -103,35 +106,55 @@ class OrderedSum:
 
     future: Future[Tensor]
     gathered: Tensor
-    owners: Ownership
+    owners: Ownership | None
+    numel: int
     remainders: list[Tensor] | None
     padded_bytes: int
 
     def result(self, out: Tensor) -> Tensor:
         """The rounded sum in the vector's order, written into ``out`` (of the inputs' dtype)."""
+        if self.owners is None:
+            return out.copy_(self.gathered[: self.numel])
         return torch.index_select(self.gathered, 0, self.owners.slots, out=out)
+
+    def owned(self, rank: int) -> Tensor:
+        """Positions (in the vector) of the elements rank ``rank`` summed and rounded."""
+        assert self.owners is not None, "fp32 sums round nothing: no remainders"
+        return self.owners.owned[rank]
 
     def remainder_of(self, worker: int, rank: int, numel: int, out: Tensor) -> Tensor:
         """Local worker ``worker``'s (rank ``rank``'s) remainders in the vector's layout (zero where it
         owns nothing), written into ``out`` (fp32, ``numel`` elements)."""
         assert self.remainders is not None
-        owned = self.owners.owned[rank]
+        owned = self.owned(rank)
         out.zero_()
         return out.index_copy_(0, owned, self.remainders[worker][: owned.numel()])
 
 
-def start_ordered_sum(column: Column, tensors: Sequence[Tensor], owners: Ownership) -> OrderedSum:
+def start_ordered_sum(column: Column, tensors: Sequence[Tensor], owners: Ownership | None) -> OrderedSum:
     """Sum the local workers' ``tensors`` (one per worker, of one size and dtype) in rank order; waits
-    for the reduce-scatter, leaves the all-gather in flight (module docstring)."""
+    for the reduce-scatter, leaves the all-gather in flight (module docstring). ``owners`` lays 16-bit
+    inputs out owner by owner; None cuts fp32 inputs into contiguous chunks."""
     index, world = column.index, column.world
-    dtype = tensors[0].dtype
-    padded = owners.chunk * world
+    numel, dtype = tensors[0].numel(), tensors[0].dtype
+    if owners is None and dtype != torch.float32:
+        raise ValueError("a 16-bit sum needs the owners of its elements (its remainders are kept by them)")
+    chunk = -(-numel // world) if owners is None else owners.chunk
+    padded = chunk * world
     sends = []
     for tensor, bucket in zip(tensors, column.buckets, strict=True):
+        if owners is None and padded == numel:
+            sends.append(tensor)  # contiguous chunks, no padding: the input itself
+            continue
         send = bucket.workspace(f"sum_send{index}", padded, dtype)
-        send.zero_()
-        sends.append(send.index_copy_(0, owners.slots, tensor))
-    sums = [bucket.workspace(f"sum_chunk{index}", owners.chunk) for bucket in column.buckets]
+        if owners is None:
+            send[:numel].copy_(tensor)
+            send[numel:].zero_()
+        else:
+            send.zero_()
+            send.index_copy_(0, owners.slots, tensor)
+        sends.append(send)
+    sums = [bucket.workspace(f"sum_chunk{index}", chunk) for bucket in column.buckets]
     scratch = column.buckets[0].workspace(f"sum_received{index}", padded, dtype)
     what = f"reduce_scatter of message {index}"
     wait_or_fail(column.collectives.reduce_scatter_sum(sends, sums, scratch), what, column.where)
@@ -139,13 +162,11 @@ def start_ordered_sum(column: Column, tensors: Sequence[Tensor], owners: Ownersh
     rounded = sums
     if dtype != torch.float32:
         # One rounding per element, by its owner; what the rounding drops stays with the owner.
-        rounded = [bucket.workspace(f"sum_rounded{index}", owners.chunk, dtype) for bucket in column.buckets]
+        rounded = [bucket.workspace(f"sum_rounded{index}", chunk, dtype) for bucket in column.buckets]
         remainders = []
         for total, near, bucket in zip(sums, rounded, column.buckets, strict=True):
             near.copy_(total)  # round to nearest
-            remainders.append(
-                torch.sub(total, near, out=bucket.workspace(f"sum_remainder{index}", owners.chunk))
-            )
+            remainders.append(torch.sub(total, near, out=bucket.workspace(f"sum_remainder{index}", chunk)))
     gathered = column.buckets[0].workspace(f"sum_gathered{index}", padded, dtype)
     future = column.collectives.all_gather(rounded, gathered)
-    return OrderedSum(future, gathered, owners, remainders, padded * tensors[0].element_size())
+    return OrderedSum(future, gathered, owners, numel, remainders, padded * tensors[0].element_size())

@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from lightning_gmc.compressors import Payload, TensorSpec
+from lightning_gmc.compressors import CompressionPlan, Payload, TensorSpec
 from lightning_gmc.methods import Message, Undelivered
 from lightning_gmc.transport.exchange.column import Column, Launched, RouteLauncher
-from lightning_gmc.transport.exchange.ordered import OrderedSum, ownership_of, start_ordered_sum
+from lightning_gmc.transport.exchange.ordered import OrderedSum, Ownership, ownership_of, start_ordered_sum
 from lightning_gmc.transport.routing import Route, decode_mean
 
 __all__ = ["ROUTES"]
@@ -65,7 +65,7 @@ class SharedSupportRoute:
 
             return Launched(column, "all_reduce", [future], finish)
 
-        owners = ownership_of(plan, compressor.value_counts(plan), world, values[0].device)
+        owners = _owners(plan, compressor.value_counts(plan), values[0], world)
         total = start_ordered_sum(column, values, owners)
         column.record("allreduce", total.padded_bytes, in_rank_order=True)
 
@@ -114,19 +114,13 @@ class DenseRoute:
                 stats.record_broadcast(lambda: value_bits * mean.numel(), step)
             return mean
 
-        if not column.in_rank_order(wire_dtype):
-            column.record("dense", sent[0].numel() * sent[0].element_size())
-            future = column.collectives.all_reduce_sum(sent)
-
-            def finish() -> Tensor:
-                if sent is not dense:
-                    mean.copy_(sent[0])
-                return divide_and_count()
-
-            return Launched(column, "dense all_reduce", [future], finish)
+        if not column.in_rank_order(wire_dtype):  # fp32 (16-bit values are always summed in rank order)
+            column.record("dense", 4 * mean.numel())
+            future = column.collectives.all_reduce_sum(dense)
+            return Launched(column, "dense all_reduce", [future], divide_and_count)
 
         plan = first.plan
-        owners = ownership_of(plan, [seg.numel for seg in plan.segments], world, mean.device)
+        owners = _owners(plan, [seg.numel for seg in plan.segments], sent[0], world)
         total = start_ordered_sum(column, sent, owners)
         column.record("dense", total.padded_bytes, in_rank_order=True)
 
@@ -172,6 +166,14 @@ class GatherRoute:
         return Launched(column, "all_gather", [future], finish)
 
 
+def _owners(plan: CompressionPlan, counts: Sequence[int], values: Tensor, world: int) -> Ownership | None:
+    """Who sums which element: fixed per parameter element for 16-bit values (their remainders belong
+    to their owner whatever the bucket layout); None for fp32, cut into contiguous chunks."""
+    if values.dtype == torch.float32:
+        return None
+    return ownership_of(plan, counts, world, values.device)
+
+
 def _hand_back_shared(column: Column, total: OrderedSum) -> None:
     """Give every local worker's message what the rounding of the summed ``values`` it owns did not
     deliver, decoded as the message's own payload is (linear for a shared support)."""
@@ -201,7 +203,7 @@ def _hand_back_dense(column: Column, total: OrderedSum) -> None:
     if total.remainders is None:
         return
     for worker, message in enumerate(column.messages):
-        owned = total.owners.owned[column.collectives.local_ranks[worker]]
+        owned = total.owned(column.collectives.local_ranks[worker])
         message.undelivered = Undelivered(total.remainders[worker][: owned.numel()], _adder(owned))
 
 
