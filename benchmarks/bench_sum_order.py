@@ -19,6 +19,7 @@ Run::
 
     python benchmarks/bench_sum_order.py                  # K = 3, MLP 2048-2048-2048-10 (8.4M)
     python benchmarks/bench_sum_order.py --ranks 4 --rounds 30
+    python benchmarks/bench_sum_order.py --ranks 2 --bf16     # 16-bit values (always in rank order)
 """
 
 from __future__ import annotations
@@ -41,27 +42,32 @@ from torch.nn.parallel import DistributedDataParallel
 
 import lightning_gmc
 
+#: (label, compressor, fp32 order, wire dtype); 16-bit values are always summed in rank order
 ARMS = (
-    ("plain DDP", None, None),
-    ("GMC none, ring", "none", "ring"),
-    ("GMC none, rank order", "none", "rank"),
-    ("GMC+ rbgs, ring", "rbgs", "ring"),
-    ("GMC+ rbgs, rank order", "rbgs", "rank"),
+    ("plain DDP", None, None, "fp32"),
+    ("GMC none, ring", "none", "ring", "fp32"),
+    ("GMC none, rank order", "none", "rank", "fp32"),
+    ("GMC+ rbgs, ring", "rbgs", "ring", "fp32"),
+    ("GMC+ rbgs, rank order", "rbgs", "rank", "fp32"),
+)
+#: with ``--bf16``: the 16-bit arms, beside the fp32 ones
+BF16_ARMS = (
+    ("GMC none, bf16", "none", "ring", "bf16"),
+    ("GMC+ rbgs, bf16", "rbgs", "ring", "bf16"),
 )
 
 
-def build(dims: list[int], density: float) -> list[tuple[str, nn.Module, Any, Any]]:
+def build(dims: list[int], density: float, bf16: bool) -> list[tuple[str, nn.Module, Any, Any]]:
     arms = []
-    for label, compressor, order in ARMS:
+    for label, compressor, order, wire in (*ARMS, *(BF16_ARMS if bf16 else ())):
         module = make_mlp(dims)
         ddp = DistributedDataParallel(module)
         optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
         state = None
         if compressor is not None:
             detach = 0.5 if compressor == "rbgs" else 0.0
-            method = lightning_gmc.build_method(
-                "gmc", lightning_gmc.build_compressor(compressor, density=density), detach=detach
-            )
+            built = lightning_gmc.build_compressor(compressor, density=density, wire_dtype=wire)
+            method = lightning_gmc.build_method("gmc", built, detach=detach)
             state = lightning_gmc.GMCHookState(method, seed=0)
             state.exchange.fp32_order = order
             state.attach(module, optimizer)
@@ -76,7 +82,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, result_pa
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     dims = [int(v) for v in args.dims.split(",")]
-    arms = build(dims, args.density)
+    arms = build(dims, args.density, args.bf16)
     gen = torch.Generator().manual_seed(1 + rank)
     x = torch.randn(BATCH, dims[0], generator=gen)
     y = torch.randint(0, dims[-1], (BATCH,), generator=gen)
@@ -117,6 +123,7 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.01)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true", help="also the wire_dtype='bf16' arms")
     args = parser.parse_args()
     load = os.getloadavg()
     print(
@@ -141,6 +148,8 @@ def main() -> None:
     for name in ("GMC none", "GMC+ rbgs"):
         ratio = medians[f"{name}, rank order"] / medians[f"{name}, ring"]
         print(f"\n{name}: rank order / ring = {ratio:.3f}")
+        if f"{name}, bf16" in medians:
+            print(f"{name}: bf16 / fp32 ring = {medians[f'{name}, bf16'] / medians[f'{name}, ring']:.3f}")
     print(f"\nload after: {' '.join(f'{v:.2f}' for v in result['load'])}")
 
 

@@ -188,6 +188,10 @@ class Simulator:
             points: per worker, the parameter values its gradient was evaluated at (for weight decay;
                 what :meth:`gradient_points` returned).
             lr: this step's learning rate.
+
+        Raises:
+            WireOverflow: with ``wire_dtype="fp16"``, a value or a sum over workers beyond +-65504;
+                the step is refused, every worker's state and the traffic counters as before it.
         """
         if len(grads) != self.num_workers or len(points) != self.num_workers:
             raise ValueError(f"expected {self.num_workers} gradients and points")

@@ -65,13 +65,14 @@ def test_topk_shared_uses_the_leaders_support_sums_values_and_keeps_the_rest() -
         assert torch.equal(torch.cat([direction["a"], direction["b"]]), momentum), step
         for k in range(workers):
             assert torch.equal(torch.cat(list(sim.residual(k).values())), residual[k]), (step, k)
-        # bytes: the leader's k int32 broadcast plus the all-reduce of k fp32 values (k = 5)
+        # bytes: the leader's k int32 broadcast (k = 5), then the k fp32 values summed in rank order
+        # (K = 3): a reduce-scatter of them padded to 3 chunks of 2, an all-gather of one chunk
         metrics = sim.stats.take_step()
-        assert metrics["bytes_to_collectives"] == 4 * 5 + 4 * 5
+        assert metrics["bytes_to_collectives"] == 4 * 5 + 4 * 6 + 4 * 2
         assert metrics["bytes_sent"] == pytest.approx(
-            (workers - 1) / workers * 20 + 2 * (workers - 1) / workers * 20
+            (workers - 1) / workers * 20 + 2 * (workers - 1) / workers * 24
         )
-        assert metrics["collectives"] == 2
+        assert metrics["collectives"] == 3
 
 
 def test_topk_shared_alone_is_exact_topk_and_rcc_counts_the_indices() -> None:
@@ -125,12 +126,18 @@ def test_bf16_rounding_error_lands_in_the_residual() -> None:
 
 @pytest.mark.parametrize("compressor", ["none", "rbgs", "topk_shared"])
 def test_16_bit_wire_halves_the_value_bytes(compressor: str) -> None:
-    # fp32: one ring all-reduce of the values; 16 bits: summed in rank order (docs/algorithms.md 3.12),
-    # a reduce-scatter of the values padded to K equal chunks and an all-gather of one chunk, which
-    # puts a ring all-reduce's 2 (K-1)/K of the padded values on the wire
+    # Summed in rank order (docs/algorithms.md 3.10, 3.12): a reduce-scatter of the values padded to K
+    # equal chunks and an all-gather of one chunk, a ring all-reduce's 2 (K-1)/K of the padded values on
+    # the wire. 16-bit values always, padded per owner ((p + j) mod K); fp32 ones of a sparse support
+    # with K >= 3, in contiguous chunks; the identity's fp32 vector in one ring all-reduce.
     workers = 4
-    values = 55 if compressor == "none" else 5  # the identity's dense vector, or k = 4 + 1
-    padded = -(-values // workers) * workers
+    counts = [40, 15] if compressor == "none" else [4, 1]  # the identity's dense vector, or k per parameter
+    values = sum(counts)
+    owned = [
+        sum((p + j) % workers == r for p, n in enumerate(counts) for j in range(n)) for r in range(workers)
+    ]
+    padded_16 = workers * max(owned)
+    padded_32 = -(-values // workers) * workers
     indices = 4 * 5 if compressor == "topk_shared" else 0  # the int32 support broadcast stays
     taken = {}
     for wire in ("fp32", "bf16", "fp16"):
@@ -139,12 +146,16 @@ def test_16_bit_wire_halves_the_value_bytes(compressor: str) -> None:
         taken[wire] = sim.stats.take_step()
     ring = 2 * (workers - 1) / workers
     support = (workers - 1) / workers * indices
-    assert taken["fp32"]["bytes_to_collectives"] - indices == 4 * values
-    assert taken["fp32"]["bytes_sent"] == pytest.approx(ring * 4 * values + support)
+    if compressor == "none":
+        assert taken["fp32"]["bytes_to_collectives"] == 4 * values
+        assert taken["fp32"]["bytes_sent"] == pytest.approx(ring * 4 * values)
+    else:
+        assert taken["fp32"]["bytes_to_collectives"] - indices == 4 * padded_32 + 4 * padded_32 // workers
+        assert taken["fp32"]["bytes_sent"] == pytest.approx(ring * 4 * padded_32 + support)
     for wire in ("bf16", "fp16"):
-        assert taken[wire]["bytes_to_collectives"] - indices == 2 * padded + 2 * padded // workers
-        assert taken[wire]["bytes_sent"] == pytest.approx(ring * 2 * padded + support)
-        assert taken[wire]["collectives"] == taken["fp32"]["collectives"] + 1
+        assert taken[wire]["bytes_to_collectives"] - indices == 2 * padded_16 + 2 * padded_16 // workers
+        assert taken[wire]["bytes_sent"] == pytest.approx(ring * 2 * padded_16 + support)
+        assert taken[wire]["collectives"] == 2 + (indices > 0)
 
 
 def test_dense_fallback_route_sends_16_bit_values() -> None:

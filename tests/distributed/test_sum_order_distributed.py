@@ -5,12 +5,13 @@ One launch of ``sum_order_script.py`` on 3 ranks trains every case three times f
 small buckets, one bucket, and small buckets interrupted half-way and resumed in a new DDP model
 (whose first step runs in DDP's initial bucket order). Promised bitwise:
 
-* fp32 summing routes (``rbgs``, ``topk_shared``) with ``torch.use_deterministic_algorithms(True)``
-  (what ``Trainer(deterministic=True)`` sets): the values are added in rank order;
+* a sparse shared support's fp32 values (``rbgs``, ``topk_shared``), summed in rank order by default;
+* dense fp32 vectors (``compressor="none"``, the dense fallback) under
+  ``torch.use_deterministic_algorithms(True)`` (what ``Trainer(deterministic=True)`` sets);
 * 16-bit values (``wire_dtype="bf16"``), always: added in fp32 in rank order, rounded once by each
   element's owner (which is fixed per parameter element, not per bucket).
 
-Without deterministic mode an fp32 sum is one ring all-reduce, whose order depends on the bucket
+Without deterministic mode a dense fp32 vector is one ring all-reduce, whose order depends on the bucket
 layout: the two layouts differ (what the docs say, and proof that this test can tell).
 """
 
@@ -77,7 +78,7 @@ def _equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-PROMISED = ["rbgs_fp32_deterministic", "topk_shared_fp32_deterministic", "ef21_rbgs_bf16"]
+PROMISED = ["rbgs_fp32", "topk_shared_fp32", "none_fp32_deterministic", "ef21_rbgs_bf16"]
 
 
 @pytest.mark.parametrize("case", PROMISED)
@@ -91,10 +92,10 @@ def test_bucket_layout_and_resume_do_not_change_a_bit(results: list[dict[str, An
             assert _equal(runs["small_buckets"]["gmc"]["shared"], runs[other]["gmc"]["shared"]), (rank, other)
 
 
-def test_without_deterministic_mode_an_fp32_ring_follows_the_bucket_layout(
+def test_without_deterministic_mode_a_dense_fp32_ring_follows_the_bucket_layout(
     results: list[dict[str, Any]],
 ) -> None:
-    runs = results[0]["rbgs_fp32_ring"]
+    runs = results[0]["none_fp32_ring"]
     assert not _equal(runs["small_buckets"]["model"], runs["one_bucket"]["model"])
 
 

@@ -16,8 +16,9 @@ Ordering and failures:
   :class:`CollectiveFailure` naming the collective, the message, the bucket and the step. Every
   collective's result is checked before anything is decoded, so nothing stale is ever decoded or
   applied.
-* Summing routes add in rank order where it matters (16-bit values always; fp32 with ``K >= 3``
-  unless ``fp32_order="ring"``): :mod:`~lightning_gmc.transport.exchange.ordered`.
+* Summing routes add in rank order where it matters (16-bit values always; fp32 with ``K >= 3`` for
+  sparse supports, and for dense vectors in deterministic mode):
+  :mod:`~lightning_gmc.transport.exchange.ordered`.
 * ``wire_dtype="fp16"``: an overflow raises :class:`WireOverflow` from :meth:`Exchange.start` itself,
   on every rank at the same bucket.
 """

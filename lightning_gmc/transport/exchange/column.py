@@ -31,7 +31,8 @@ class Column:
         stats: where the traffic is counted.
         step: the optimizer step.
         where: the bucket, step and rank, as errors name them.
-        fp32_order: how a summing route adds fp32 values (``routing.sums_in_rank_order``).
+        fp32_order: how a summing route adds fp32 values; None: by the vector's density
+            (``routing.sums_in_rank_order``).
     """
 
     index: int
@@ -41,7 +42,7 @@ class Column:
     stats: CommStats
     step: int
     where: str
-    fp32_order: SumOrder = "ring"
+    fp32_order: SumOrder | None = None
 
     @property
     def world(self) -> int:
@@ -54,9 +55,10 @@ class Column:
             return message.decode_into
         return self.buckets[worker].workspace(f"mean{self.index}", message.plan.numel)
 
-    def in_rank_order(self, dtype: torch.dtype) -> bool:
-        """Whether a summing route adds values of ``dtype`` in rank order (two phases) here."""
-        return sums_in_rank_order(dtype, self.world, self.fp32_order)
+    def in_rank_order(self, dtype: torch.dtype, sparse: bool) -> bool:
+        """Whether a summing route adds values of ``dtype`` in rank order (two phases) here;
+        ``sparse``: the summed vector is a sparse support's values, not a dense vector."""
+        return sums_in_rank_order(dtype, self.world, self.fp32_order, sparse)
 
     def record(self, route: Route, handed_bytes: int, in_rank_order: bool = False) -> None:
         """Count the message: ``handed_bytes`` to its collective (to the reduce-scatter of a sum in rank

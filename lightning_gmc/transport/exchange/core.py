@@ -38,8 +38,9 @@ class Exchange:
             simulation and its resume; two collectives, the first waited for in the caller's thread),
             ``"ring"`` (one all-reduce in the back-end's order), or None (default): ``"rank"`` while
             ``torch.are_deterministic_algorithms_enabled()`` (``Trainer(deterministic=True)``), else
-            ``"ring"``, read at every :meth:`start`. 16-bit values are always added in rank order
-            (:func:`~lightning_gmc.transport.routing.sums_in_rank_order`).
+            rank order for a sparse support's values and the ring for dense vectors (the identity,
+            the dense fallback), read at every :meth:`start`. 16-bit values are always added in rank
+            order (:func:`~lightning_gmc.transport.routing.sums_in_rank_order`).
     """
 
     def __init__(
@@ -51,11 +52,12 @@ class Exchange:
         #: the first collective that failed (its step's state may be half-summed), until cleared
         self.failed: CollectiveFailure | None = None
 
-    def current_fp32_order(self) -> SumOrder:
-        """The order fp32 sums take now (``fp32_order``, or what deterministic mode asks for)."""
+    def current_fp32_order(self) -> SumOrder | None:
+        """The order fp32 sums take now: ``fp32_order``, ``"rank"`` in deterministic mode, else None
+        (by the summed vector's density)."""
         if self.fp32_order is not None:
             return self.fp32_order
-        return "rank" if torch.are_deterministic_algorithms_enabled() else "ring"
+        return "rank" if torch.are_deterministic_algorithms_enabled() else None
 
     @property
     def world_size(self) -> int:
@@ -151,7 +153,7 @@ class Exchange:
         buckets: Sequence[BucketState],
         step: int,
         where: str,
-        fp32_order: SumOrder,
+        fp32_order: SumOrder | None,
     ) -> Launched:
         column = Column(
             index,

@@ -53,7 +53,7 @@ class SharedSupportRoute:
         def broadcast_bits() -> int:
             return compressor.broadcast_bits([payload], plan)
 
-        if not column.in_rank_order(values[0].dtype):
+        if not column.in_rank_order(values[0].dtype, sparse=compressor.sparse):
             column.record("allreduce", values[0].numel() * values[0].element_size())
             future = column.collectives.all_reduce_sum(values)
 
@@ -114,7 +114,7 @@ class DenseRoute:
                 stats.record_broadcast(lambda: value_bits * mean.numel(), step)
             return mean
 
-        if not column.in_rank_order(wire_dtype):  # fp32 (16-bit values are always summed in rank order)
+        if not column.in_rank_order(wire_dtype, sparse=False):  # fp32 (16-bit: always in rank order)
             column.record("dense", 4 * mean.numel())
             future = column.collectives.all_reduce_sum(dense)
             return Launched(column, "dense all_reduce", [future], divide_and_count)
