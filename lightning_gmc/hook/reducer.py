@@ -136,9 +136,12 @@ def method_step(
 class FlatReducer:
     """Every rank is a worker: the method runs on the whole bucket, its exchange over ``process_group``.
 
-    Issues exactly one collective per message (one per bucket for every method except at CSER-style
-    reset steps) in the caller's thread, preceded by the support's broadcast for ``topk_shared``;
-    only local decoding runs in the future's callback.
+    Issues one collective per message (one per bucket for every method except at CSER-style reset
+    steps), or two for a sum taken in rank order (a reduce-scatter, waited for, then an all-gather;
+    ``transport/exchange/ordered.py``), in the caller's thread, preceded by the support's broadcast
+    for ``topk_shared``; only local decoding runs in the future's callback. With ``wire_dtype="fp16"``
+    the exchange is waited for in the caller's thread too, and the buffers the step touches are kept
+    so that a refused step can be undone (:meth:`restore_step`).
 
     Args:
         stats: the traffic counters of the exchange.

@@ -108,9 +108,16 @@ class Undelivered:
     values: Tensor
     decode_add: Callable[[Tensor, Tensor], None]
 
-    def add_to(self, target: Tensor, alpha: float = 1.0) -> None:
-        """``target += alpha * r``, decoded into the bucket's coordinates."""
-        self.decode_add(self.values if alpha == 1.0 else self.values.mul(alpha), target)
+    def add_to(self, target: Tensor, sign: float = 1.0) -> None:
+        """``target += sign * r`` (``sign`` +1 or -1), decoded into the bucket's coordinates. A negative
+        sign negates ``values`` in place and back (exact; no allocation)."""
+        if sign == 1.0:
+            self.decode_add(self.values, target)
+        elif sign == -1.0:
+            self.decode_add(self.values.neg_(), target)
+            self.values.neg_()
+        else:
+            raise ValueError(f"sign must be +1 or -1, got {sign}")
 
 
 @dataclass

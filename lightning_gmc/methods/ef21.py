@@ -66,4 +66,4 @@ class EF21(Method):
     def absorb_undelivered(self, step: BucketStep, slot: int, undelivered: Undelivered) -> None:
         # h received round(S)/K, the workers added S/K to their estimates on average: the owner of each
         # chunk takes back the remainder, so sum_k h_k moves by round(S) and h = mean_k h_k holds.
-        undelivered.add_to(step.buffer("estimate"), alpha=-1.0)
+        undelivered.add_to(step.buffer("estimate"), sign=-1.0)
