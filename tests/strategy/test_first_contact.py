@@ -35,7 +35,12 @@ STRATEGIES = [GMCStrategy, GMCFabricStrategy]
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize(
     ("typo", "meant"),
-    [("densty", "density"), ("compresor", "compressor"), ("bucket_cap", "bucket_cap_mb"), ("detatch", "detach")],
+    [
+        ("densty", "density"),
+        ("compresor", "compressor"),
+        ("bucket_cap", "bucket_cap_mb"),
+        ("detatch", "detach"),
+    ],
 )
 def test_misspelt_argument_fails_in_the_constructor_with_the_closest_name(
     strategy: type, typo: str, meant: str
@@ -57,14 +62,18 @@ def test_a_keyword_far_from_every_name_lists_the_valid_ones(strategy: type) -> N
 def test_every_distributed_data_parallel_argument_still_passes(strategy: type) -> None:
     # The valid names are read here from torch's own signature, independently of the library.
     signature = inspect.signature(DistributedDataParallel.__init__)
-    names = [n for n, p in signature.parameters.items() if n not in ("self", "module") and p.kind != p.VAR_KEYWORD]
-    assert {"bucket_cap_mb", "find_unused_parameters", "static_graph", "gradient_as_bucket_view"} <= set(names)
+    names = [
+        n for n, p in signature.parameters.items() if n not in ("self", "module") and p.kind != p.VAR_KEYWORD
+    ]
+    assert {"bucket_cap_mb", "find_unused_parameters", "static_graph", "gradient_as_bucket_view"} <= set(
+        names
+    )
     # None is what LightningCLI passes for unset arguments; `mixed_precision` is refused only when set.
     built = strategy(**{name: None for name in names})
-    kept = getattr(built, "_ddp_kwargs")
+    kept = built._ddp_kwargs
     assert set(kept) == set(names) - {"mixed_precision"}
     real = strategy(bucket_cap_mb=1, find_unused_parameters=True, gradient_as_bucket_view=True)
-    assert getattr(real, "_ddp_kwargs") == {
+    assert real._ddp_kwargs == {
         "bucket_cap_mb": 1,
         "find_unused_parameters": True,
         "gradient_as_bucket_view": True,
