@@ -108,7 +108,7 @@ hierarchy: ``"flat"`` (default: every rank is a worker) or ``"node"``: gradients
     densely inside each node (``num_nodes`` x ``devices`` of the Trainer or Fabric), and the
     method runs between nodes only, with one worker per node (residual and momentum per node).
     For clusters whose links between nodes are much slower than inside them; needs at least 2
-    nodes with equal devices (see README "Running across nodes", ``docs/algorithms.md`` 3.11).
+    nodes with equal devices (``docs/nodes.md``, ``docs/algorithms.md`` 3.11).
 wire_dtype: dtype the compressed values travel in, ``"fp32"`` (default), ``"bf16"`` or
     ``"fp16"``; the rounding error stays in the residual and decoding accumulates in fp32
     (``docs/algorithms.md`` section 3.12; fp16 raises on overflow, bf16 cannot overflow).

@@ -73,7 +73,7 @@ class GMCStrategy(DDPStrategy):
         **ddp_kwargs: forwarded to :class:`torch.nn.parallel.DistributedDataParallel`
             (``bucket_cap_mb``, ``find_unused_parameters``, ``static_graph``, ...).
 
-    Metrics (per step, see the README's metrics section): ``gmc/bytes_sent``, ``gmc/rcc``, ... per
+    Metrics (per step, see docs/metrics.md): ``gmc/bytes_sent``, ``gmc/rcc``, ... per
     rank; at logging steps (``Trainer(log_every_n_steps)``) also ``gmc/<traffic>_sum_ranks`` and
     ``gmc/nonfinite_skips`` summed over all ranks (one small all-reduce).
 
