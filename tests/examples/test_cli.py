@@ -56,16 +56,20 @@ def test_plan_says_it_is_not_available_until_its_module_exists(
     assert seen == [["--model", "x"]]
 
 
-def test_a_broken_command_module_shows_its_own_import_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    # "not available" is only for a module that does not exist, not for one whose imports fail.
-    broken = cli.Command("broken", target="tests_cli_broken_module:main")
-    monkeypatch.setitem(sys.modules, "tests_cli_broken_module", None)  # import raises ModuleNotFoundError
-    assert broken.resolve() is None
-    failing = cli.Command("failing", target="json.does_not_exist:main")
-    assert failing.resolve() is None
-    inner = cli.Command("inner", target="lightning_gmc.cli:no_such_function")
+def test_a_broken_command_module_shows_its_own_import_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "not available" is only for a module that does not exist, not for one whose own imports fail.
+    (tmp_path / "cli_command_with_missing_dependency.py").write_text(
+        "import no_such_dependency_of_the_command\n\ndef main(argv):\n    return 0\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    broken = cli.Command("broken", target="cli_command_with_missing_dependency:main")
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_of_the_command"):
+        broken.resolve()
+    assert cli.Command("absent", target="no_such_command_module:main").resolve() is None
     with pytest.raises(AttributeError):
-        inner.resolve()
+        cli.Command("inner", target="lightning_gmc.cli:no_such_function").resolve()
 
 
 @pytest.mark.parametrize("command", [["demo"], ["fit", "digits/gmc_noniid"], ["fit", "--list"]])
