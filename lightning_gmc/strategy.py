@@ -33,6 +33,7 @@ from lightning_gmc._adapter import (
     run_summary,
     set_up_node_groups,
 )
+from lightning_gmc._arguments import check_bool
 from lightning_gmc.compressors import Compressor, WireDtype
 from lightning_gmc.config import Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
 from lightning_gmc.hook import gmc_hook
@@ -112,7 +113,7 @@ class GMCStrategy(DDPStrategy):
         self._pending_checkpoint_state: dict[str, Any] | None = None
         self._epoch_seen: int | None = None
         self.last_metrics: dict[str, float] = {}
-        self.progress_bar_metrics = bool(progress_bar_metrics)
+        self.progress_bar_metrics = check_bool("progress_bar_metrics", progress_bar_metrics)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
