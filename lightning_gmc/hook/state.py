@@ -105,7 +105,7 @@ class GMCHookState:
         if self.worker is not None:
             raise RuntimeError("set_node_groups() must run before attach()")
         self.node_groups = groups
-        self.exchange = Exchange(TorchCollectives(groups.inter), self.stats)
+        self.exchange = Exchange(TorchCollectives(groups.inter), self.stats, groups.topology.rank_label())
         self.support = LeaderSupport(self.exchange.collectives, self.stats)
         self.metrics.intra = self.intra_traffic
 

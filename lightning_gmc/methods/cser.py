@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_gmc._arguments import check_float, check_int
+from lightning_gmc._arguments import check_float, check_int, describe_value
 from lightning_gmc.compressors import Compressor
 from lightning_gmc.methods._common import add_momentum, check_lr, resolve_compressor, with_density
 from lightning_gmc.methods.base import BucketStep, Message, Method
@@ -86,8 +86,13 @@ class CSER(Method):
                 reset = compressor  # no density to vary: C1's kind and options
             else:
                 reset = with_density(compressor, reset_density, "CSER's reset compressor")
-        else:
+        elif isinstance(reset_compressor, str | Compressor):
             reset = resolve_compressor(reset_compressor, reset_density)
+        else:
+            raise TypeError(
+                f"reset_compressor must be a compressor name, a Compressor instance or None, got "
+                f"{describe_value(reset_compressor)}"
+            )
         # C2 may equal C1: both messages of a reset step are in flight together, but each message
         # of a step has its own payload workspace (BucketStep.compress), so they share only the plan.
         self.reset_compressor: Compressor = reset
