@@ -276,7 +276,7 @@ class Method(ABC):
     #: EF21's aggregate ``h = mean_k h_k``. :meth:`reset_local` keeps such an invariant when the local
     #: state restarts, and loading a gathered checkpoint that breaks it fails
     #: (:mod:`lightning_gmc.hook.checkpoint_schema`). The other methods keep no invariant between a
-    #: local and a shared buffer (``docs/algorithms.md`` 3.6 lists why for each).
+    #: local and a shared buffer (``docs/algorithms.md`` 3.14 lists why for each).
     mean_of_local: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, compressor: Compressor) -> None:
