@@ -185,10 +185,10 @@ def _check_mean_invariants(state: Mapping[str, Any], method: Method) -> None:
     entries: Sequence[Mapping[str, Any]] = state["per_rank_local"]
     for shared, local in method.mean_of_local.items():
         for name, kept in state["shared"][shared].items():
-            total = torch.zeros(kept.shape, dtype=torch.float64)
+            total = torch.zeros_like(kept, dtype=torch.float64)
             largest = float(torch.linalg.vector_norm(kept.double()))
             for entry in entries:
-                part = entry["buffers"][local][name].double()
+                part = entry["buffers"][local][name].to(total.device, torch.float64)
                 total += part
                 largest = max(largest, float(torch.linalg.vector_norm(part)))
             difference = float(torch.linalg.vector_norm(kept.double() - total / len(entries)))
@@ -198,7 +198,9 @@ def _check_mean_invariants(state: Mapping[str, Any], method: Method) -> None:
                     f"is not the mean of per_rank_local[*].buffers[{local!r}][{name!r}] (relative difference "
                     f"{difference / largest:.3g}; fp32 rounding stays below {MEAN_INVARIANT_RTOL:g}): method "
                     f"{method.name!r} keeps {shared} = mean of the ranks' {local}, so the file mixes states "
-                    f"of different runs or steps. Resume from another checkpoint.",
+                    f"of different runs or steps, or comes from a run resumed on another number of ranks "
+                    f"by a version that restarted the {local} at zero (its {shared} is biased). Resume from "
+                    f"an earlier checkpoint.",
                 )
 
 
