@@ -11,6 +11,9 @@ way torchrun starts them; ``ranks_per_node`` consecutive ranks form a node. Ever
   from it and train to ``steps`` again (``run`` and ``resumed`` histories);
 * with ``load`` (a checkpoint file name in the output directory, or a path): resume from it and train
   to ``steps`` (``loaded`` history);
+* with ``corrupt_entry: r`` (and no ``load``), the resumed run first tries a copy of the checkpoint
+  whose rank-``r`` residual has the wrong shape and records the error (``corrupt_error``: every rank
+  must refuse it alike; the good checkpoint then resumes);
 * with ``error``: train until the error the case provokes and record its text on every rank
   (``nan_rank``: that rank's batch is NaN at ``bad_step``, for ``nonfinite="raise"``; ``huge_rank``:
   its loss is scaled by 1e9 then, to overflow an fp16 wire). Such cases come last.
@@ -69,6 +72,13 @@ def train(
     start = 0
     if resume is not None:
         saved = torch.load(resume, weights_only=False)
+        if case.get("corrupt_entry") is not None:
+            try:
+                state.load_state_dict(_with_bad_entry(saved["gmc"], case["corrupt_entry"]))
+            except ValueError as err:
+                CORRUPT_ERRORS.append(str(err))
+            else:
+                CORRUPT_ERRORS.append(None)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state.load_state_dict(saved["gmc"])
@@ -115,6 +125,19 @@ def train(
     return history
 
 
+CORRUPT_ERRORS: list[str | None] = []
+
+
+def _with_bad_entry(gathered: dict[str, Any], rank: int) -> dict[str, Any]:
+    """A copy of a gathered state whose rank-``rank`` residual of the first parameter is transposed."""
+    entries = list(gathered["per_rank_local"])
+    residual = dict(entries[rank]["buffers"]["residual"])
+    first = next(iter(residual))
+    residual[first] = residual[first].reshape(-1, 1)
+    entries[rank] = {**entries[rank], "buffers": {**entries[rank]["buffers"], "residual": residual}}
+    return {**gathered, "per_rank_local": entries}
+
+
 def main() -> None:
     cfg = json.loads(Path(sys.argv[1]).read_text())
     out_dir = Path(cfg["out_dir"])
@@ -152,8 +175,9 @@ def main() -> None:
             else:
                 checkpoint = out_dir / f"{name}.ckpt"
                 run = train(cfg, case, None, checkpoint, group)
+                CORRUPT_ERRORS.clear()
                 resumed = train(cfg, case, checkpoint, None, group)
-                results[name] = {"run": run, "resumed": resumed}
+                results[name] = {"run": run, "resumed": resumed, "corrupt_error": list(CORRUPT_ERRORS)}
         dist.barrier()
     torch.save(results, out_dir / f"rank{os.environ['RANK']}.pt")
     dist.destroy_process_group()

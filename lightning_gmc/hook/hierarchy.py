@@ -50,11 +50,12 @@ class NodeTopology:
         """What a checkpoint records (resuming on another topology: ``GMCHookState.load_state_dict``)."""
         return {"num_nodes": self.num_nodes, "ranks_per_node": self.ranks_per_node}
 
-    def label(self) -> str:
-        """This rank in error messages: its global rank and its rank in both of its groups."""
+    def rank_label(self) -> str:
+        """How error messages name this rank: its global rank and its place (its rank in the
+        intra-node group is its local rank; the exchange's inter-node group numbers it by node)."""
         return (
-            f"global rank {self.global_rank} (rank {self.local_rank} of node {self.node_rank}'s intra-node "
-            f"group, rank {self.node_rank} of local rank {self.local_rank}'s inter-node group)"
+            f"global rank {self.global_rank} (node {self.node_rank}, local rank {self.local_rank}; rank "
+            f"{self.node_rank} of the inter-node group)"
         )
 
 

@@ -99,9 +99,15 @@ def select_worker_entry(
     saved_workers, saved_per_worker = workers_of(saved, saved_world)
     workers, per_worker = workers_of(current, world_size)
     if saved_workers != workers:
+        if policy == "error":
+            raise RuntimeError(
+                f"the checkpoint was written by {saved_workers} workers (topology {dict(saved)}), this run "
+                f"has {workers} (topology {dict(current)}). Residuals are per worker (a rank, or a node "
+                f"under hierarchy='node'): resume with {saved_workers} workers (ranks, or nodes of any "
+                f"size), or pass on_world_size_change='reset_residuals' to restart them."
+            )
         return codec.reject_topology_change(saved, current, policy)
-    for saved_rank, local in enumerate(block["per_rank_local"]):
-        codec.check_finite_tensors(f"checkpoint (rank {saved_rank})", local["buffers"])
+    # Every entry was checked (codec.check_checkpoint) before this is called.
     worker = rank // per_worker
     entry = dict(block["per_rank_local"][worker * saved_per_worker])
     entry.pop("stats", None)

@@ -79,7 +79,7 @@ class NodeReducer:
     def __init__(self, stats: CommStats, groups: NodeGroups, min_piece: int = DEFAULT_MIN_PIECE) -> None:
         self.groups = groups
         self.min_piece = int(min_piece)
-        self._exchange = Exchange(TorchCollectives(groups.inter), stats)
+        self._exchange = Exchange(TorchCollectives(groups.inter), stats, groups.topology.rank_label())
         self._support = LeaderSupport(self._exchange.collectives, stats)
         self.intra = TorchCollectives(groups.intra)
         self.intra_traffic = IntraNodeTraffic()
@@ -104,7 +104,7 @@ class NodeReducer:
 
     @property
     def topology_info(self) -> str:
-        return self.groups.topology.label()
+        return self.groups.topology.rank_label()
 
     def attach(self, method: Method, table: ParameterTable, device: torch.device, seed: int) -> WorkerState:
         topology = self.groups.topology
@@ -241,7 +241,7 @@ class NodeReducer:
         except Exception as err:
             raise CollectiveFailure(
                 f"lightning_gmc: the all_reduce of the non-finite flags of bucket {bucket_index} at step "
-                f"{step} failed on {topology.label()}: {err}"
+                f"{step} failed on {topology.rank_label()}: {err}"
             ) from err
         bad = [int(rank) for rank in flags.nonzero().flatten().tolist()]
         if bad:

@@ -221,9 +221,9 @@ class FlatReducer:
     def check_finite(self, skipped: Tensor, bucket_index: int, num_params: int, step: int) -> None:
         # Only this rank stops; the others fail in this bucket's collective once its process ends.
         if bool(skipped):
-            rank = self.worker.rank if self.worker is not None else 0
             raise FloatingPointError(
-                f"non-finite gradient in a bucket of {num_params} parameters at step {step} on rank {rank}"
+                f"non-finite gradient in a bucket of {num_params} parameters at step {step} on "
+                f"{self.exchange.describe_rank()}"
             )
 
     def residuals(self) -> Sequence[Tensor] | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_gmc import config as gmc_config
+from lightning_gmc._arguments import check_int
 from lightning_gmc.config import GMCConfig, Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
 from lightning_gmc.hook import codec
 from lightning_gmc.hook.binding import OptimizerBinding, StepClock
@@ -21,7 +22,7 @@ from lightning_gmc.hook.node_checkpoint import select_worker_entry
 from lightning_gmc.hook.node_reducer import NodeReducer
 from lightning_gmc.hook.reducer import FlatReducer, Reducer
 from lightning_gmc.hook.swap import ParameterSwap
-from lightning_gmc.methods import GroupHyper, Method, WorkerState
+from lightning_gmc.methods import GroupHyper, Method, ParameterTable, WorkerState
 from lightning_gmc.methods.shards import DEFAULT_MIN_PIECE
 from lightning_gmc.transport import CommStats, Exchange, LeaderSupport
 
@@ -69,7 +70,7 @@ class GMCHookState:
         self.on_world_size_change = gmc_config.check_world_size_policy(on_world_size_change)
         self.method = method
         self.process_group = process_group
-        self.seed = int(seed)
+        self.seed = check_int("seed", seed)
         self.binding = OptimizerBinding(method, momentum)
         self.clock = StepClock(self.binding)
         self.stats = CommStats(defer_rcc=True)  # RCC only for steps whose metrics are taken
@@ -240,13 +241,20 @@ class GMCHookState:
         return self.reducer.topology()
 
     def load_state_dict(self, state: dict[str, Any], load_local: bool = True) -> None:
-        """Restore :meth:`state_dict` or :meth:`gathered_state_dict` output; ``load_local=False`` keeps
-        zero residuals.
+        """Restore :meth:`state_dict` or :meth:`gathered_state_dict` output; ``load_local=False`` restarts
+        the local buffers (:meth:`Method.reset_local`).
 
         A gathered state resumes any topology with the same number of workers K (flat with N ranks,
         or N nodes of any G: each worker keeps its residuals; :mod:`~lightning_gmc.hook.node_checkpoint`);
         another K follows the ``on_world_size_change`` policy."""
         worker = self._attached_worker("load_state_dict()")
+        # The whole file, every rank's entry too: a bad entry fails on every rank alike, before anything
+        # is restored. Gathered states hold the model's parameters; a rank state under
+        # hierarchy="node" holds the pieces of the rank's table.
+        table = self.binding.table
+        if _holds_pieces_of(state, worker.table):
+            table = worker.table
+        codec.check_checkpoint(state, self.method, table, len(self.binding.group_momentum))
         training_parameters = None
         if "per_rank_local" in state:
             world_size = codec.world_size_of(self.process_group)
@@ -277,3 +285,17 @@ class GMCHookState:
         metrics = self.metrics.take(self.worker)
         self.reducer.add_metrics(metrics)
         return metrics
+
+
+def _holds_pieces_of(state: object, table: ParameterTable) -> bool:
+    """Whether ``state`` is a rank state whose buffers are keyed by this table's names (a rank's
+    pieces); anything else is checked against the model's table."""
+    if not isinstance(state, Mapping) or "per_rank_local" in state:
+        return False
+    scopes = [state.get(scope) for scope in ("shared", "local")]
+    buffers = [by_name for scope in scopes if isinstance(scope, Mapping) for by_name in scope.values()]
+    if not all(isinstance(scope, Mapping) for scope in scopes):
+        return False
+    names = set(table.names)
+    return bool(buffers) and all(isinstance(b, Mapping) and set(b) == names for b in buffers)
+

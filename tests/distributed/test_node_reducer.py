@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -44,7 +45,8 @@ BASE: dict[str, Any] = {
     "timeout_s": 60,
 }
 CASES_2X2: dict[str, Any] = {
-    "gmc_topk": {"config": TOPK},
+    # its resume first tries a copy of the checkpoint with rank 1's residual of the wrong shape
+    "gmc_topk": {"config": TOPK, "corrupt_entry": 1},
     "gmc_plus_rbgs": {"config": {"compressor": "rbgs", "density": 0.05, "detach": 0.5, "seed": 3}},
     # the leader's support broadcast runs over each local rank's inter-node group
     "topk_shared_bf16": {"config": {"compressor": "topk_shared", "density": 0.05, "wire_dtype": "bf16"}},
@@ -374,6 +376,15 @@ def test_errors_one_rank_sees_stop_every_rank_with_the_same_message(two_by_two: 
     assert all(e == core[0] for e in core), overflow
     assert "overflowed fp16 on the wire in the inter-node exchange of local rank(s) [0, 1]" in core[0]
     assert "at step 1" in core[0] and "Use wire_dtype='bf16'" in core[0]
+
+
+def test_a_bad_entry_of_one_rank_fails_on_every_rank_alike(two_by_two: Any) -> None:
+    """Every rank reads every rank's entry of the gathered file (full per-parameter tensors, whatever
+    the shards), so rank 1's bad residual stops all four ranks at load time with one message naming
+    the field; the good file then still resumes bit for bit (the resume test above)."""
+    errors = [result["gmc_topk"]["corrupt_error"] for result in two_by_two[1]]
+    assert errors[0] != [None] and errors == [errors[0]] * len(errors), errors
+    assert re.search(r"per_rank_local\[1\]\.buffers\['residual'\]\['[\w.]+'\] has shape", errors[0][0])
 
 
 def test_node_groups_take_the_default_group_s_timeout(two_by_two: Any) -> None:

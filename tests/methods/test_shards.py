@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
 from lightning_gmc.methods import ParameterTable
 from lightning_gmc.methods.shards import DEFAULT_MIN_PIECE, plan_shards
@@ -99,6 +98,7 @@ def test_ddp_buckets_of_real_models_are_balanced(model: str, ranks_per_node: int
     if model == "gpt2":
         shapes = _gpt2_shapes()
     elif model == "resnet50":
+        torchvision = pytest.importorskip("torchvision")  # an examples dependency
         shapes = [tuple(p.shape) for p in torchvision.models.resnet50().parameters()]
     else:
         net = ResNet20() if model == "resnet20" else ViT()
