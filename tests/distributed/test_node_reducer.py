@@ -426,7 +426,10 @@ def test_a_dead_rank_stops_every_rank_with_a_named_error() -> None:
         assert "finished step 3" not in out and "done" not in out, (rank, out)
         assert "no update was applied" in err, (rank, err[-3000:])
     assert "the intra-node reduce_scatter of the gradient of bucket 0" in runs[2][2], runs[2][2][-3000:]
-    assert "at step 3 failed on global rank 2 (rank 0 of node 1's intra-node group" in runs[2][2]
+    assert (
+        "at step 3 failed on global rank 2 (node 1, local rank 0; rank 1 of the inter-node group)"
+        in runs[2][2]
+    )
     for rank in (0, 1):
         expected = (
             "the inter-node exchange of local rank(s) [0, 1] of node 0 (global rank(s) [0, 1]) in bucket 0"
