@@ -298,4 +298,3 @@ def _holds_pieces_of(state: object, table: ParameterTable) -> bool:
         return False
     names = set(table.names)
     return bool(buffers) and all(isinstance(b, Mapping) and set(b) == names for b in buffers)
-

@@ -321,46 +321,8 @@ def test_resume_across_flat_and_node_and_across_ranks_per_node(
         results, 2, "pair_from_node", "loaded", replay(TOPK, [("node", 2, 0, at), ("pair", 2, at, end)])
     )
     # The 2 x 3 run resumed the 2 x 2 run's checkpoint: its first two steps ran on 4 ranks.
-    across = replay_across_ranks_per_node()
+    across = replay(TOPK, [("node", 2, 0, at), ("node", 3, at, end)])
     _check_against(two_by_three, 3, "from_2x2", "loaded", across)
-
-
-def replay_across_ranks_per_node() -> list[dict[str, Any]]:
-    """2 x 2 for two steps (4 ranks' batches), then 2 x 3 (6 ranks' batches) from the same state."""
-    first = replay(TOPK, [("node", 2, 0, BASE["checkpoint_at"])])
-    # Continue in a 2 x 3 simulator from the 2 x 2 one's state: replay() runs phases of one world,
-    # so run both phases with their own worlds here.
-    torch.set_num_threads(1)
-    model = make_model(BASE["model"], 0)
-    shapes = {name: p.shape for name, p in model.named_parameters()}
-    hyper = {"momentum": 0.9, "weight_decay": 1e-3, **TOPK}
-    narrow = HierarchicalSimulator(
-        shapes, nodes=NODES, ranks_per_node=2, min_piece=BASE["min_piece"], **hyper
-    )
-    for node in range(NODES):
-        narrow.load_worker_state(node, first[-1]["state"][node])
-    narrow.step_index = BASE["checkpoint_at"]
-    narrow._prev_lr = lr_at(BASE["checkpoint_at"] - 1, BASE["lr"], "cosine", BASE["steps"])
-    wide = HierarchicalSimulator(shapes, nodes=NODES, ranks_per_node=3, min_piece=BASE["min_piece"], **hyper)
-    wide.continue_from(narrow)
-    data = make_dataset(BASE["num_samples"], 1)
-    w = [dict(first[-1]["params"][n]) for n in range(NODES)]
-    history = list(first)
-    for step in range(BASE["checkpoint_at"], BASE["steps"]):
-        lr = lr_at(step, BASE["lr"], "cosine", BASE["steps"])
-        grads = []
-        for rank in range(NODES * 3):
-            model.zero_grad()
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    p.copy_(w[rank // 3][name])
-            x, y = rank_batch(data, rank, NODES * 3, BASE["batch_size"], step)
-            loss_fn(model, x, y).backward()
-            grads.append({name: p.grad.detach().clone() for name, p in model.named_parameters()})
-        directions = wide.step(grads, [dict(w[n]) for n in range(NODES)], lr)
-        w = [{k: v.clone().add_(directions[n][k], alpha=-lr) for k, v in w[n].items()} for n in range(NODES)]
-        history.append({"params": w, "state": [wide.worker_state(n) for n in range(NODES)]})
-    return history
 
 
 def test_errors_one_rank_sees_stop_every_rank_with_the_same_message(two_by_two: Any) -> None:

@@ -52,6 +52,10 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 
+#: Compressors whose payload packs bits into bytes per message (the rest send whole elements).
+PACKED = {"gmc terngrad", "gmc sd_l1", "gmc spherical_rc", "gmc qsgd", "gmc natural", "gmc natural_dithering"}
+
+
 def _options(case: dict[str, Any]) -> dict[str, Any]:
     if case.get("method") in ("ef", "ef21"):
         return dict(case)  # the caller's optimizer owns momentum and weight decay
@@ -95,6 +99,15 @@ def test_without_split_parameters_it_is_the_flat_simulator_fed_node_means(
         grads = [_random(SHAPES, gen) for _ in range(nodes * per_node)]
         means = [_node_mean(grads[n * per_node : (n + 1) * per_node]) for n in range(nodes)]
         got, want = hier.step(grads, points, LR), flat.step(means, flat_points, LR)
+        # Between nodes a node's local ranks together send what one flat worker sends; bit-packed
+        # payloads (one message per shard instead of one per bucket) round each shard's bits up to
+        # whole bytes and repeat its scalars: at most 16 bytes per extra message and receiver.
+        inter = sum(stats.take_step()["bytes_sent"] for stats in hier.inter_stats)
+        flat_bytes = flat.stats.take_step()["bytes_sent"]
+        if name in PACKED:
+            assert 0 <= inter - flat_bytes <= 16 * (per_node - 1) * (nodes - 1), f"step {step}"
+        else:
+            assert inter == pytest.approx(flat_bytes, rel=1e-12), f"step {step}"
         for node in range(nodes):
             _assert_equal(got[node], want[node], f"step {step} node {node} direction")
             for buffer, by_name in flat.worker_state(node).items():
