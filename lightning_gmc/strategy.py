@@ -34,7 +34,7 @@ from lightning_gmc._adapter import (
     set_up_node_groups,
 )
 from lightning_gmc.compressors import Compressor, WireDtype
-from lightning_gmc.config import Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
+from lightning_gmc.config import AutoDensity, Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
 from lightning_gmc.hook import gmc_hook
 from lightning_gmc.methods import METHODS, Method
 
@@ -83,7 +83,7 @@ class GMCStrategy(DDPStrategy):
     def __init__(
         self,
         compressor: str | Compressor | None = None,
-        density: float = 0.01,
+        density: float | Literal["auto"] = 0.01,
         detach: float | None = None,
         method: str = "gmc",
         momentum: float | None = None,
@@ -95,6 +95,7 @@ class GMCStrategy(DDPStrategy):
         on_world_size_change: WorldSizeChangePolicy = "error",
         hierarchy: Hierarchy = "flat",
         wire_dtype: WireDtype = "fp32",
+        auto_density: AutoDensity | dict[str, Any] | None = None,
         progress_bar_metrics: bool = True,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
@@ -106,7 +107,7 @@ class GMCStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **ddp_kwargs: Any,
     ) -> None:
-        # The arguments from `compressor` to `wire_dtype` are GMCConfig's fields, by name.
+        # The arguments from `compressor` to `auto_density` are GMCConfig's fields, by name.
         self.gmc_config, self.gmc_state = gmc_config_and_state("GMCStrategy", locals(), ddp_kwargs)
         self.gmc_method: Method = self.gmc_state.method
         self._pending_checkpoint_state: dict[str, Any] | None = None

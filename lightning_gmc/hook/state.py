@@ -12,8 +12,9 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_gmc import config as gmc_config
-from lightning_gmc.config import GMCConfig, Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
+from lightning_gmc.config import AutoDensity, GMCConfig, Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
 from lightning_gmc.hook import codec
+from lightning_gmc.hook.auto_density import AutoDensityController
 from lightning_gmc.hook.binding import OptimizerBinding, StepClock
 from lightning_gmc.hook.hierarchy import NodeGroups, NodeReducer
 from lightning_gmc.hook.metrics import HookMetrics
@@ -49,6 +50,8 @@ class GMCHookState:
             shared buffers; start every rank's residual from zero).
         hierarchy: ``"flat"`` (every rank is a worker) or ``"node"`` (one worker per node; give the
             groups with :meth:`set_node_groups` before :meth:`attach`; ``docs/algorithms.md`` 3.11).
+        auto_density: the options of ``density="auto"``: the hook then chooses the density between
+            steps (:attr:`auto`, :mod:`~lightning_gmc.hook.auto_density`); flat only.
     """
 
     def __init__(
@@ -60,8 +63,15 @@ class GMCHookState:
         nonfinite: NonFinitePolicy = "skip",
         on_world_size_change: WorldSizeChangePolicy = "error",
         hierarchy: Hierarchy = "flat",
+        auto_density: AutoDensity | None = None,
     ) -> None:
         self.hierarchy = gmc_config.check_hierarchy(hierarchy)
+        if auto_density is not None and self.hierarchy != "flat":
+            raise ValueError(
+                "density='auto' runs with hierarchy='flat' for now; give hierarchy='node' a density"
+            )
+        #: the controller of ``density="auto"`` (None for a fixed density)
+        self.auto = AutoDensityController(auto_density) if auto_density is not None else None
         self.nonfinite = gmc_config.check_nonfinite_policy(nonfinite)
         self.on_world_size_change = gmc_config.check_world_size_policy(on_world_size_change)
         self.method = method
@@ -87,6 +97,7 @@ class GMCHookState:
             nonfinite=config.nonfinite,
             on_world_size_change=config.on_world_size_change,
             hierarchy=config.hierarchy,
+            auto_density=config.auto,
         )
 
     def set_node_groups(self, groups: NodeGroups) -> None:
@@ -133,6 +144,8 @@ class GMCHookState:
         binding.attach(model, optimizer)
         device = binding.params[0].device if binding.params else torch.device("cpu")
         self.worker = self.reducer.attach(self.method, binding.table, device, self.seed)
+        if self.auto is not None:
+            self.auto.attach(self.method, self.clock, self.worker, optimizer, self.process_group)
         residuals = self.worker.tensors.get("residual")
         distributed = dist.is_available() and dist.is_initialized()
         collectives = self.exchange.collectives if distributed else None
@@ -217,7 +230,10 @@ class GMCHookState:
         """This rank's state: step, learning-rate history, shared and local buffers, traffic totals."""
         worker = self._attached_worker("state_dict()")
         self.metrics.flush_nonfinite()
-        return codec.encode_rank_state(self.method, self.clock, worker, self.stats)
+        state = codec.encode_rank_state(self.method, self.clock, worker, self.stats)
+        if self.auto is not None:
+            state["auto_density"] = self.auto.state_dict()
+        return state
 
     def gathered_state_dict(self) -> dict[str, Any]:
         """Every rank's state in one dict, for one checkpoint file (a collective: call on every rank).
@@ -237,6 +253,13 @@ class GMCHookState:
         """Restore :meth:`state_dict` or :meth:`gathered_state_dict` output (the latter under the
         ``on_world_size_change`` policy); ``load_local=False`` keeps zero residuals."""
         worker = self._attached_worker("load_state_dict()")
+        if self.auto is not None:  # first: the saved density decides which method the checkpoint is of
+            if "auto_density" not in state:
+                raise ValueError(
+                    f"the checkpoint was written with a fixed density ({state.get('method')}); this run has "
+                    f"density='auto'. Resume with that density, or start density='auto' afresh"
+                )
+            self.auto.load_state_dict(state["auto_density"])
         training_parameters = None
         if "per_rank_local" in state:
             world_size = codec.world_size_of(self.process_group)
@@ -261,4 +284,6 @@ class GMCHookState:
         counts only the steps whose metrics are taken (``CommStats.defer_rcc``)."""
         metrics = self.metrics.take(self.worker)
         self.reducer.add_metrics(metrics)
+        if self.auto is not None:
+            metrics.update(self.auto.metrics())
         return metrics
