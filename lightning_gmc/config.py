@@ -130,7 +130,8 @@ class AutoDensity:
         comm_fraction: when set, the densest candidate whose predicted communication is at most this
             fraction of the measured compute time (else the fastest, then the densest within ``slack``).
         slack: the densest candidate within this fraction of the fastest predicted step is taken.
-        hysteresis: the current setting is kept while it is within ``slack + hysteresis`` of the fastest.
+        hysteresis: the current setting is kept while its predicted step is within this fraction of
+            the one the rule picks.
         warmup_steps: steps before the first decision (the first two after a start or a switch are
             not timed).
         interval: steps between later decisions; 0 decides once.

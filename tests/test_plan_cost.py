@@ -17,6 +17,7 @@ from lightning_gmc.plan import (
     Option,
     arm_traffic,
     choose_density,
+    comm_seconds,
     crossover_bps,
     density_grid,
     load_profile,
@@ -109,6 +110,11 @@ def test_node_hierarchy_pipeline_runs_on_the_shard() -> None:
     arm = Arm("gmc", "rbgs", 0.01, hierarchy="node")
     traffic = arm_traffic(arm, [N], nodes=2, ranks_per_node=2)
     assert pipeline_seconds(PROFILE, arm, traffic, ranks_per_node=2) == pytest.approx(0.008)
+    # intra: reduce-scatter + all-gather, 2 * 1 * 5e5 * 4 B = 4 MB at 100 Gbit/s = 0.32 ms, 2 collectives
+    # of 100 us + 1 hop of 2 us; inter: the node's 2 shards, 10,000 values all-reduced at K = 2:
+    # 2 * 20,000 B at 100 Mbit/s = 3.2 ms, 1 collective of 100 us + 2 hops of 20 us
+    expected = 0.32e-3 + 2 * (1e-4 + 2e-6) + 3.2e-3 + (1e-4 + 2 * 2e-5)
+    assert comm_seconds(traffic, cluster, PROFILE) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("name", shipped_profiles())
@@ -155,14 +161,18 @@ def test_decision_falls_back_to_dense_when_compression_does_not_pay() -> None:
 
 
 def test_decision_hysteresis_keeps_the_current_setting() -> None:
-    # current 1 % at 66 ms, fastest 2 % at 60 ms: 66 <= (1 + 0.05 + 0.1) * 60 = 69 -> kept
-    options = _options((None, 0.370, 0.32), (0.01, 0.066, 0.004), (0.02, 0.060, 0.007))
+    # the rule picks 2 % at 60 ms (densest within 5 %); current 1 % at 65 ms <= 1.1 * 60 = 66 -> kept
+    options = _options((None, 0.370, 0.32), (0.01, 0.065, 0.004), (0.02, 0.060, 0.007))
     kept = choose_density(options, 0.05, slack=0.05, hysteresis=0.1, current=options[1])
     assert kept.option is options[1] and "kept" in kept.reason
-    # at 70 ms it is outside the band (70 > 69): switch to the fastest within slack, 2 %
-    options = _options((None, 0.370, 0.32), (0.01, 0.070, 0.004), (0.02, 0.060, 0.007))
+    # at 67 ms it is outside the band (67 > 66): switch to 2 %
+    options = _options((None, 0.370, 0.32), (0.01, 0.067, 0.004), (0.02, 0.060, 0.007))
     moved = choose_density(options, 0.05, slack=0.05, hysteresis=0.1, current=options[1])
     assert moved.option.density == 0.02
+    # without hysteresis a current setting that is not the pick never stays, however close:
+    # dense 143.8 us is the pick, 1 % at 145.3 us is within slack but not the densest
+    options = _options((None, 143.8e-6, 1e-4), (0.01, 145.3e-6, 1e-4))
+    assert choose_density(options, 1e-4, hysteresis=0.0, current=options[1]).option.density is None
 
 
 def test_decision_with_a_communication_budget() -> None:

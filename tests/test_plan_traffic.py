@@ -39,7 +39,9 @@ def _simulated(arm: Arm, workers: int, steps: int = 2) -> list[dict[str, float]]
     metrics = []
     for _ in range(steps):
         points = sim.gradient_points(w, lr=0.1)
-        grads = [{name: torch.randn(n) for name, n in zip(params, NUMELS, strict=True)} for _ in range(workers)]
+        grads = [
+            {name: torch.randn(n) for name, n in zip(params, NUMELS, strict=True)} for _ in range(workers)
+        ]
         sim.step(grads, points, lr=0.1)
         metrics.append(sim.stats.take_step())
     return metrics

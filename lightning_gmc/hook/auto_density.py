@@ -221,24 +221,28 @@ class AutoDensityController:
         compressor = dataclasses.replace(self._template, density=density)  # type: ignore[type-var]
         return Arm(self._method.name, compressor.name, density, detach), compressor
 
-    def options_for(self, measured: Measurement) -> tuple[list[Option], float]:
-        """Every candidate's predicted step for these measurements, and the compute time they imply."""
+    def options_for(self, measured: Measurement) -> tuple[list[Option], Option, float]:
+        """Every candidate's predicted step for these measurements (the dense route and the densities
+        within the bounds), and the compute time they imply: the measured step minus what the running
+        setting's pipeline and communication are predicted to take. Returns the candidates, the running
+        setting (which may lie outside the bounds when pinned) and the compute time."""
         assert self._worker is not None
         numels = self._table.numels
         buckets = [list(layout) for layout in self._worker.layouts] or [list(range(len(numels)))]
         workers = self.world_size
         cluster = Cluster(nodes=workers, inter_bps=measured.link_bps, inter_latency_s=0.0, efficiency=1.0)
         profile = dataclasses.replace(self.profile, collective_latency_s=measured.latency_s)
+        candidates = [None, *density_grid(self.options.min_density, self.options.max_density)]
         extra: dict[float | None, tuple[float, float]] = {}
-        grid = density_grid(self.options.min_density, self.options.max_density)
-        for density in [None, *grid]:
+        for density in [*candidates, self.density]:
             arm, compressor = self._arm(density)
             traffic = arm_traffic(arm, numels, buckets, nodes=workers, compressor=compressor)
             p = predict(arm, numels, cluster, 0.0, profile, traffic=traffic)
             extra[density] = (p.step_s, p.comm_s)
-        current = extra.get(self.density) or extra[None]
-        compute = max(measured.step_s - current[0], 0.0)
-        return [Option(d, compute + step, comm) for d, (step, comm) in extra.items()], compute
+        compute = max(measured.step_s - extra[self.density][0], 0.0)
+        options = [Option(d, compute + extra[d][0], extra[d][1]) for d in candidates]
+        running = Option(self.density, compute + extra[self.density][0], extra[self.density][1])
+        return options, running, compute
 
     def decide(self) -> None:
         """Measure, choose on rank 0, broadcast, switch (a collective: every rank calls it)."""
@@ -248,14 +252,13 @@ class AutoDensityController:
         decision: dict[str, Any] | None = None
         rank = dist.get_rank(self._group) if self.world_size > 1 else 0
         if rank == 0:
-            options, compute = self.options_for(measured)
-            current = next((o for o in options if o.density == self.density), None)
+            options, running, compute = self.options_for(measured)
             if self.pinned is not None:
-                pinned = None if self.pinned == "none" else float(self.pinned)
-                chosen = next((o for o in options if o.density == pinned), Option(pinned, 0.0, 0.0))
-                reason = "pinned"
+                chosen, reason = running, "pinned"
             else:
                 o = self.options
+                # the warm-up setting was not chosen: no hysteresis for it at the first decision
+                current = running if running in options and self.history else None
                 choice = choose_density(options, compute, o.comm_fraction, o.slack, o.hysteresis, current)
                 chosen, reason = choice.option, choice.reason
             decision = {

@@ -9,10 +9,11 @@ with the compute time and link rate measured during the run). The rule, in order
    candidates within ``slack`` of the fastest predicted step (``step <= (1 + slack) * fastest``), the
    densest. The dense route counts as density 1, so it wins every near tie: compression must pay
    clearly to be chosen, and more information per step is taken whenever it costs (almost) nothing.
-3. **Hysteresis** (``current``, the setting running now): the current setting stays while it is within
-   ``slack + hysteresis`` of the fastest (rule 2), or while its communication stays within
-   ``(1 + hysteresis) f`` of compute and no denser candidate's is within ``(1 - hysteresis) f`` (rule 1),
-   so that noise in the measurements does not make the run switch back and forth.
+3. **Hysteresis** (``current``, the setting running now): the current setting stays while its predicted
+   step is within ``hysteresis`` of the one rule 2 picks (``current <= (1 + hysteresis) * best``), or
+   while its communication stays within ``(1 + hysteresis) f`` of compute and no denser candidate's is
+   within ``(1 - hysteresis) f`` (rule 1), so that noise in the measurements does not make the run
+   switch back and forth.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def choose_density(
         compute_s: measured compute seconds per step (forward, backward, optimizer).
         comm_fraction: target ``communication <= comm_fraction * compute``; None: fastest, then densest.
         slack: relative distance from the fastest step within which the densest candidate is taken.
-        hysteresis: extra margin before leaving ``current``.
+        hysteresis: how much slower than the rule's pick ``current`` may be and still stay.
         current: the setting running now (one of ``options``), or None at the first decision.
 
     Raises:
@@ -90,10 +91,11 @@ def choose_density(
                 f"densest with communication <= {comm_fraction:g} x compute",
             )
         return Choice(fastest, f"no setting keeps communication within {comm_fraction:g} x compute: fastest")
-    limit = (1 + slack) * fastest.step_s
-    if current is not None and current.step_s <= (1 + slack + hysteresis) * fastest.step_s:
-        return Choice(current, f"kept: within {slack + hysteresis:g} of the fastest (hysteresis)")
-    near = [o for o in options if o.step_s <= limit]
+    near = [o for o in options if o.step_s <= (1 + slack) * fastest.step_s]
     best = max(near, key=lambda o: o.rank)
+    if current is not None and current != best and current.step_s <= (1 + hysteresis) * best.step_s:
+        return Choice(
+            current, f"kept: within {hysteresis:g} of the best ({best.step_s * 1e3:.4g} ms; hysteresis)"
+        )
     why = "fastest" if best is fastest else f"densest within {slack:g} of the fastest"
     return Choice(best, why)
