@@ -21,7 +21,6 @@ loads the per-rank state with ``fabric.save`` / ``fabric.load``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Literal
@@ -44,19 +43,20 @@ from lightning_gmc._adapter import (
     check_no_gradient_clipping,
     document_gmc_arguments,
     gmc_config_and_state,
+    leave_swapped_points,
     logged_metrics,
+    one_optimizer_error,
     rank_aggregated_metrics,
+    register_strategy_names,
     run_summary,
     set_up_node_groups,
+    warn_no_gmc_state,
 )
 from lightning_gmc.compressors import Compressor, WireDtype
 from lightning_gmc.config import AutoDensity, Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
 from lightning_gmc.hook import gmc_hook
-from lightning_gmc.methods import METHODS
 
 __all__ = ["GMCFabricStrategy"]
-
-log = logging.getLogger(__name__)
 
 
 @document_gmc_arguments
@@ -116,7 +116,7 @@ class GMCFabricStrategy(DDPStrategy):
         **ddp_kwargs: Any,
     ) -> None:
         # The arguments from `compressor` to `auto_density` are GMCConfig's fields, by name.
-        self.gmc_config, self.gmc_state = gmc_config_and_state("GMCFabricStrategy", locals(), ddp_kwargs)
+        self.gmc_config, self.gmc_state = gmc_config_and_state(type(self), locals(), ddp_kwargs)
         self.last_metrics: dict[str, float] = {}
         self._model: nn.Module | None = None
         super().__init__(
@@ -155,9 +155,8 @@ class GMCFabricStrategy(DDPStrategy):
                 "(fabric.setup(model, optimizer), or fabric.setup_module before fabric.setup_optimizers)"
             )
         if self.gmc_state.worker is not None:
-            method = self.gmc_state.method
-            kind = "torch.optim.SGD" if method.takes_over_optimizer else "any torch.optim.Optimizer"
-            raise ValueError(f"GMCFabricStrategy supports exactly one optimizer ({kind} for this method)")
+            found = "fabric.setup was given a second optimizer"
+            raise one_optimizer_error("GMCFabricStrategy", self.gmc_state.method, found)
         self.gmc_state.attach(self._model, optimizer)
         rank_zero_info(run_summary(self.gmc_config, self.gmc_state))
         return optimizer
@@ -242,35 +241,17 @@ class GMCFabricStrategy(DDPStrategy):
         if gmc_state is not None:
             self.gmc_state.load_state_dict(gmc_state)
         elif any(isinstance(obj, Optimizer) for obj in state.values()):
-            log.warning(
-                "lightning_gmc: the checkpoint has no GMC state (written by another strategy?); residuals "
-                "and momentum start from zero"
-            )
+            warn_no_gmc_state()
         return remainder
 
     @override
     def teardown(self) -> None:
-        self.gmc_state.exit_detached_point()
-        self.gmc_state.exit_evaluation_point()
+        leave_swapped_points(self.gmc_state)
         super().teardown()
 
     # --------------------------------------------------------------------------------- registry
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        # Fabric's own registry (not the Trainer's): Fabric(strategy="gmc"), "gmc_plus", one per method.
-        strategy_registry.register(
-            "gmc", cls, description="GMC: top-k compression with error feedback and global momentum"
-        )
-        strategy_registry.register(
-            "gmc_plus",
-            cls,
-            description="GMC+: RBGS compression, gradients at the detached point (detach=0.5)",
-            compressor="rbgs",
-            detach=0.5,
-        )
-        for name in sorted(METHODS):
-            if name != "gmc":
-                strategy_registry.register(
-                    name, cls, description=f"lightning_gmc method {name!r}", method=name, override=True
-                )
+        # Fabric's own registry (not the Trainer's): the same names and settings as the Trainer's.
+        register_strategy_names(cls, strategy_registry)
