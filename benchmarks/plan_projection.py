@@ -2,7 +2,9 @@
 
 For GPT-3 Small (125M), GPT-3 XL (1.3B) and LLaMA-7B (``lightning_gmc.plan.models.PRESETS``), 8 to
 256 nodes of 8 H100 (SXM) each, 10 to 400 Gbit/s between nodes per node, NVLink 450 GB/s per GPU
-inside a node: the fastest arm the planner predicts and its step time as a multiple of DDP's.
+inside a node (and 3.2 Tbit/s: 8 x 400G, a DGX H100's NICs): the fastest arm the planner predicts and
+its step time as a multiple of DDP's, and GMC ``topk_approx``'s (an all-gather, which grows with the
+number of workers until the exchange falls back to the dense all-reduce).
 
 Stated inputs (change them with the options):
 
@@ -36,7 +38,7 @@ from lightning_gmc.plan.traffic import arm_traffic  # noqa: E402
 PEAK_FLOPS = 989e12
 MODELS = ("gpt-125m", "gpt-1.3b", "llama-7b")
 NODES = (8, 16, 32, 64, 128, 256)
-RATES_GBIT = (10, 25, 100, 200, 400)
+RATES_GBIT = (10, 25, 100, 400, 3200)
 
 
 def compute_seconds(params: int, tokens: int, mfu: float) -> float:
@@ -54,13 +56,18 @@ def project(args: argparse.Namespace, overlap: float) -> str:
         lines += [
             f"\n#### {description}: {sum(numels) / 1e9:.2f}B parameters, compute {compute * 1e3:.0f} ms "
             f"per step, overlap {overlap:.2f}\n",
-            "| nodes x 8 GPUs | " + " | ".join(f"{r} Gbit/s" for r in args.rates) + " |",
+            "| nodes x 8 GPUs | " + " | ".join(f"{r:g} Gbit/s" for r in args.rates) + " |",
+            "|---|" + "---:|" * len(args.rates),
+        ]
+        gathered = [
+            f"\nGMC topk_approx 1 % (flat, all-gather) x DDP, {description}, overlap {overlap:.2f}:\n",
+            "| nodes x 8 GPUs | " + " | ".join(f"{r:g} Gbit/s" for r in args.rates) + " |",
             "|---|" + "---:|" * len(args.rates),
         ]
         for nodes in args.nodes:
             arms = default_arms(profile, nodes, args.gpus, densities=args.densities)
             traffic = {arm: arm_traffic(arm, numels, buckets, nodes, args.gpus) for arm in arms}
-            cells = []
+            cells, topk = [], []
             for rate in args.rates:
                 cluster = Cluster(
                     nodes=nodes,
@@ -81,7 +88,16 @@ def project(args: argparse.Namespace, overlap: float) -> str:
                     if best is ddp
                     else f"{best.arm.label} {best.step_s / ddp.step_s:.2f}"
                 )
+                approx = next(
+                    p
+                    for a, p in steps.items()
+                    if a.compressor == "topk_approx" and a.method == "gmc" and a.hierarchy == "flat"
+                )
+                route = "dense" if "dense" in approx.traffic.routes else "gather"
+                topk.append(f"{approx.step_s / ddp.step_s:.2f} ({route})")
             lines.append(f"| {nodes} | " + " | ".join(cells) + " |")
+            gathered.append(f"| {nodes} | " + " | ".join(topk) + " |")
+        lines += gathered
     return "\n".join(lines)
 
 

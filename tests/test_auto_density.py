@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gmc import GMCConfig, GMCFabricStrategy, GMCHookState, GMCStrategy
+from lightning_gmc import GMCConfig, GMCFabricStrategy, GMCHookState, GMCStrategy, Simulator
 from lightning_gmc.compressors import Identity, TopK
 from lightning_gmc.config import AutoDensity
 from lightning_gmc.hook.auto_density import Measurement
@@ -70,6 +70,11 @@ def test_auto_starts_at_min_density_or_the_pin() -> None:
 def test_bad_auto_settings_name_the_fix(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         GMCConfig(**{"density": "auto", **kwargs})
+
+
+def test_the_simulator_refuses_auto() -> None:
+    with pytest.raises(ValueError, match="simulator runs a fixed density"):
+        Simulator({"w": torch.zeros(10)}, num_workers=2, density="auto")  # type: ignore[arg-type]
 
 
 def test_auto_options_need_density_auto() -> None:

@@ -7,6 +7,7 @@ written out next to each assertion.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -50,6 +51,12 @@ def test_ddp_step_by_hand() -> None:
     assert p.pipeline_s == 0.0
     assert p.comm_s == pytest.approx(0.32 + 1e-4)
     assert p.step_s == pytest.approx(0.05 + 0.32 + 1e-4)
+    # half the line rate carries payload: the bytes take twice as long, the latency stays
+    half = predict(Arm("ddp"), [N], replace(LINK, efficiency=0.5), compute_s=0.05, profile=PROFILE)
+    assert half.comm_s == pytest.approx(0.64 + 1e-4)
+    # 20 us per hop: an all-reduce at K = 2 crosses 2 * log2(2) = 2 hops
+    hops = predict(Arm("ddp"), [N], replace(LINK, inter_latency_s=2e-5), compute_s=0.05, profile=PROFILE)
+    assert hops.comm_s == pytest.approx(0.32 + 1e-4 + 2 * 2e-5)
 
 
 def test_compressed_step_by_hand() -> None:

@@ -7,8 +7,9 @@ What is timed (``torch.utils.benchmark``, median of blocked runs, one worker, a 
   methods with a detached point also the shifted copy of the parameters the hook makes);
 * each compressor at each density: ``compress``, ``subtract_own`` and decoding its own payload
   (``propose`` and ``compress_on`` for ``topk_shared``), and decoding one more payload per coordinate;
-* one pass over the elements, ``SGD(momentum, weight_decay)``'s step minus plain SGD's, and torch's
-  bf16 compression hook;
+* one pass over the elements and torch's bf16 compression hook; ``SGD(momentum, weight_decay)``'s
+  step minus plain SGD's is the pass's cost times the bytes it moves more (a memory-bound step; the
+  difference of two timings would amplify the noise of a busy machine);
 * one 4-byte all-reduce between two gloo processes on loopback (the fixed cost of a collective).
 
 Every timed call starts from a fresh copy of its input, whose pass is subtracted. The bytes each
@@ -209,57 +210,68 @@ def calibrate(
     densities: Sequence[float] = DENSITIES,
     methods: dict[str, dict[str, Any]] | None = None,
     latency: bool = True,
+    rounds: int = 3,
 ) -> DeviceProfile:
-    """Measure a :class:`DeviceProfile` of this machine's CPU (module docstring)."""
+    """Measure a :class:`DeviceProfile` of this machine's CPU (module docstring).
+
+    Every pipeline is timed in ``rounds`` interleaved rounds of ``min_run_time / rounds`` seconds each
+    and the median over the rounds is kept, so that a change of the machine's load during the
+    calibration touches every pipeline alike.
+    """
     methods = CALIBRATED_METHODS if methods is None else methods
     n = sum(numels)
     fresh, x = torch.randn(n), torch.empty(n)
-    copy_s = _median_seconds(lambda: x.copy_(fresh), min_run_time)
-    pass_s = _median_seconds(lambda: x.mul_(0.999), min_run_time)
-
-    def per_element(run: Runner, minus_copy: bool = True) -> tuple[float, float]:
-        seconds = _median_seconds(run, min_run_time) - (copy_s if minus_copy else 0.0)
-        moved = count_bytes(run) - (8.0 * n if minus_copy else 0.0)
-        return max(seconds, 0.0) * 1e9 / n, moved / n
-
-    bytes_per: dict[str, float] = {"pass": 8.0}
-    methods_ns = {}
+    # name -> (what runs, per how many items, whether it starts with a copy of its input)
+    timed: dict[str, tuple[Runner, int, bool]] = {
+        "copy": (lambda: x.copy_(fresh), n, False),
+        "pass": (lambda: x.mul_(0.999), n, False),
+        "bf16_hook": (_bf16_hook_runner(n), n, True),
+    }
     for key, options in methods.items():
-        methods_ns[key], bytes_per[f"method:{key}"] = per_element(_method_runner(options, numels))
-    compressors_ns: dict[str, dict[str, float]] = {}
-    decode_ns: dict[str, float] = {}
+        timed[f"method:{key}"] = (_method_runner(options, numels), n, True)
+    tables: dict[str, list[str]] = {}
     for name in compressors:
         has_density = takes_density(GMCConfig(compressor=name).build().compressor)
-        table: dict[str, float] = {}
+        tables[name] = []
         for density in densities if has_density else (1.0,):
             run, decode_more, nnz = _compressor_runners(name, density, numels)
-            table[f"{density:g}"], bytes_per[f"compressor:{name}:{density:g}"] = per_element(run)
+            timed[f"compressor:{name}:{density:g}"] = (run, n, True)
+            tables[name].append(f"{density:g}")
             if density == (0.01 if has_density else 1.0):
-                decode_ns[name] = _median_seconds(decode_more, min_run_time) * 1e9 / nnz
-                bytes_per[f"decode:{name}"] = count_bytes(decode_more) / nnz
-        compressors_ns[name] = table
-    with_momentum = _median_seconds(_optimizer_runner(True, n), min_run_time)
-    plain = _median_seconds(_optimizer_runner(False, n), min_run_time)
+                timed[f"decode:{name}"] = (decode_more, nnz, False)
+    samples: dict[str, list[float]] = {key: [] for key in timed}
+    for _ in range(rounds):
+        for key, (run, _, _) in timed.items():
+            samples[key].append(_median_seconds(run, min_run_time / rounds))
+    seconds = {key: statistics.median(values) for key, values in samples.items()}
+    bytes_per: dict[str, float] = {}
+    ns: dict[str, float] = {}
+    for key, (run, items, copies) in timed.items():
+        minus = seconds["copy"] if copies else 0.0
+        ns[key] = max(seconds[key] - minus, 0.0) * 1e9 / items
+        bytes_per[key] = (count_bytes(run) - (8.0 * n if copies else 0.0)) / items
+    bytes_per.pop("copy")
     momentum_bytes = count_bytes(_optimizer_runner(True, n)) - count_bytes(_optimizer_runner(False, n))
     bytes_per["optimizer_momentum"] = momentum_bytes / n
-    bf16_ns, bytes_per["bf16_hook"] = per_element(_bf16_hook_runner(n))
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     source = (
         f"measured by `python -m lightning_gmc.plan --calibrate` on {_cpu_model()}, "
         f"{torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"load average {load}; {n} elements in {len(numels)} tensors"
+        f"load average {load}; {n} elements in {len(numels)} tensors, median of {rounds} rounds"
     )
     return DeviceProfile(
         name="cpu",
         device="cpu",
         measured=True,
         source=source,
-        pass_ns=pass_s * 1e9 / n,
-        optimizer_momentum_ns=max(with_momentum - plain, 0.0) * 1e9 / n,
-        bf16_hook_ns=bf16_ns,
-        methods_ns=methods_ns,
-        compressors_ns=compressors_ns,
-        decode_ns_per_nnz=decode_ns,
+        pass_ns=ns["pass"],
+        # a difference of two timings amplifies the noise of a busy machine; the momentum step is
+        # memory-bound, so its cost is the measured pass over the bytes it moves (counted)
+        optimizer_momentum_ns=ns["pass"] * bytes_per["optimizer_momentum"] / 8.0,
+        bf16_hook_ns=ns["bf16_hook"],
+        methods_ns={key: ns[f"method:{key}"] for key in methods},
+        compressors_ns={name: {d: ns[f"compressor:{name}:{d}"] for d in ds} for name, ds in tables.items()},
+        decode_ns_per_nnz={name: ns[f"decode:{name}"] for name in compressors},
         collective_latency_s=gloo_latency() if latency else 0.0,
         bytes_per_element=bytes_per,
     )

@@ -80,11 +80,14 @@ def _bytes(value: float) -> str:
 
 
 def table(predictions: Sequence[Prediction]) -> str:
-    """The markdown table of predictions (fastest first, marked ``*``)."""
+    """The markdown table of predictions (fastest first, marked ``*``): step time, its multiple of
+    DDP's, communication and pipeline time, bytes each rank sends (inside the node too under
+    ``hierarchy="node"``) and a node sends to the others, RCC, and the crossover rate."""
     ddp = next(p for p in predictions if p.arm.method == "ddp")
     rows = [
-        "| | arm | step ms | x DDP | comm ms | pipeline ms | bytes/rank | RCC | faster than DDP below |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| | arm | step ms | x DDP | comm ms | pipeline ms | bytes/rank | between nodes, per node | RCC "
+        "| faster than DDP below |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for index, p in enumerate(predictions):
         rcc = f"{p.traffic.rcc:.4f}" + ("" if p.traffic.rcc_exact else " max")
@@ -92,8 +95,8 @@ def table(predictions: Sequence[Prediction]) -> str:
         crossover = format_rate(p.crossover_bps) if p is not ddp else ""
         rows.append(
             f"| {mark} | {p.arm.label} | {p.step_s * 1e3:.1f} | {p.step_s / ddp.step_s:.3f} | "
-            f"{p.comm_s * 1e3:.1f} | {p.pipeline_s * 1e3:.1f} | {_bytes(p.traffic.bytes_sent)} | {rcc} | "
-            f"{crossover} |"
+            f"{p.comm_s * 1e3:.1f} | {p.pipeline_s * 1e3:.1f} | {_bytes(p.traffic.bytes_sent)} | "
+            f"{_bytes(p.traffic.inter_node_bytes)} | {rcc} | {crossover} |"
         )
     return "\n".join(rows)
 
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     predictions = plan(model.numels, cluster, compute_s, profile, arms, buckets, args.overlap)
     source = profile.source if len(profile.source) < 160 else profile.source[:157] + "..."
     print(
-        f"model: {model.name}: {model.numel:,} parameters in {len(model.numels)} tensors, "
+        f"model: {model.name} ({model.numel:,} parameters in {len(model.numels)} tensors), "
         f"{len(buckets)} DDP buckets of <= {args.bucket_cap_mb:g} MiB\n"
         f"cluster: {args.nodes} nodes x {args.ranks_per_node} ranks; between nodes "
         f"{format_rate(args.inter_bw)} per node, {args.inter_latency_us:g} us per hop; inside a node "

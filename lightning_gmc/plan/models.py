@@ -58,7 +58,7 @@ class ModelShape:
         if total < 1:
             raise ValueError(f"a model needs at least one parameter, got {count}")
         chunks = [CHUNK] * (total // CHUNK) + ([total % CHUNK] if total % CHUNK else [])
-        return cls(f"{total:,} parameters", tuple(chunks))
+        return cls(f"{total:.3g} parameters", tuple(chunks))
 
 
 def _transformer(layers: int, width: int, ffn: int, vocab: int, context: int, gated: bool) -> tuple[int, ...]:

@@ -48,8 +48,9 @@ class DeviceProfile:
         measured: True when timed on the device; False when derived (see ``source``).
         source: how the numbers were obtained (machine, threads, torch; or the derivation).
         pass_ns: one read-modify-write pass over an fp32 element (``x.mul_(c)``).
-        optimizer_momentum_ns: ``SGD(momentum)``'s step minus plain SGD's, per element: what a method
-            that takes momentum into its hook saves in the optimizer step.
+        optimizer_momentum_ns: what ``SGD(momentum, weight_decay)``'s step costs more than plain SGD's,
+            per element: what a method that takes momentum into its hook saves in the optimizer step
+            (on the CPU the measured pass times the extra bytes it moves).
         bf16_hook_ns: torch's ``bf16_compress_hook`` per element (cast, divide, cast back).
         methods_ns: per method (``"gmc+"`` is GMC with a detached point), its step per element with
             the identity compressor (``compressor="none"``): what it adds besides compression.
