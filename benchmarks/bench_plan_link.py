@@ -76,13 +76,12 @@ def label(arm: str, density: float) -> str:
 
 
 def calibrate_hosts(
-    link: netns.TwoHostLink, args: argparse.Namespace, tmp: Path
+    link: netns.TwoHostLink, args: argparse.Namespace, tmp: Path, tag: str = ""
 ) -> tuple[DeviceProfile, float]:
-    link.shape(None)
     workload = ["calibrate", "--dims", *map(str, args.dims), "--batch", str(args.batch)]
     workload += ["--min-run-time", str(args.min_run_time)]
     records = bench_link.run_nodes(
-        link, workload, tmp / "calibrate", 29450, args.timeout, tmp, "plan_node.py"
+        link, workload, tmp / f"calibrate{tag}", 29450, args.timeout, tmp, "plan_node.py"
     )
     profile = DeviceProfile.from_mapping(records[0]["profile"])
     compute = statistics.fmean(r["compute_s"] for r in records)
@@ -146,6 +145,8 @@ def validate(
     for index, rate_text in enumerate(args.rates):
         rate = netns.parse_rate(rate_text)
         name = netns.format_rate(rate)
+        if args.recalibrate and index > 0:  # on a shared machine the load drifts between rates
+            profile, compute_s = calibrate_hosts(link, args, tmp, f"_{index}")
         link.shape(rate)
         t0 = time.perf_counter()
         link_probe = probe(link, rate, args, tmp, index)
@@ -173,9 +174,30 @@ def validate(
     return result
 
 
+def steady_step(records: list[dict[str, Any]], arm: str) -> float | None:
+    """Median step interval of an auto arm after its first decision (the warm-up steps run the
+    starting density; the interval of the decision's probe and the next one are left out)."""
+    after = []
+    for r in records:
+        if r["arm"] == arm and r["auto_history"]:
+            first = int(r["auto_history"][0]["step"])
+            after += r["step_s"][first + 1 :]
+    return statistics.median(after) if after else None
+
+
+def same_compressor(arm: str, auto_arm: str) -> bool:
+    """A fixed arm that ``auto_arm`` could have chosen (same method and compressor), or DDP."""
+    return ARMS[arm][1] is None or ARMS[arm][1:] == ARMS[auto_arm][1:]
+
+
 def auto(link: netns.TwoHostLink, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """density='auto' against DDP and the fixed settings of its compressor, interleaved, per rate."""
     arms = [a for a in AUTO_ARMS if a in args.auto_arms]
-    print("\n### density='auto' against DDP and the fixed settings (step time, ms; interleaved)\n")
+    print("\n### density='auto' against DDP and the fixed settings (step ms, interleaved)\n")
+    print(
+        "Auto arms: median step after the first decision (with the warm-up in brackets); "
+        "auto / best: over the best of DDP and the fixed arms of the same compressor.\n"
+    )
     print("| link | " + " | ".join(label(a, args.density) for a in arms) + " | auto / best | auto chose |")
     print("|---|" + "---:|" * len(arms) + "---:|---|")
     result = {}
@@ -185,16 +207,25 @@ def auto(link: netns.TwoHostLink, args: argparse.Namespace, tmp: Path) -> dict[s
         records = run_steps(link, arms, args, tmp, f"a{index}")
         summary = link_report.summarise_steps(records)
         steps = {a: summary[a]["step_s"] for a in arms}
-        best = min(s for a, s in steps.items() if not a.endswith("_auto") and s is not None)
-        ratios, chose = [], []
+        cells, ratios, chose = [], [], []
         for a in arms:
-            if a.endswith("_auto") and steps[a] is not None:
-                ratios.append(f"{steps[a] / best:.2f}")
-                decisions = [r["auto_history"][-1] for r in records if r["arm"] == a and r["auto_history"]]
-                picked = {"dense" if d["density"] is None else f"{d['density']:g}" for d in decisions}
-                chose.append(f"{label(a, args.density)}: {', '.join(sorted(picked)) or 'no decision'}")
-        cells = " | ".join("n/a" if steps[a] is None else f"{steps[a] * 1e3:.1f}" for a in arms)
-        print(f"| {netns.format_rate(rate)} | {cells} | {', '.join(ratios)} | {'; '.join(chose)} |")
+            if not a.endswith("_auto"):
+                cells.append("n/a" if steps[a] is None else f"{steps[a] * 1e3:.1f}")
+                continue
+            steady = steady_step(records, a)
+            overall = steps[a]
+            cells.append(
+                "n/a" if steady is None or overall is None else f"{steady * 1e3:.1f} ({overall * 1e3:.1f})"
+            )
+            fixed = [steps[f] for f in arms if not f.endswith("_auto") and same_compressor(f, a) and steps[f]]
+            if steady is not None and fixed:
+                ratios.append(f"{steady / min(fixed):.2f}")  # type: ignore[type-var]
+            decisions = [r["auto_history"][-1] for r in records if r["arm"] == a and r["auto_history"]]
+            picked = {"dense" if d["density"] is None else f"{d['density']:g}" for d in decisions}
+            chose.append(f"{label(a, args.density)}: {', '.join(sorted(picked)) or 'no decision'}")
+        print(
+            f"| {netns.format_rate(rate)} | {' | '.join(cells)} | {', '.join(ratios)} | {'; '.join(chose)} |"
+        )
         sys.stdout.flush()
         result[netns.format_rate(rate)] = {"summary": summary, "records": records}
     return result
@@ -215,6 +246,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-run-time", type=float, default=0.3, help="calibration: seconds per timed pipeline")
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="calibrate again before each rate (a machine whose load drifts)",
+    )
     p.add_argument("--quick", action="store_true", help="rates none and 100mbit, short runs, 1 round")
     args = p.parse_args(argv)
     if args.quick:

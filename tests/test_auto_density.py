@@ -128,6 +128,18 @@ def test_only_timed_steps_enter_the_measurement() -> None:
     assert len(auto.history) == 1 and auto.next_decision > 10**9  # interval 0: decided once
 
 
+def test_each_decision_times_only_the_steps_since_the_last_one() -> None:
+    state, optimizer, _ = _attached({"warmup_steps": 6, "interval": 6, "pin": 0.01})
+    auto = state.auto
+    assert auto is not None
+    seen: list[int] = []
+    auto.measure = lambda: seen.append(len(auto._intervals)) or Measurement(0.01, 0.0, float("inf"))  # type: ignore[func-returns-value]
+    for _ in range(12):
+        _step(state, optimizer)
+    # 6 steps: 5 intervals, the first 2 untimed -> 3; then 6 more intervals, none skipped (no switch)
+    assert seen == [3, 6] and state.method.compressor == TopK(density=0.01)
+
+
 def test_compute_time_is_the_measured_step_minus_the_current_settings_cost() -> None:
     state, _, _ = _attached({"warmup_steps": 4, "interval": 4})
     auto = state.auto

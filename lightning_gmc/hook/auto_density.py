@@ -279,6 +279,7 @@ class AutoDensityController:
             decision = box[0]
         assert decision is not None
         self.history.append(decision)
+        self._intervals = []  # the next decision times the steps after this one
         self.last, self.compute_s = measured, float(decision["compute_s"])
         interval = self.options.interval
         self.next_decision = step + interval if interval else 2**62
