@@ -30,7 +30,7 @@ from lightning.fabric.accelerators import Accelerator
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import DDPStrategy
-from lightning.fabric.utilities.rank_zero import rank_zero_info
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.fabric.utilities.types import Optimizable
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -236,7 +236,9 @@ class GMCFabricStrategy(DDPStrategy):
     ) -> dict[str, Any]:
         remainder = super().load_checkpoint(path, state, strict=strict, weights_only=weights_only)
         if not isinstance(state, dict) or not state:
-            return remainder  # the raw checkpoint went back to the caller
+            if CHECKPOINT_KEY in remainder:  # the raw checkpoint goes back to the caller: nothing restored
+                rank_zero_warn(_raw_load_warning(path, remainder[CHECKPOINT_KEY]))
+            return remainder
         gmc_state = remainder.pop(CHECKPOINT_KEY, None)
         if gmc_state is not None:
             self.gmc_state.load_state_dict(gmc_state)
@@ -255,3 +257,15 @@ class GMCFabricStrategy(DDPStrategy):
     def register_strategies(cls, strategy_registry: Any) -> None:
         # Fabric's own registry (not the Trainer's): the same names and settings as the Trainer's.
         register_strategy_names(cls, strategy_registry)
+
+
+def _raw_load_warning(path: Any, gmc_state: Any) -> str:
+    step = gmc_state.get("step", "?") if isinstance(gmc_state, dict) else "?"
+    return (
+        f"lightning_gmc: fabric.load({str(path)!r}) without objects to restore returned the raw checkpoint; "
+        f"its GMC state (step {step}, every rank's residual, the momentum; key {CHECKPOINT_KEY!r}) was NOT "
+        f"restored, and training would restart from step 0 with zero residuals and momentum. Pass the "
+        f"objects instead, after fabric.setup: fabric.load(path, {{'model': model, 'optimizer': optimizer, "
+        f"...}}) restores the GMC state with them; or restore it from the raw checkpoint with "
+        f"fabric.strategy.gmc_state.load_state_dict(checkpoint[{CHECKPOINT_KEY!r}])."
+    )

@@ -36,6 +36,7 @@ from lightning_gmc._adapter import (
     set_up_node_groups,
     warn_no_gmc_state,
 )
+from lightning_gmc._arguments import check_bool
 from lightning_gmc._trainer_support import (
     CheckedMultiProcessingLauncher,
     CheckedScriptLauncher,
@@ -130,7 +131,7 @@ class GMCStrategy(DDPStrategy):
         self._pending_checkpoint_state: dict[str, Any] | None = None
         self._epoch_seen: int | None = None
         self.last_metrics: dict[str, float] = {}
-        self.progress_bar_metrics = bool(progress_bar_metrics)
+        self.progress_bar_metrics = check_bool("progress_bar_metrics", progress_bar_metrics)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,

@@ -172,6 +172,21 @@ def test_pin_applies_from_the_next_step_and_is_checkpointed() -> None:
         auto.pin(2.0)
 
 
+def test_a_failed_load_leaves_the_density_as_it_was() -> None:
+    state, _, _ = _attached({})
+    saved = state.state_dict()
+    saved["auto_density"]["density"] = 0.05  # a file of the same run at another density ...
+    saved["method"] = GMCConfig(compressor="topk", density=0.05).build().describe()
+    saved["shared"]["momentum"]["weight"] = torch.zeros(3)  # ... whose momentum is of another model
+    with pytest.raises(ValueError, match="shape"):
+        state.load_state_dict(saved)
+    assert state.method.compressor == TopK(density=0.01)
+    assert state.auto is not None and state.auto.density == 0.01 and state.auto.history == []
+    saved["shared"]["momentum"]["weight"] = torch.zeros(16, 64)
+    state.load_state_dict(saved)  # the whole file is right: now the saved density runs
+    assert state.method.compressor == TopK(density=0.05) and state.auto.density == 0.05
+
+
 def test_checkpoints_of_fixed_and_auto_density_are_told_apart() -> None:
     auto_state, _, _ = _attached({})
     model = nn.Linear(64, 16)

@@ -320,10 +320,46 @@ class AutoDensityController:
             "history": [dict(entry) for entry in self.history],
         }
 
+    def check_state_dict(self, state: object, written_by: object = None) -> dict[str, Any]:
+        """The saved state of :meth:`state_dict` after checking every field (restores nothing).
+
+        Raises:
+            ValueError: no state (the checkpoint was written with a fixed density), or a bad field.
+        """
+        if state is None:
+            raise ValueError(
+                f"the checkpoint was written with a fixed density ({written_by}); this run has "
+                f"density='auto'. Resume with that density, or start density='auto' afresh"
+            )
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"unsupported density='auto' state in the checkpoint: {state!r:.200}")
+        density, pinned, upcoming = state.get("density"), state.get("pinned"), state.get("next_decision")
+        if density is not None and not (isinstance(density, float) and 0.0 < density <= 1.0):
+            raise ValueError(
+                f"density='auto' state: density is {density!r}, expected None or a float in (0, 1]"
+            )
+        if (
+            pinned is not None
+            and pinned != "none"
+            and not (isinstance(pinned, float) and 0.0 < pinned <= 1.0)
+        ):
+            raise ValueError(
+                f"density='auto' state: pinned is {pinned!r}, expected None, 'none' or a density"
+            )
+        if isinstance(upcoming, bool) or not isinstance(upcoming, int) or upcoming < 0:
+            raise ValueError(f"density='auto' state: next_decision is {upcoming!r}, expected a step")
+        history = state.get("history")
+        if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
+            raise ValueError("density='auto' state: history must be a list of decisions")
+        return state
+
+    def compressor_for(self, density: float | None) -> Compressor:
+        """The compressor this controller runs at ``density`` (None: the dense route)."""
+        return self._arm(density)[1]
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (after ``attach``): the method runs the saved density."""
-        if state.get("format") != _STATE_FORMAT:
-            raise ValueError(f"unsupported density='auto' state format {state.get('format')!r}")
+        state = self.check_state_dict(state)
         self.pinned = state["pinned"]
         self.next_decision = int(state["next_decision"])
         self.history = [dict(entry) for entry in state["history"]]

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_gmc import config as gmc_config
+from lightning_gmc._arguments import check_int
 from lightning_gmc.config import AutoDensity, GMCConfig, Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
 from lightning_gmc.hook import codec
 from lightning_gmc.hook.auto_density import AutoDensityController
@@ -76,7 +77,7 @@ class GMCHookState:
         self.on_world_size_change = gmc_config.check_world_size_policy(on_world_size_change)
         self.method = method
         self.process_group = process_group
-        self.seed = int(seed)
+        self.seed = check_int("seed", seed)
         self.binding = OptimizerBinding(method, momentum)
         self.clock = StepClock(self.binding)
         self.stats = CommStats(defer_rcc=True)  # RCC only for steps whose metrics are taken
@@ -251,15 +252,16 @@ class GMCHookState:
 
     def load_state_dict(self, state: dict[str, Any], load_local: bool = True) -> None:
         """Restore :meth:`state_dict` or :meth:`gathered_state_dict` output (the latter under the
-        ``on_world_size_change`` policy); ``load_local=False`` keeps zero residuals."""
+        ``on_world_size_change`` policy); ``load_local=False`` restarts the local buffers
+        (:meth:`Method.reset_local`)."""
         worker = self._attached_worker("load_state_dict()")
-        if self.auto is not None:  # first: the saved density decides which method the checkpoint is of
-            if "auto_density" not in state:
-                raise ValueError(
-                    f"the checkpoint was written with a fixed density ({state.get('method')}); this run has "
-                    f"density='auto'. Resume with that density, or start density='auto' afresh"
-                )
-            self.auto.load_state_dict(state["auto_density"])
+        auto_state = None
+        if self.auto is not None:  # the saved density decides which configuration the file is of
+            auto_state = self.auto.check_state_dict(state.get("auto_density"), state.get("method"))
+        # The whole file, every rank's entry too: a bad entry fails on every rank alike, before anything
+        # is restored.
+        with self._running_density(auto_state):
+            codec.check_checkpoint(state, self.method, worker.table, len(self.binding.group_momentum))
         training_parameters = None
         if "per_rank_local" in state:
             world_size = codec.world_size_of(self.process_group)
@@ -278,6 +280,22 @@ class GMCHookState:
         codec.load_rank_state(state, self.method, self.clock, worker, self.stats, load_local)
         if load_local and training_parameters is not None:
             self.binding.load_training_parameters(training_parameters)
+        if self.auto is not None and auto_state is not None:
+            self.auto.load_state_dict(auto_state)  # the method runs the saved density from now on
+
+    @contextlib.contextmanager
+    def _running_density(self, auto_state: dict[str, Any] | None) -> Iterator[None]:
+        """The method with the compressor of a saved ``density="auto"`` state inside the block (to check
+        the file against), the current one again after it."""
+        if self.auto is None or auto_state is None:
+            yield
+            return
+        current = self.method.compressor
+        self.method.compressor = self.auto.compressor_for(auto_state["density"])
+        try:
+            yield
+        finally:
+            self.method.compressor = current
 
     def take_metrics(self) -> dict[str, float]:
         """This step's traffic metrics plus the residual norm; resets the per-step counters. RCC
