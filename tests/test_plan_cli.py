@@ -125,3 +125,17 @@ def test_calibration_and_the_gpu_derivation() -> None:
         profile.bytes_per_element["compressor:topk:0.01"] / 1000
     )
     assert not gpu.measured and gpu.source.startswith("NOT MEASURED")
+
+
+def test_the_planner_imports_only_the_layers_below_the_hook() -> None:
+    # the hook's density="auto" imports the planner: the planner must not import the hook or above
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "lightning_gmc" / "plan"
+    above = ("lightning_gmc.hook", "lightning_gmc.strategy", "lightning_gmc.fabric", "lightning_gmc._adapter")
+    for source in package.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith(above), f"{source.name} imports {node.module}"
+            if isinstance(node, ast.Import):
+                assert not any(alias.name.startswith(above) for alias in node.names), source.name
