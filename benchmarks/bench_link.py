@@ -62,9 +62,16 @@ TTA_LABELS = {"ddp": "DDP", "gmc": "GMC topk_approx 1 %", "gmc_plus": "GMC+ rbgs
 
 
 def run_nodes(
-    link: netns.TwoHostLink, workload_args: list[str], out: Path, port: int, timeout: float, log_dir: Path
+    link: netns.TwoHostLink,
+    workload_args: list[str],
+    out: Path,
+    port: int,
+    timeout: float,
+    log_dir: Path,
+    script: str = "link_node.py",
 ) -> list[dict[str, Any]]:
-    """Start one ``link_node.py`` per host, wait for both, return their records (tagged with the rank)."""
+    """Start one ``benchmarks/<script>`` per host, wait for both, return their records (tagged with the
+    rank)."""
     base_env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
@@ -85,7 +92,7 @@ def run_nodes(
             logs.append(log)
             argv = [
                 sys.executable,
-                str(ROOT / "benchmarks" / "link_node.py"),
+                str(ROOT / "benchmarks" / script),
                 *workload_args,
                 "--out",
                 str(out),
@@ -255,10 +262,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="rates none and 100mbit, short runs, 1 round")
     args = p.parse_args(argv)
-    from link_node import ARMS
+    from link_node import DEFAULT_ARMS
 
     if args.arms is None:
-        args.arms = list(ARMS)
+        args.arms = list(DEFAULT_ARMS)
     if args.quick:
         args.rates, args.tta_rates = ["none", "100mbit"], ["100mbit"]
         args.steps, args.slow_steps, args.repeats, args.epochs = [3, 8], [2, 4], 1, 2

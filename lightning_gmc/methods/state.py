@@ -138,6 +138,11 @@ class WorkerState:
         self._buckets[param_indices] = state
         return state
 
+    @property
+    def layouts(self) -> tuple[tuple[int, ...], ...]:
+        """The parameter indices of every bucket layout that currently owns state (DDP's buckets)."""
+        return tuple(self._buckets)
+
     def state_dict(self, scope: BufferScope | None = None) -> dict[str, dict[str, Tensor]]:
         """Buffers by name and parameter FQN (cloned to CPU). ``scope`` filters local/shared buffers."""
         out: dict[str, dict[str, Tensor]] = {}

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lightning_gmc.transport.routing import Route, broadcast_bytes, ring_allreduce_bytes
+from lightning_gmc.transport.routing import Route, broadcast_bytes, ring_allreduce_bytes, wire_bytes
 
 __all__ = ["CommStats"]
 
@@ -100,12 +100,7 @@ class CommStats:
         step: int,
     ) -> None:
         """Count one message: bytes handed to its collective, wire bytes, and RCC upload bits."""
-        if route == "allgather":
-            wire = float((world_size - 1) * handed_bytes)
-        elif route == "local":
-            wire = 0.0
-        else:
-            wire = ring_allreduce_bytes(handed_bytes, world_size)
+        wire = wire_bytes(route, handed_bytes, world_size)
         with self._lock:
             self._enter_step(step)
             self.bytes_to_collectives += handed_bytes if route != "local" else 0
