@@ -1,6 +1,6 @@
 """Plant known bugs one at a time in a scratch copy of the repository and show which tests fail.
 
-    python benchmarks/planted_bugs.py [--only NAME ...] [--keep]
+    python tools/planted_bugs.py [--only NAME ...] [--keep]
 
 Each bug below is a small source edit (an exact string replaced once) that an earlier version of the
 test suite let through. For every bug the script copies the tracked files of the working tree into a
