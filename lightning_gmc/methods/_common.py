@@ -11,7 +11,6 @@ from lightning_gmc.compressors import Compressor, build_compressor
 from lightning_gmc.methods.base import BucketStep, GroupHyper
 
 __all__ = [
-    "add_into",
     "add_momentum",
     "apply_lr_inside_out",
     "check_lr",
@@ -34,15 +33,6 @@ def check_lr(method: str, hyper: GroupHyper) -> float:
             f"step, got lr={hyper.lr}; use a schedule with a positive minimum (e.g. eta_min > 0)"
         )
     return hyper.lr
-
-
-def add_into(target: Tensor, base: Tensor, other: Tensor, alpha: float = 1.0) -> None:
-    """``target = base + alpha * other``: in place when ``target`` is ``base`` (the residual), else
-    written into ``target`` (a staging buffer, :meth:`BucketStep.staging`); the same bits either way."""
-    if target.data_ptr() == base.data_ptr():
-        target.add_(other, alpha=alpha)
-    else:
-        torch.add(base, other, alpha=alpha, out=target)
 
 
 def add_momentum(step: BucketStep, buffer: Tensor, increment: Tensor) -> None:
