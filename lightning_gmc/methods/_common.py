@@ -7,14 +7,13 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from lightning_gmc.compressors import Compressor, build_compressor
+from lightning_gmc.compressors import Compressor
 from lightning_gmc.methods.base import BucketStep, GroupHyper
 
 __all__ = [
     "add_momentum",
     "apply_lr_inside_out",
     "check_lr",
-    "resolve_compressor",
     "with_density",
 ]
 
@@ -65,8 +64,3 @@ def with_density(compressor: Compressor, density: float, what: str) -> Compresso
     if not 0.0 < density <= 1.0:
         raise ValueError(f"{what}: density must be in (0, 1], got {density}")
     return dataclasses.replace(compressor, density=density)
-
-
-def resolve_compressor(spec: str | Compressor, density: float | None) -> Compressor:
-    """Build a compressor from a name (with ``density`` when it takes one) or return an instance."""
-    return build_compressor(spec, density=density)

@@ -35,8 +35,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_gmc.compressors import Compressor
-from lightning_gmc.methods._common import add_momentum, check_lr, resolve_compressor, with_density
+from lightning_gmc.compressors import Compressor, build_compressor
+from lightning_gmc.methods._common import add_momentum, check_lr, with_density
 from lightning_gmc.methods.base import BucketStep, Message, Method
 
 __all__ = ["CSER"]
@@ -87,7 +87,7 @@ class CSER(Method):
             else:
                 reset = with_density(compressor, reset_density, "CSER's reset compressor")
         else:
-            reset = resolve_compressor(reset_compressor, reset_density)
+            reset = build_compressor(reset_compressor, density=reset_density)
         # C2 may equal C1: both messages of a reset step are in flight together, but each message
         # of a step has its own payload workspace (BucketStep.compress), so they share only the plan.
         self.reset_compressor: Compressor = reset
