@@ -35,9 +35,11 @@ def check_lr(method: str, hyper: GroupHyper) -> float:
 
 
 def add_momentum(step: BucketStep, buffer: Tensor, increment: Tensor) -> None:
-    """``buffer <- beta * buffer + increment`` per param group (heavy-ball, no dampening)."""
+    """``buffer <- beta * buffer + increment`` per param group (heavy-ball, no dampening), in one pass:
+    ``torch.add(increment, buffer, alpha=beta)`` rounds once (a fused multiply-add), where
+    ``torch.optim.SGD``'s ``mul_`` + ``add_`` reads and writes the buffer twice and rounds twice."""
     for sl, hyper in step.runs():
-        buffer[sl].mul_(hyper.momentum).add_(increment[sl])
+        torch.add(increment[sl], buffer[sl], alpha=hyper.momentum, out=buffer[sl])
 
 
 def apply_lr_inside_out(method: str, step: BucketStep, delta: Tensor) -> None:
