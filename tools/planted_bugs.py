@@ -110,8 +110,8 @@ BUGS: tuple[PlantedBug, ...] = (
         "gmc_momentum_dropped",
         "GMC's momentum term dropped",
         "lightning_gmc/methods/gmc.py",
-        "u[sl].add_(momentum[sl], alpha=hyper.momentum * scale)",
-        "pass",
+        "return hyper.momentum * scale",
+        "return 0.0",
         (
             "tests/test_strategy_distributed.py::test_two_ranks_equal_the_simulator",
             "tests/test_claims_distributed.py::"
