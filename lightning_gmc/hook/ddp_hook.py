@@ -22,10 +22,9 @@ def _screen_nonfinite(state: GMCHookState, grad: Tensor, num_params: int) -> Non
     skipped = torch.isfinite(low).logical_and(torch.isfinite(high)).logical_not()
     if state.nonfinite == "raise":
         if bool(skipped):
-            rank = state.worker.rank if state.worker is not None else 0
             raise FloatingPointError(
                 f"non-finite gradient in a bucket of {num_params} parameters at step {state.step} on "
-                f"rank {rank}"
+                f"{state.exchange.describe_rank()}"
             )
         return
     if grad.device.type == "cpu":

@@ -58,6 +58,15 @@ class NodeTopology:
         """What a checkpoint records (resuming on another topology follows the world-size policy)."""
         return {"num_nodes": self.num_nodes, "ranks_per_node": self.ranks_per_node}
 
+    def rank_label(self) -> str:
+        """How error messages name this rank: its global rank and its place (the exchange's group
+        numbers it by node)."""
+        rank = self.node_rank * self.ranks_per_node + self.local_rank
+        return (
+            f"global rank {rank} (node {self.node_rank}, local rank {self.local_rank}; rank "
+            f"{self.node_rank} of the inter-node group)"
+        )
+
 
 @dataclass(frozen=True)
 class NodeGroups:
@@ -239,7 +248,7 @@ class NodeReducer:
 
     def __init__(self, stats: CommStats, groups: NodeGroups) -> None:
         self.groups = groups
-        self._exchange = Exchange(TorchCollectives(groups.inter), stats)
+        self._exchange = Exchange(TorchCollectives(groups.inter), stats, groups.topology.rank_label())
         self._support = LeaderSupport(self._exchange.collectives, stats)
         self.intra_traffic = IntraNodeTraffic()
         #: owner local rank of every parameter, fixed at attach

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_gmc import config as gmc_config
+from lightning_gmc._arguments import check_int
 from lightning_gmc.config import GMCConfig, Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
 from lightning_gmc.hook import codec
 from lightning_gmc.hook.binding import OptimizerBinding, StepClock
@@ -66,7 +67,7 @@ class GMCHookState:
         self.on_world_size_change = gmc_config.check_world_size_policy(on_world_size_change)
         self.method = method
         self.process_group = process_group
-        self.seed = int(seed)
+        self.seed = check_int("seed", seed)
         self.binding = OptimizerBinding(method, momentum)
         self.clock = StepClock(self.binding)
         self.stats = CommStats(defer_rcc=True)  # RCC only for steps whose metrics are taken
@@ -235,8 +236,12 @@ class GMCHookState:
 
     def load_state_dict(self, state: dict[str, Any], load_local: bool = True) -> None:
         """Restore :meth:`state_dict` or :meth:`gathered_state_dict` output (the latter under the
-        ``on_world_size_change`` policy); ``load_local=False`` keeps zero residuals."""
+        ``on_world_size_change`` policy); ``load_local=False`` restarts the local buffers
+        (:meth:`Method.reset_local`)."""
         worker = self._attached_worker("load_state_dict()")
+        # The whole file, every rank's entry too: a bad entry fails on every rank alike, before anything
+        # is restored.
+        codec.check_checkpoint(state, self.method, worker.table, len(self.binding.group_momentum))
         training_parameters = None
         if "per_rank_local" in state:
             world_size = codec.world_size_of(self.process_group)
