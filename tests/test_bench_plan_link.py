@@ -1,5 +1,5 @@
 """The planner's link benchmark without root: its arms map onto the planner's, the MLP's tensors are
-the ones link_node.py trains, and every arm gets a prediction (benchmarks/bench_plan_link.py; the
+the ones link_node.py trains, and every arm gets a prediction (benchmarks/link/bench_plan_link.py; the
 measurement itself is a benchmark, not a test)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "link"))
 
 import bench_plan_link  # noqa: E402
 from link_node import ARMS, make_mlp  # noqa: E402

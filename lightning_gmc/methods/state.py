@@ -185,9 +185,3 @@ class WorkerState:
             if scope is None or self.method.buffers[name] == scope:
                 for t in per_param:
                     t.zero_()
-
-    def squared_norm(self, name: str) -> float:
-        """Sum of squares of one buffer over all parameters (for the residual-norm metric)."""
-        # One read per tensor and no temporaries (a float64 copy of a 25M residual costs more than the
-        # whole compression step); per-tensor norms are summed in double precision.
-        return sum(float(torch.linalg.vector_norm(t)) ** 2 for t in self.tensors[name])

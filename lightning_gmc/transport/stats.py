@@ -15,7 +15,7 @@ supports, a ``unique()`` over every index (a sort, and a device sync on GPU). Wi
 so it only runs on steps whose metrics are taken; a step whose metrics are never taken (its
 successor starts first) drops its RCC numerator and denominator together, and the cumulative
 ``rcc`` is the ratio over the steps that were taken. The Lightning strategy takes the metrics of
-every optimizer step, so its ``rcc`` counts every step, exactly as before. With ``defer_rcc=False``
+every optimizer step, so its ``rcc`` counts every step. With ``defer_rcc=False``
 (the simulator) every step is counted eagerly, whenever the metrics are read.
 """
 

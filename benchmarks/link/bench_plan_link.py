@@ -1,6 +1,6 @@
 """Does the planner predict the link benchmark? And is density="auto" within 10 % of the best setting?
 
-Linux, root (network namespaces, ``tc``; see ``benchmarks/netns.py`` and ``docs/link.md``). Two hosts
+Linux, root (network namespaces, ``tc``; see ``benchmarks/link/netns.py`` and ``docs/link.md``). Two hosts
 joined by a rate-limited veth, one Lightning node each (``Trainer(num_nodes=2, devices=1)``, gloo,
 the MLP 64-1024-960-10 of ``bench_link.py``), K = 2. One command produces both tables:
 
@@ -17,8 +17,8 @@ the MLP 64-1024-960-10 of ``bench_link.py``), K = 2. One command produces both t
 
 Run (as root, from the repository root)::
 
-    python benchmarks/bench_plan_link.py                  # both tables (about 20 minutes)
-    python benchmarks/bench_plan_link.py --quick          # a smoke test: 2 rates, short runs
+    python benchmarks/link/bench_plan_link.py                  # both tables (about 20 minutes)
+    python benchmarks/link/bench_plan_link.py --quick          # a smoke test: 2 rates, short runs
 """
 
 from __future__ import annotations
@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     link = netns.TwoHostLink()
     netns.install_exit_cleanup(link)
     print(bench_link.header(argparse.Namespace(delay_ms=0.0, density=args.density, no_gso=False)))
-    print(f"command: python benchmarks/bench_plan_link.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    given = sys.argv[1:] if argv is None else argv
+    print(f"command: python benchmarks/link/bench_plan_link.py {' '.join(given)}")
     result: dict[str, Any] = {}
     with link, tempfile.TemporaryDirectory(prefix="bench_plan_") as tmp_name:
         tmp = Path(tmp_name)
