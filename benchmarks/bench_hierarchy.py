@@ -18,7 +18,7 @@ method-state bytes per rank (``GMCHookState.method_state_bytes``) against a flat
 the in-process :class:`~lightning_gmc.HierarchicalSimulator` (the same shard plan and accounting),
 the same ratios for G = 2, 4 and 8.
 
-``steps`` (Linux, root; ``benchmarks/netns.py``): the ranks of node ``n`` run inside network
+``steps`` (Linux, root; ``benchmarks/link/netns.py``): the ranks of node ``n`` run inside network
 namespace ``n``, the two joined by a veth pair limited to each ``--rates`` entry (both directions).
 Per rate, ``ddp``, ``flat4`` and ``node2x2`` run in ``--rounds`` interleaved rounds (the order rotates
 every round); each rank times ``--steps`` steps after ``--warmup``; the table gives the median over
@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "link"))  # netns.py
 
 ARMS = {"node2x2": ("node", 2, 2), "flat4": ("flat", 2, 2), "flat2": ("flat", 2, 1), "ddp": ("ddp", 2, 2)}
 CASES = {
