@@ -14,18 +14,14 @@ from lightning_gmc.hook.state import GMCHookState
 __all__ = ["gmc_hook"]
 
 
-def _screen_nonfinite(state: GMCHookState, grad: Tensor, num_params: int) -> None:
+def _screen_nonfinite(state: GMCHookState, grad: Tensor, bucket_index: int, num_params: int) -> None:
     """Apply the ``nonfinite`` policy to this rank's bucket gradient (in place)."""
     # One reduction pass: an inf or NaN anywhere makes the min or the max non-finite (NaN propagates
     # through both); isfinite(grad).all() would allocate gradient-sized temporaries.
     low, high = torch.aminmax(grad)
     skipped = torch.isfinite(low).logical_and(torch.isfinite(high)).logical_not()
     if state.nonfinite == "raise":
-        if bool(skipped):
-            raise FloatingPointError(
-                f"non-finite gradient in a bucket of {num_params} parameters at step {state.step} on "
-                f"{state.exchange.describe_rank()}"
-            )
+        state.reducer.check_finite(skipped, bucket_index, num_params, state.step)
         return
     if grad.device.type == "cpu":
         if bool(skipped):  # no device to keep asynchronous: skip the fill pass when all is finite
@@ -55,7 +51,7 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
     params = bucket.parameters()
     buffer = bucket.buffer()
     grad = buffer if buffer.dtype == torch.float32 else buffer.to(torch.float32)
-    _screen_nonfinite(state, grad, len(params))
+    _screen_nonfinite(state, grad, bucket.index(), len(params))
     work = BucketWork(
         index=bucket.index(),
         params=params,

@@ -48,19 +48,30 @@ EvaluationPoint = Literal["params", "mean_params", "params_minus_mean_residual"]
 class ParameterTable:
     """The model's trainable parameters in a fixed global order, shared by every rank.
 
+    A table may also list *pieces* of parameters (``hierarchy="node"`` keeps one rank's shard of the
+    model in a table of the pieces it owns, :mod:`~lightning_gmc.methods.shards`); ``keys`` then gives
+    each entry the randomness key of its compressor segment.
+
     Attributes:
         names: fully-qualified parameter names.
         shapes: parameter shapes.
         groups: index of each parameter's optimizer param group.
+        keys: the randomness key of each entry (:attr:`~lightning_gmc.compressors.Segment.param_index`);
+            empty (the default) means each entry's position, the model's parameter order.
     """
 
     names: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
     groups: tuple[int, ...]
+    keys: tuple[int, ...] = ()
 
     @property
     def numels(self) -> tuple[int, ...]:
         return tuple(int(torch.Size(s).numel()) for s in self.shapes)
+
+    def key(self, index: int) -> int:
+        """The randomness key of entry ``index``."""
+        return self.keys[index] if self.keys else index
 
     @property
     def numel(self) -> int:

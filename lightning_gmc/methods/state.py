@@ -36,7 +36,7 @@ class BucketState:
         segments = []
         offset = 0
         for index in param_indices:
-            segments.append(Segment(offset, numels[index], index))
+            segments.append(Segment(offset, numels[index], worker.table.key(index)))
             offset += numels[index]
         self.segments: tuple[Segment, ...] = tuple(segments)
         self.numel = offset
@@ -126,10 +126,10 @@ class WorkerState:
         state = BucketState(self, param_indices)
         for name, per_param in self.tensors.items():
             storage = torch.empty(state.numel, dtype=torch.float32, device=self.device)
-            for seg in state.segments:
+            for index, seg in zip(param_indices, state.segments, strict=True):
                 view = storage[seg.offset : seg.offset + seg.numel]
-                view.copy_(per_param[seg.param_index])
-                per_param[seg.param_index] = view
+                view.copy_(per_param[index])
+                per_param[index] = view
             state.buffers[name] = storage
         # Layouts sharing a parameter with the new one no longer own its storage.
         claimed = set(param_indices)
@@ -185,3 +185,8 @@ class WorkerState:
             if scope is None or self.method.buffers[name] == scope:
                 for t in per_param:
                     t.zero_()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of method state this worker holds (every buffer, fp32)."""
+        return 4 * len(self.tensors) * self.table.numel
