@@ -17,19 +17,14 @@ from lightning_gmc.transport import CollectiveFailure, WireOverflow
 __all__ = ["gmc_hook"]
 
 
-def _screen_nonfinite(state: GMCHookState, grad: Tensor, num_params: int) -> None:
+def _screen_nonfinite(state: GMCHookState, grad: Tensor, bucket_index: int, num_params: int) -> None:
     """Apply the ``nonfinite`` policy to this rank's bucket gradient (in place)."""
     # One reduction pass: an inf or NaN anywhere makes the min or the max non-finite (NaN propagates
     # through both); isfinite(grad).all() would allocate gradient-sized temporaries.
     low, high = torch.aminmax(grad)
     skipped = torch.isfinite(low).logical_and(torch.isfinite(high)).logical_not()
     if state.nonfinite == "raise":
-        if bool(skipped):
-            rank = state.worker.rank if state.worker is not None else 0
-            raise FloatingPointError(
-                f"non-finite gradient in a bucket of {num_params} parameters at step {state.step} on "
-                f"rank {rank}"
-            )
+        state.reducer.check_finite(skipped, bucket_index, num_params, state.step)
         return
     if grad.device.type == "cpu":
         if bool(skipped):  # no device to keep asynchronous: skip the fill pass when all is finite
@@ -72,7 +67,7 @@ def _reduce(state: GMCHookState, bucket: dist.GradBucket, hypers: list[GroupHype
     params = bucket.parameters()
     buffer = bucket.buffer()
     grad = buffer if buffer.dtype == torch.float32 else buffer.to(torch.float32)
-    _screen_nonfinite(state, grad, len(params))
+    _screen_nonfinite(state, grad, bucket.index(), len(params))
     work = BucketWork(
         index=bucket.index(),
         params=params,

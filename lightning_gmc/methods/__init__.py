@@ -10,6 +10,7 @@ from lightning_gmc.methods.base import (
     ParameterTable,
     StepSnapshot,
     SupportAgreement,
+    Term,
     Undelivered,
     WorkerState,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "StepSnapshot",
     "SupportAgreement",
     "Undelivered",
+    "Term",
     "WorkerState",
     "build_method",
     "method_option_names",

@@ -31,14 +31,14 @@ larger learning rates, enters the update with a larger coefficient than GMC's (G
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from torch import Tensor
 
+from lightning_gmc._arguments import check_float
 from lightning_gmc.compressors import Compressor
-from lightning_gmc.methods._common import add_into, add_momentum, apply_lr_inside_out, check_lr
-from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method, Undelivered
+from lightning_gmc.methods._common import add_momentum, apply_lr_inside_out, check_lr
+from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method, Term
 
 __all__ = ["EFServerMomentum", "GMCLRInside"]
 
@@ -68,7 +68,7 @@ class EFServerMomentum(Method):
 
     def __init__(self, compressor: Compressor, detach: float = 0.0) -> None:
         super().__init__(compressor)
-        if not (math.isfinite(detach) and detach >= 0):
+        if not check_float("detach", detach, "a finite number >= 0") >= 0:
             raise ValueError(
                 f"detach must be a finite number >= 0 (0 = Algorithm 3, > 0 = gradient at the detached "
                 f"point w - detach * lr * residual), got {detach}"
@@ -76,24 +76,20 @@ class EFServerMomentum(Method):
         self.detach = float(detach)
 
     def encode(self, step: BucketStep) -> list[Message]:
+        # p_k = e_k + g_k + wd x_k (x_k: the gradient point, the detached one when detach > 0);
+        # send C(p_k); e_k <- p_k - C(p_k). The identity's p_k is staged in the gradient buffer.
         residual = step.buffer("residual")
-        # p_k = e_k + g_k + wd x_k, in the residual; for the identity in the gradient buffer (no
-        # longer needed), which the exchange then sums and decodes into in place.
-        p = step.staging(self.compressor, residual, into=step.grad)
-        add_into(p, residual, step.grad)
-        step.add_weight_decay(p)  # at the gradient point (the detached one when detach > 0)
-        decode_into = None if p is residual else p
-        return [step.send_residual(self.compressor, p, residual, decode_into=decode_into)]
+        return [
+            step.send_error_feedback(
+                self.compressor, residual, step.grad, step.weight_decay(), staging=step.grad
+            )
+        ]
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means
         momentum = step.buffer("momentum")
         add_momentum(step, momentum, mean)  # m_t = beta m_{t-1} + mean
         step.use_direction(momentum)
-
-    def absorb_undelivered(self, step: BucketStep, slot: int, undelivered: Undelivered) -> None:
-        # What a 16-bit sum's rounding did not deliver stays to be sent, like what C dropped.
-        undelivered.add_to(step.buffer("residual"))
 
     def detach_scale(self, hyper: GroupHyper) -> float:
         return self.detach * hyper.lr  # the residual is in gradient units, as GMC+'s
@@ -125,16 +121,21 @@ class GMCLRInside(Method):
         step.add_weight_decay(grad)
         residual = step.buffer("residual")
         last_update = step.buffer("last_update")
-        # u'_k in the residual; for the identity written over last_update (as GMC over its momentum).
-        u = step.staging(self.compressor, residual, into=last_update)
-        for sl, hyper in step.runs():
-            residual[sl].add_(grad[sl], alpha=check_lr(self.name, hyper))
-            if hyper.momentum != 0.0:
-                add_into(u[sl], residual[sl], last_update[sl], alpha=hyper.momentum)
-            elif u is not residual:
-                u[sl].copy_(residual[sl])
-        # The mean is w_t - w_{t+1}, kept for the next step: decoded straight into last_update.
-        return [step.send_residual(self.compressor, u, residual, decode_into=last_update)]
+        # u'_k = e'_k + eta_t (g_k + wd w_t) + beta (w_{t-1} - w_t); send C(u'_k); e'_k <- u'_k - C(u'_k).
+        # The mean is w_t - w_{t+1}, kept for the next step: decoded straight into last_update, where
+        # the identity's u'_k is staged (as GMC's in its momentum).
+        lr_times_grad = Term(grad, lambda hyper: check_lr(self.name, hyper))
+        beta_times_last = Term(last_update, lambda hyper: hyper.momentum)
+        return [
+            step.send_error_feedback(
+                self.compressor,
+                residual,
+                lr_times_grad,
+                beta_times_last,
+                staging=last_update,
+                decode_into=last_update,
+            )
+        ]
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means
@@ -142,10 +143,6 @@ class GMCLRInside(Method):
         if mean is not last_update:
             last_update.copy_(mean)  # w_t - w_{t+1} for the next step
         apply_lr_inside_out(self.name, step, mean)
-
-    def absorb_undelivered(self, step: BucketStep, slot: int, undelivered: Undelivered) -> None:
-        # What a 16-bit sum's rounding did not deliver stays to be sent, like what C dropped.
-        undelivered.add_to(step.buffer("residual"))
 
     def describe(self) -> str:
         return f"gmc_lr_inside (Alg. 4) with {self.compressor.describe()}"

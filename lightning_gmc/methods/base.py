@@ -12,7 +12,7 @@ State lives in a :class:`~lightning_gmc.methods.state.WorkerState` (re-exported 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -33,6 +33,7 @@ __all__ = [
     "StepSnapshot",
     "SupportAgreement",
     "Undelivered",
+    "Term",
     "WorkerState",
 ]
 
@@ -49,19 +50,30 @@ EvaluationPoint = Literal["params", "mean_params", "params_minus_mean_residual"]
 class ParameterTable:
     """The model's trainable parameters in a fixed global order, shared by every rank.
 
+    A table may also list *pieces* of parameters (``hierarchy="node"`` keeps one rank's shard of the
+    model in a table of the pieces it owns, :mod:`~lightning_gmc.methods.shards`); ``keys`` then gives
+    each entry the randomness key of its compressor segment.
+
     Attributes:
         names: fully-qualified parameter names.
         shapes: parameter shapes.
         groups: index of each parameter's optimizer param group.
+        keys: the randomness key of each entry (:attr:`~lightning_gmc.compressors.Segment.param_index`);
+            empty (the default) means each entry's position, the model's parameter order.
     """
 
     names: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
     groups: tuple[int, ...]
+    keys: tuple[int, ...] = ()
 
     @property
     def numels(self) -> tuple[int, ...]:
         return tuple(int(torch.Size(s).numel()) for s in self.shapes)
+
+    def key(self, index: int) -> int:
+        """The randomness key of entry ``index``."""
+        return self.keys[index] if self.keys else index
 
     @property
     def numel(self) -> int:
@@ -118,6 +130,36 @@ class Undelivered:
             self.values.neg_()
         else:
             raise ValueError(f"sign must be +1 or -1, got {sign}")
+#: A term's coefficient in one param group: a number, or a function of the group's hyper-parameters
+#: (e.g. its learning rate).
+Coefficient = float | Callable[[GroupHyper], float]
+
+
+@dataclass(frozen=True)
+class Term:
+    """``coefficient * tensor``, a summand of an error-feedback vector
+    (:meth:`BucketStep.send_error_feedback`); a plain tensor there is a term with coefficient 1.
+
+    Attributes:
+        tensor: bucket-sized fp32 tensor, or a function returning it (called only when some group's
+            coefficient is not zero).
+        coefficient: per param group; zero leaves the term out of that group.
+    """
+
+    tensor: Tensor | Callable[[], Tensor]
+    coefficient: Coefficient = 1.0
+
+
+def _coefficient(term: Tensor | Term, hyper: GroupHyper) -> float:
+    if isinstance(term, Tensor):
+        return 1.0
+    return term.coefficient(hyper) if callable(term.coefficient) else term.coefficient
+
+
+def _tensor(term: Tensor | Term) -> Tensor:
+    if isinstance(term, Tensor):
+        return term
+    return term.tensor() if callable(term.tensor) else term.tensor
 
 
 @dataclass
@@ -222,42 +264,59 @@ class BucketStep:
         """``x <- x - C(x)`` for a message this worker just produced from ``x``."""
         message.compressor.subtract_own(x, message.payload, message.plan, self.bucket.workspace("decoded"))
 
-    def staging(self, compressor: Compressor, residual: Tensor, into: Tensor | None = None) -> Tensor:
-        """Where an error-feedback method builds the vector ``x`` it sends next and keeps ``x - C(x)``
-        of in ``residual``: ``residual`` itself, except for a compressor that sends its input
-        unchanged (:attr:`Compressor.sends_input`, the identity), whose residual becomes zero: then
-        ``into`` (a buffer the method gives up until the exchange ends, typically the one the mean is
-        decoded into, so that the exchange works in place) or a buffer of the message's slot. Pass the
-        result to :meth:`send_residual`."""
-        if not (compressor.sends_input and compressor.shared_support):
-            return residual
-        if into is not None:
-            return into
-        slot = self.bucket.message_workspace(self._messages)
-        return slot.tensor("staged", self.bucket.numel, torch.float32, self.bucket.device)
+    @staticmethod
+    def sends_unchanged(compressor: Compressor) -> bool:
+        """Whether ``compressor`` sends its input as is (the identity on an fp32 wire,
+        :attr:`Compressor.sends_input`): ``C(x) = x``, so error feedback leaves a zero residual."""
+        return compressor.sends_input and compressor.shared_support
 
-    def send_residual(
+    def weight_decay(self) -> Term:
+        """The coupled-L2 term ``wd * w`` at the gradient's evaluation point, as a summand of
+        :meth:`send_error_feedback` (the parameters are read only if some group's ``wd`` is not zero)."""
+        return Term(self.params, lambda hyper: hyper.weight_decay)
+
+    def send_error_feedback(
         self,
         compressor: Compressor,
-        x: Tensor,
         residual: Tensor,
-        stream_offset: int = 0,
+        *terms: Tensor | Term,
+        staging: Tensor,
         decode_into: Tensor | None = None,
     ) -> Message:
-        """Send ``C(x)`` (``x`` built where :meth:`staging` said) and leave ``x - C(x)`` in
-        ``residual``: :meth:`compress` then :meth:`subtract_own` when ``x`` is the residual; else ``x``
-        itself is the payload (:meth:`Compressor.wrap_input`) and the residual becomes zero."""
-        if x is residual:
-            message = self.compress(compressor, x, stream_offset, decode_into)
+        """Error feedback: ``x = residual + terms[0] + terms[1] + ...``; send ``C(x)``; keep ``x - C(x)``
+        in ``residual``.
+
+        The terms are added left to right per param group, one pass each, in place in ``residual``
+        (a :class:`Term` whose coefficient is zero in a group is left out there), which then is ``x``.
+        A compressor that sends its input unchanged (:attr:`Compressor.sends_input`, the identity)
+        leaves a zero residual: its ``x`` is built in ``staging`` instead, the last term's pass writing
+        ``residual + term`` there (``staging`` may be the buffer that term reads, e.g. GMC's momentum).
+        ``staging`` is a buffer the method gives up until the exchange ends: it is sent without a copy
+        and the mean over workers is decoded into it. Otherwise the mean goes to ``decode_into`` (see
+        :attr:`Message.decode_into`).
+        """
+        staged = self.sends_unchanged(compressor)
+        x = staging if staged else residual
+        for sl, hyper in self.runs():
+            active = [(term, c) for term in terms if (c := _coefficient(term, hyper)) != 0.0]
+            for term, coefficient in active[: -1 if staged else None]:
+                residual[sl].add_(_tensor(term)[sl], alpha=coefficient)
+            if staged and active:
+                term, coefficient = active[-1]
+                torch.add(residual[sl], _tensor(term)[sl], alpha=coefficient, out=x[sl])
+            elif staged:
+                x[sl].copy_(residual[sl])
+        if not staged:
+            message = self.compress(compressor, x, decode_into=decode_into)
             self.subtract_own(message, residual)
             return message
         residual.zero_()  # C(x) = x
-        return self.send_as_is(compressor, x, decode_into)
+        return self.send_as_is(compressor, x, decode_into=x)
 
     def send_as_is(self, compressor: Compressor, x: Tensor, decode_into: Tensor | None = None) -> Message:
         """Send ``x``, which the method gives up until the exchange ends: wrapped without a copy when
         the compressor sends its input unchanged (the identity), else compressed."""
-        if not (compressor.sends_input and compressor.shared_support):
+        if not self.sends_unchanged(compressor):
             return self.compress(compressor, x, decode_into=decode_into)
         plan = self.bucket.plan(compressor)
         self._messages += 1  # the slot is not used, but later messages keep their own
@@ -309,6 +368,12 @@ class Method(ABC):
     #: Compressor name the strategy and the simulator build when the user names none (``"none"`` for
     #: the dense reference ``dmsgd``).
     default_compressor: ClassVar[str] = "topk"
+    #: Shared buffers that must equal the mean over workers of a local buffer, ``{shared: local}``:
+    #: EF21's aggregate ``h = mean_k h_k``. :meth:`reset_local` keeps such an invariant when the local
+    #: state restarts, and loading a gathered checkpoint that breaks it fails
+    #: (:mod:`lightning_gmc.hook.checkpoint_schema`). The other methods keep no invariant between a
+    #: local and a shared buffer (``docs/algorithms.md`` 3.14 lists why for each).
+    mean_of_local: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, compressor: Compressor) -> None:
         self.compressor = compressor
@@ -340,11 +405,13 @@ class Method(ABC):
     def absorb_undelivered(self, step: BucketStep, slot: int, undelivered: Undelivered) -> None:
         """Keep what the transport's rounding of the 16-bit sum of message ``slot`` did not deliver
         (:class:`Undelivered`, the part this worker owns), so that the method's invariant holds
-        exactly. Called before :meth:`decode`. The default drops it: the aggregate is then rounded
-        once, as for a method without a residual (``dmsgd``). Error-feedback methods add it to their
-        residual (what the workers sent is delivered or kept); EF21 subtracts it from the worker's
-        estimate (``h = mean_k h_k``). ``docs/algorithms.md`` 3.12 lists each method's choice."""
-        return None
+        exactly. Called before :meth:`decode`. The default adds it to the ``residual`` buffer of an
+        error-feedback method (what the workers sent is delivered or kept, like what the compressor
+        dropped) and drops it for a method without one (``dmsgd``: the aggregate is rounded once);
+        EF21 subtracts it from the worker's estimate (``h = mean_k h_k``). ``docs/algorithms.md``
+        3.12 lists each method's choice."""
+        if "residual" in self.buffers:
+            undelivered.add_to(step.buffer("residual"))
 
     def complete(self, step: BucketStep, messages: Sequence[Message], means: Sequence[Tensor]) -> None:
         """Finish the step once the exchange yielded ``means``: every message's undelivered rounding
@@ -362,6 +429,22 @@ class Method(ABC):
         """Scale of the mean residual subtracted for ``evaluation_point ==
         "params_minus_mean_residual"`` (1 for residuals in parameter units, ``lr`` in gradient units)."""
         return 1.0
+
+    def reset_local(self, worker: WorkerState) -> None:
+        """Restart ``worker``'s local buffers, keeping its shared ones (a checkpoint resumed with
+        ``on_world_size_change="reset_residuals"``, or on another topology, where per-worker state
+        cannot be re-assigned). Local buffers become zero, except one whose mean a shared buffer
+        holds (:attr:`mean_of_local`): it takes the shared value, so that the mean over workers is the
+        shared buffer exactly, on any number of workers."""
+        restarted = set()
+        for shared, local in self.mean_of_local.items():
+            for target, value in zip(worker.tensors[local], worker.tensors[shared], strict=True):
+                target.copy_(value)
+            restarted.add(local)
+        for name, scope in self.buffers.items():
+            if scope == "local" and name not in restarted:
+                for tensor in worker.tensors[name]:
+                    tensor.zero_()
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called by the strategy when a training epoch starts (sparsity warm-up schedules)."""

@@ -35,8 +35,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_gmc.compressors import Compressor
-from lightning_gmc.methods._common import add_momentum, check_lr, resolve_compressor, with_density
+from lightning_gmc._arguments import check_float, check_int, describe_value
+from lightning_gmc.compressors import Compressor, build_compressor
+from lightning_gmc.methods._common import add_momentum, check_lr, with_density
 from lightning_gmc.methods.base import BucketStep, Message, Method, Undelivered
 
 __all__ = ["CSER"]
@@ -75,9 +76,8 @@ class CSER(Method):
         reset_interval: int = 16,
     ) -> None:
         super().__init__(compressor)
-        if int(reset_interval) != reset_interval or reset_interval < 1:
-            raise ValueError(f"reset_interval (H) must be an integer >= 1, got {reset_interval}")
-        self.reset_interval = int(reset_interval)
+        self.reset_interval = check_int("reset_interval (H)", reset_interval, minimum=1)
+        reset_density = check_float("reset_density", reset_density, "a number in (0, 1]", optional=True)
         density1 = getattr(compressor, "density", None)
         if reset_density is None and density1 is not None:
             reset_density = min(1.0, self.reset_interval * float(density1))
@@ -86,8 +86,13 @@ class CSER(Method):
                 reset = compressor  # no density to vary: C1's kind and options
             else:
                 reset = with_density(compressor, reset_density, "CSER's reset compressor")
+        elif isinstance(reset_compressor, str | Compressor):
+            reset = build_compressor(reset_compressor, density=reset_density)
         else:
-            reset = resolve_compressor(reset_compressor, reset_density)
+            raise TypeError(
+                f"reset_compressor must be a compressor name, a Compressor instance or None, got "
+                f"{describe_value(reset_compressor)}"
+            )
         # C2 may equal C1: both messages of a reset step are in flight together, but each message
         # of a step has its own payload workspace (BucketStep.compress), so they share only the plan.
         self.reset_compressor: Compressor = reset
@@ -103,43 +108,51 @@ class CSER(Method):
         grad = step.grad
         step.add_weight_decay(grad)  # wd at the worker's own model
         momentum = step.buffer("momentum")
-        add_momentum(step, momentum, grad)
+        add_momentum(step, momentum, grad)  # m_i = beta m_i + g_i
         residual = step.buffer("residual")
-        # r_i before this step, for the model change r_new - r_old in decode.
-        step.bucket.workspace("cser_previous_residual").copy_(residual)
+        if self.is_reset_step(step.step):
+            # r_i before this step, for the model change r_new - r_old of a reset step (decode).
+            step.bucket.workspace("cser_previous_residual").copy_(residual)
         delta = step.bucket.workspace("cser_delta")
         for sl, hyper in step.runs():
             torch.mul(momentum[sl], check_lr(self.name, hyper), out=delta[sl])  # d_i = eta_t m_i
-        first = step.compress(self.compressor, delta)
-        step.subtract_own(first, delta)  # d_i - C1(d_i): the local-only remainder
-        residual.add_(delta)
-        messages = [first]
+        if step.sends_unchanged(self.compressor):
+            # C1(d_i) = d_i: nothing stays local, and dbar is decoded back into d_i's buffer.
+            messages = [step.send_as_is(self.compressor, delta, decode_into=delta)]
+        else:
+            messages = [step.compress(self.compressor, delta)]
+            step.subtract_own(messages[0], delta)  # d_i - C1(d_i): the local-only remainder
+            residual.add_(delta)  # r_i += d_i - C1(d_i)
         if self.is_reset_step(step.step):
-            second = step.compress(self.reset_compressor, residual, stream_offset=1)
-            step.subtract_own(second, residual)  # r_i <- r_i - C2(r_i)
-            messages.append(second)
+            reset = step.compress(self.reset_compressor, residual, stream_offset=1)
+            step.subtract_own(reset, residual)  # r_i <- r_i - C2(r_i)
+            messages.append(reset)
         return messages
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
-        # eta_t * out = dbar (+ ebar) + r_new - r_old, summed in that order straight into out (the
-        # same bits as a copy of dbar followed by in-place adds).
+        # The model moves by dbar (+ ebar) + r_new - r_old, handed to the optimizer over eta_t. Without
+        # a reset r_new - r_old is the remainder d_i - C1(d_i), still in its buffer (zero for a C1 that
+        # sends d_i unchanged, whose dbar is that buffer); a reset step adds ebar and reads r_old.
         change = step.out
-        residual = step.buffer("residual")
         if len(means) > 1:
             torch.add(means[0], means[1], out=change)
-            for mean in means[2:]:
-                change.add_(mean)
-            change.add_(residual)
+            change.add_(step.buffer("residual"))
+            change.sub_(step.bucket.workspace("cser_previous_residual"))
+        elif step.sends_unchanged(self.compressor):
+            change = means[0]
         else:
-            torch.add(means[0], residual, out=change)
-        change.sub_(step.bucket.workspace("cser_previous_residual"))
+            torch.add(means[0], step.bucket.workspace("cser_delta"), out=change)
         for sl, hyper in step.runs():
-            change[sl].div_(check_lr(self.name, hyper))
+            torch.div(change[sl], check_lr(self.name, hyper), out=step.out[sl])
 
     def absorb_undelivered(self, step: BucketStep, slot: int, undelivered: Undelivered) -> None:
-        # Into the residual before decode reads it: the worker's model moves by the remainder too, so
-        # x_i = x_hat - r_i still holds and the mean model moves by exactly the mean of the d_i.
+        # Into the residual, and into the model change decode reads (r_new - r_old: the residual itself
+        # at a reset step, else the remainder in cser_delta, which also holds dbar when C1 sends d_i
+        # unchanged): the worker's model moves by the remainder too, so x_i = x_hat - r_i still holds
+        # and the mean model moves by exactly the mean of the d_i.
         undelivered.add_to(step.buffer("residual"))
+        if not self.is_reset_step(step.step):
+            undelivered.add_to(step.bucket.workspace("cser_delta"))
 
     def describe(self) -> str:
         return (

@@ -30,9 +30,10 @@ from typing import Literal
 
 from torch import Tensor
 
+from lightning_gmc._arguments import check_float
 from lightning_gmc.compressors import Compressor
-from lightning_gmc.methods._common import add_into, add_momentum, apply_lr_inside_out, check_lr
-from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method, Undelivered
+from lightning_gmc.methods._common import add_momentum, apply_lr_inside_out, check_lr
+from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method, Term
 
 __all__ = ["DEFA", "DEFEvaluation"]
 
@@ -65,7 +66,7 @@ class DEFA(Method):
         self, compressor: Compressor, detach: float = 0.3, evaluation: DEFEvaluation = "x_t_minus_mean_error"
     ) -> None:
         super().__init__(compressor)
-        if not detach >= 0:
+        if not check_float("detach", detach, "a finite number >= 0 (DEF's coefficient c)") >= 0:
             raise ValueError(f"detach (DEF's coefficient c) must be >= 0, got {detach}")
         if evaluation not in ("x_t_minus_mean_error", "x_t"):
             raise ValueError(f"evaluation must be 'x_t_minus_mean_error' or 'x_t', got {evaluation!r}")
@@ -79,22 +80,15 @@ class DEFA(Method):
         step.add_weight_decay(grad)  # step.params() is the detached point y_k
         momentum = step.buffer("momentum")
         add_momentum(step, momentum, grad)
+        # p_k = e_k + eta_t m_k; send C(p_k); e_k <- p_k - C(p_k). The identity's p_k is staged in
+        # the gradient buffer.
         residual = step.buffer("residual")
-        # p_k = e_k + eta_t m_k, in the residual; for the identity in the gradient buffer (no longer
-        # needed), which the exchange then sums and decodes into in place.
-        p = step.staging(self.compressor, residual, into=grad)
-        for sl, hyper in step.runs():
-            add_into(p[sl], residual[sl], momentum[sl], alpha=check_lr(self.name, hyper))
-        decode_into = None if p is residual else p
-        return [step.send_residual(self.compressor, p, residual, decode_into=decode_into)]
+        lr_times_momentum = Term(momentum, lambda hyper: check_lr(self.name, hyper))
+        return [step.send_error_feedback(self.compressor, residual, lr_times_momentum, staging=grad)]
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means
         apply_lr_inside_out(self.name, step, mean)  # x_{t+1} = x_t - mean
-
-    def absorb_undelivered(self, step: BucketStep, slot: int, undelivered: Undelivered) -> None:
-        # What a 16-bit sum's rounding did not deliver stays to be sent, like what C dropped.
-        undelivered.add_to(step.buffer("residual"))
 
     def detach_scale(self, hyper: GroupHyper) -> float:
         return self.detach  # the residual is already in parameter units

@@ -45,9 +45,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_gmc._arguments import check_bool, check_float, describe_value
 from lightning_gmc.compressors import Compressor, Identity, SparseCompressor
-from lightning_gmc.methods._common import add_into, add_momentum, with_density
-from lightning_gmc.methods.base import BucketStep, Message, Method, Undelivered
+from lightning_gmc.methods._common import add_momentum, with_density
+from lightning_gmc.methods.base import BucketStep, Message, Method
 
 __all__ = ["DGC", "PAPER_SPARSITY_WARMUP", "WeightDecayMode"]
 
@@ -97,6 +98,8 @@ class DGC(Method):
         weight_decay_mode: WeightDecayMode = "compressed",
     ) -> None:
         super().__init__(compressor)
+        check_bool("momentum_masking", momentum_masking)
+        clip_norm = check_float("clip_norm", clip_norm, "a number > 0", optional=True)
         if clip_norm is not None and not clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
         if weight_decay_mode not in ("compressed", "local"):
@@ -111,8 +114,12 @@ class DGC(Method):
             schedule: tuple[float, ...] = PAPER_SPARSITY_WARMUP
         elif sparsity_warmup is False or sparsity_warmup is None:
             schedule = ()
+        elif isinstance(sparsity_warmup, list | tuple):
+            valid = "a number in (0, 1]"
+            schedule = tuple(check_float("a sparsity_warmup density", d, valid) for d in sparsity_warmup)
         else:
-            schedule = tuple(float(d) for d in sparsity_warmup)
+            got = describe_value(sparsity_warmup)
+            raise TypeError(f"sparsity_warmup must be True, False or a list of densities, got {got}")
         base_density = getattr(compressor, "density", None)
         # Never sparser than the target: max(warm-up, target) per epoch.
         self.warmup_densities: tuple[float, ...] = tuple(
@@ -151,13 +158,9 @@ class DGC(Method):
             step.add_weight_decay(grad)
         momentum = step.buffer("momentum")
         add_momentum(step, momentum, grad)  # u = beta u + g
+        # v = v + u; send C(v); v <- v - C(v). The identity's v is staged in the gradient buffer.
         accumulation = step.buffer("residual")
-        # v = v + u in place; for the identity in the gradient buffer (no longer needed), which the
-        # exchange then sums and decodes into in place.
-        v = step.staging(self._active, accumulation, into=grad)
-        add_into(v, accumulation, momentum)
-        decode_into = None if v is accumulation else v
-        message = step.send_residual(self._active, v, accumulation, decode_into=decode_into)  # v - C(v)
+        message = step.send_error_feedback(self._active, accumulation, momentum, staging=grad)
         if self.momentum_masking:
             if isinstance(self._active, Identity):
                 momentum.zero_()  # everything was sent
@@ -175,10 +178,6 @@ class DGC(Method):
         else:
             # The mean stays in its buffer until this bucket's next exchange: no copy.
             step.use_direction(mean)
-
-    def absorb_undelivered(self, step: BucketStep, slot: int, undelivered: Undelivered) -> None:
-        # What a 16-bit sum's rounding did not deliver stays to be sent, like what C dropped.
-        undelivered.add_to(step.buffer("residual"))
 
     def describe(self) -> str:
         # Stable across epochs (the checkpoint compares it on resume): the target compressor, not the

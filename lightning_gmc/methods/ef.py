@@ -26,8 +26,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from lightning_gmc.methods._common import add_into
-from lightning_gmc.methods.base import BucketStep, Message, Method, Undelivered
+from lightning_gmc.methods.base import BucketStep, Message, Method
 
 __all__ = ["ErrorFeedback"]
 
@@ -50,21 +49,12 @@ class ErrorFeedback(Method):
     takes_over_optimizer = False
 
     def encode(self, step: BucketStep) -> list[Message]:
+        # p_k = e_k + g_k; send C(p_k); e_k <- p_k - C(p_k). The identity's p_k is staged in the
+        # gradient buffer, which is no longer needed.
         residual = step.buffer("residual")
-        # p_k = e_k + g_k in place in the residual; for the identity in the gradient buffer (no
-        # longer needed), which the exchange then sums and decodes into in place.
-        p = step.staging(self.compressor, residual, into=step.grad)
-        add_into(p, residual, step.grad)
-        decode_into = None if p is residual else p
-        return [
-            step.send_residual(self.compressor, p, residual, decode_into=decode_into)
-        ]  # e_k <- p_k - C(p_k)
+        return [step.send_error_feedback(self.compressor, residual, step.grad, staging=step.grad)]
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means
         # The optimizer's gradient: the mean stays in its buffer until this bucket's next exchange.
         step.use_direction(mean)
-
-    def absorb_undelivered(self, step: BucketStep, slot: int, undelivered: Undelivered) -> None:
-        # What a 16-bit sum's rounding did not deliver stays to be sent, like what C dropped.
-        undelivered.add_to(step.buffer("residual"))

@@ -36,7 +36,7 @@ class BucketState:
         segments = []
         offset = 0
         for index in param_indices:
-            segments.append(Segment(offset, numels[index], index))
+            segments.append(Segment(offset, numels[index], worker.table.key(index)))
             offset += numels[index]
         self.segments: tuple[Segment, ...] = tuple(segments)
         self.numel = offset
@@ -126,10 +126,10 @@ class WorkerState:
         state = BucketState(self, param_indices)
         for name, per_param in self.tensors.items():
             storage = torch.empty(state.numel, dtype=torch.float32, device=self.device)
-            for seg in state.segments:
+            for index, seg in zip(param_indices, state.segments, strict=True):
                 view = storage[seg.offset : seg.offset + seg.numel]
-                view.copy_(per_param[seg.param_index])
-                per_param[seg.param_index] = view
+                view.copy_(per_param[index])
+                per_param[index] = view
             state.buffers[name] = storage
         # Layouts sharing a parameter with the new one no longer own its storage.
         claimed = set(param_indices)
@@ -137,6 +137,11 @@ class WorkerState:
             del self._buckets[key]
         self._buckets[param_indices] = state
         return state
+
+    @property
+    def layouts(self) -> tuple[tuple[int, ...], ...]:
+        """The parameter indices of every bucket layout that currently owns state (DDP's buckets)."""
+        return tuple(self._buckets)
 
     def state_dict(self, scope: BufferScope | None = None) -> dict[str, dict[str, Tensor]]:
         """Buffers by name and parameter FQN (cloned to CPU). ``scope`` filters local/shared buffers."""
@@ -181,11 +186,11 @@ class WorkerState:
                 for t in per_param:
                     t.zero_()
 
-    def squared_norm(self, name: str) -> float:
-        """Sum of squares of one buffer over all parameters (for the residual-norm metric)."""
-        # One read per tensor and no temporaries (a float64 copy of a 25M residual costs more than the
-        # whole compression step); per-tensor norms are summed in double precision.
-        return sum(float(torch.linalg.vector_norm(t)) ** 2 for t in self.tensors[name])
+    @property
+    def nbytes(self) -> int:
+        """Bytes of method state this worker holds (every buffer, fp32)."""
+        return 4 * len(self.tensors) * self.table.numel
+
 
 
 class StepSnapshot:

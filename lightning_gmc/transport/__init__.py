@@ -11,12 +11,18 @@ from lightning_gmc.transport.exchange import CollectiveFailure, Exchange, WireOv
 from lightning_gmc.transport.routing import (
     Route,
     SumOrder,
+    all_gather_bytes,
     broadcast_bytes,
     check_sum_order,
     choose_route,
     decode_mean,
+    handed_nbytes,
+    ordered_sum_chunk,
     ring_allreduce_bytes,
     sums_in_rank_order,
+    support_nbytes,
+    two_level_intra_bytes,
+    wire_bytes,
 )
 from lightning_gmc.transport.stats import CommStats
 from lightning_gmc.transport.support import LeaderSupport, leader_of
@@ -32,11 +38,17 @@ __all__ = [
     "SumOrder",
     "TorchCollectives",
     "WireOverflow",
+    "all_gather_bytes",
     "broadcast_bytes",
     "check_sum_order",
     "choose_route",
     "decode_mean",
+    "handed_nbytes",
     "leader_of",
+    "ordered_sum_chunk",
     "ring_allreduce_bytes",
     "sums_in_rank_order",
+    "support_nbytes",
+    "two_level_intra_bytes",
+    "wire_bytes",
 ]

@@ -71,8 +71,8 @@ def test_in_process_reduce_scatter_accumulates_16_bit_inputs_in_fp32() -> None:
 
 def test_reduce_scatter_refuses_a_16_bit_output() -> None:
     inputs = [torch.zeros(WORLD * CHUNK) for _ in range(WORLD)]
+    outputs = [torch.empty(CHUNK, dtype=torch.bfloat16) for _ in range(WORLD)]
     with pytest.raises(TypeError, match="fp32"):
-        outputs = [torch.empty(CHUNK, dtype=torch.bfloat16)] * WORLD
         InProcessCollectives(WORLD).reduce_scatter_sum(inputs, outputs)
 
 

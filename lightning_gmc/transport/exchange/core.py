@@ -33,6 +33,8 @@ class Exchange:
     Args:
         collectives: the back-end (which workers take part, and which of them are local).
         stats: counters the traffic is recorded into, once per message and as one worker sees it.
+        rank_label: how error messages name this process; None: ``"rank <r>"`` with its rank in the
+            collectives' group (which is not the global rank under ``hierarchy="node"``).
         fp32_order: how the summing routes add fp32 values with ``K >= 3`` workers: ``"rank"`` (in
             rank order: the bits do not depend on K's ring or DDP's bucket layout, a run equals its
             simulation and its resume; two collectives, the first waited for in the caller's thread),
@@ -44,13 +46,22 @@ class Exchange:
     """
 
     def __init__(
-        self, collectives: Collectives, stats: CommStats, fp32_order: SumOrder | None = None
+        self,
+        collectives: Collectives,
+        stats: CommStats,
+        rank_label: str | None = None,
+        fp32_order: SumOrder | None = None,
     ) -> None:
         self.collectives = collectives
         self.stats = stats
+        self.rank_label = rank_label
         self.fp32_order = None if fp32_order is None else check_sum_order(fp32_order)
         #: the first collective that failed (its step's state may be half-summed), until cleared
         self.failed: CollectiveFailure | None = None
+
+    def describe_rank(self) -> str:
+        """This process as error messages name it (:attr:`rank_label`, else its rank in the group)."""
+        return self.rank_label or f"rank {self.collectives.local_ranks[0]}"
 
     def current_fp32_order(self) -> SumOrder | None:
         """The order fp32 sums take now: ``fp32_order``, ``"rank"`` in deterministic mode, else None
@@ -103,8 +114,7 @@ class Exchange:
             raise ValueError(f"every worker must send {slots} messages, got {[len(m) for m in messages]}")
         self.stats.record_bucket(buckets[0].numel, self.world_size, dense_element_size, step)
         where = (
-            f"bucket {bucket_index} ({buckets[0].numel} elements) at step {step} on rank "
-            f"{self.collectives.local_ranks[0]}"
+            f"bucket {bucket_index} ({buckets[0].numel} elements) at step {step} on {self.describe_rank()}"
         )
         order = self.current_fp32_order()
         try:

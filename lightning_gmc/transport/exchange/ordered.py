@@ -37,6 +37,7 @@ from torch.futures import Future
 from lightning_gmc.compressors import CompressionPlan, Segment
 from lightning_gmc.transport.exchange.column import Column
 from lightning_gmc.transport.exchange.failures import wait_or_fail
+from lightning_gmc.transport.routing import ordered_sum_chunk
 
 __all__ = ["OrderedSum", "Ownership", "ownership", "ownership_of", "start_ordered_sum"]
 
@@ -139,7 +140,7 @@ def start_ordered_sum(column: Column, tensors: Sequence[Tensor], owners: Ownersh
     numel, dtype = tensors[0].numel(), tensors[0].dtype
     if owners is None and dtype != torch.float32:
         raise ValueError("a 16-bit sum needs the owners of its elements (its remainders are kept by them)")
-    chunk = -(-numel // world) if owners is None else owners.chunk
+    chunk = ordered_sum_chunk(numel, world) if owners is None else owners.chunk
     padded = chunk * world
     sends = []
     for tensor, bucket in zip(tensors, column.buckets, strict=True):
