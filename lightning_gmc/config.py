@@ -309,12 +309,6 @@ class GMCConfig:
         check_wire_dtype(self.wire_dtype)
         if "wire_dtype" in self.compressor_options:
             raise ValueError("set wire_dtype as GMCConfig(wire_dtype=...), not in compressor_options")
-        if self.wire_dtype == "fp16" and self.hierarchy == "node":
-            raise ValueError(
-                "wire_dtype='fp16' is not supported with hierarchy='node' yet: an fp16 overflow refuses the "
-                "whole step, which the node reducer cannot undo across its ranks' shards. Use "
-                "wire_dtype='bf16' (the same bytes, and it cannot overflow) or hierarchy='flat'."
-            )
         if self.wire_dtype != "fp32":
             name = self.compressor_name
             if name is not None and not _takes_wire_dtype(name):

@@ -42,7 +42,14 @@ from lightning_gmc.hook.node_checkpoint import gather_node_state
 from lightning_gmc.hook.reducer import BucketWork, method_step
 from lightning_gmc.methods import Method, ParameterTable, WorkerState
 from lightning_gmc.methods.shards import DEFAULT_MIN_PIECE, BucketShards, ShardPlan, plan_shards
-from lightning_gmc.transport import CollectiveFailure, CommStats, Exchange, LeaderSupport, TorchCollectives
+from lightning_gmc.transport import (
+    CollectiveFailure,
+    CommStats,
+    Exchange,
+    LeaderSupport,
+    TorchCollectives,
+    WireOverflow,
+)
 
 __all__ = ["NodeReducer"]
 
@@ -253,9 +260,10 @@ class NodeReducer:
             )
 
     def restore_step(self) -> None:
-        # GMCConfig refuses wire_dtype="fp16" with hierarchy="node": an overflow on one local rank's
-        # shard would have to refuse the step on every rank of every node.
-        raise NotImplementedError("hierarchy='node' cannot refuse an fp16 step; use wire_dtype='bf16'")
+        # Never called: an fp16 overflow in a shard's exchange travels as the shard's status through
+        # the intra-node all-gather and stops every rank with one error (the step is not undone, as it
+        # is with hierarchy="flat"; docs/nodes.md).
+        raise NotImplementedError("hierarchy='node' does not undo a step whose fp16 wire overflowed")
 
     def residuals(self) -> Sequence[Tensor] | None:
         """The node's full residual per parameter, all-gathered inside the node (counted as intra-node
@@ -337,7 +345,7 @@ def _status_of(err: Exception) -> float:
     failed collective, or nothing (another error, raised where it happened). Errors raised in a
     future's callback arrive as RuntimeErrors whose text starts with the original type's name."""
     text = f"{type(err).__name__}: {err}"
-    if "FloatingPointError" in text and "fp16" in text:
+    if isinstance(err, WireOverflow) or "WireOverflow" in text:
         return _OVERFLOW
     if isinstance(err, CollectiveFailure) or "CollectiveFailure" in text:
         return _FAILED
