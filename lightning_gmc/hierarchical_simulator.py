@@ -32,7 +32,14 @@ from lightning_gmc.compressors import Compressor, WireDtype
 from lightning_gmc.methods import BucketStep, Message, Method, WorkerState
 from lightning_gmc.methods.shards import DEFAULT_MIN_PIECE, BucketShards, plan_shards
 from lightning_gmc.simulator import Simulator
-from lightning_gmc.transport import CommStats, Exchange, InProcessCollectives, LeaderSupport
+from lightning_gmc.transport import (
+    CommStats,
+    Exchange,
+    InProcessCollectives,
+    LeaderSupport,
+    residual_gather_bytes,
+    two_level_intra_bytes,
+)
 
 __all__ = ["HierarchicalSimulator"]
 
@@ -145,8 +152,7 @@ class HierarchicalSimulator(Simulator):
         """Each node's gradient point (:meth:`Simulator.gradient_points`); a detached point costs an
         all-gather of the residual inside the node, counted as the real run counts it."""
         if self.method.detach_scale(self._hyper(lr)) and "residual" in self.method.buffers:
-            chunk = max(self.plan.local_numel(lr_) for lr_ in range(self.ranks_per_node))
-            self._intra_bytes += (self.ranks_per_node - 1) * 4.0 * chunk
+            self._intra_bytes += residual_gather_bytes(self.plan.largest_share, self.ranks_per_node)
         return super().gradient_points(params, lr)
 
     def step(
@@ -204,7 +210,7 @@ class HierarchicalSimulator(Simulator):
             self.intra.reduce_scatter_sum(sends, sums[node])
             for local_rank in range(ranks):
                 sums[node][local_rank][: shards.shard_numels[local_rank]].div_(ranks)
-        self._intra_bytes += (ranks - 1) * 4.0 * (2 * chunk + 1)
+        self._intra_bytes += two_level_intra_bytes(chunk, ranks, element_size=4)  # fp32 buckets
         # 2. Between nodes: local rank l's method step on its shard, K = N workers.
         hyper = self._hyper(lr)
         sent = [[torch.zeros(chunk + 1) for _ in range(ranks)] for _ in range(nodes)]

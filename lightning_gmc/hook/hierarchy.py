@@ -142,18 +142,20 @@ def build_node_groups(ranks_per_node: int, num_nodes: int | None = None) -> Node
 
 
 class IntraNodeTraffic:
-    """Bytes this rank sends inside its node per step and over the run (ring model: a reduce-scatter
-    or an all-gather of ``G`` chunks of ``B`` bytes sends ``(G-1) B`` per rank)."""
+    """Bytes this rank sends inside its node per step and over the run. The reducer adds what
+    :func:`~lightning_gmc.transport.two_level_intra_bytes` and
+    :func:`~lightning_gmc.transport.residual_gather_bytes` give for each collective it runs (the
+    formulas the cost model predicts with)."""
 
     def __init__(self) -> None:
         self.bytes_sent = 0.0
         self.bytes_sent_total = 0.0
         self._lock = threading.Lock()
 
-    def record(self, chunk_bytes: int, ranks_per_node: int) -> None:
-        """Count one reduce-scatter or all-gather of ``ranks_per_node`` chunks of ``chunk_bytes``."""
+    def add(self, nbytes: float) -> None:
+        """Count ``nbytes`` sent by this rank inside the node."""
         with self._lock:
-            self.bytes_sent += float((ranks_per_node - 1) * chunk_bytes)
+            self.bytes_sent += float(nbytes)
 
     def take_step(self) -> float:
         with self._lock:

@@ -10,10 +10,13 @@ Per DDP bucket, on every rank, in the hook body and in the same order everywhere
    and unpack it into DDP's bucket buffer in the future's callback.
 
 The waits between them are unavoidable (each phase needs the last one's result) and are stream
-dependencies, not host waits, on NCCL. Per rank and bucket of ``n`` elements this sends
-``2 (G-1)/G`` times the bucket's bytes inside the node, plus its padding (the largest shard of the
-bucket sets every rank's chunk) and one status element per shard: the 2-D floor. The method's state
-is the rank's shard of its node's (1/G of a flat run's).
+dependencies, not host waits, on NCCL. Per rank and bucket of ``n`` elements of ``e`` bytes and
+largest shard ``S`` this sends ``(G-1) e (2 S + 1)`` bytes inside the node
+(:func:`~lightning_gmc.transport.two_level_intra_bytes`): the 2-D floor ``2 (G-1)/G e n``, plus the
+padding (the largest shard of the bucket sets every rank's chunk) and one status element per shard.
+Detached-point methods add an all-gather of the residual once per step
+(:func:`~lightning_gmc.transport.residual_gather_bytes`). The method's state is the rank's shard of
+its node's (1/G of a flat run's).
 
 Failures: a failed intra-node collective raises a :class:`~lightning_gmc.transport.CollectiveFailure`
 naming the collective, the bucket, the step and the rank (global and in both groups). A failure of
@@ -49,6 +52,8 @@ from lightning_gmc.transport import (
     LeaderSupport,
     TorchCollectives,
     WireOverflow,
+    residual_gather_bytes,
+    two_level_intra_bytes,
 )
 
 __all__ = ["NodeReducer"]
@@ -182,7 +187,6 @@ class NodeReducer:
         send = self._shared("send", ranks * chunk, dtype)
         received = self._shared("received", ranks * chunk, dtype)
         shards.pack(work.grad, send)
-        self.intra_traffic.record(chunk * element, ranks)
         try:
             self.intra.reduce_scatter_sum([send], [bucket.node_sum], received).wait()
         except Exception as err:
@@ -203,8 +207,9 @@ class NodeReducer:
                     raise self._failure("inter-node exchange", work, err) from err
                 failure = err
         bucket.gather_send[-1:].fill_(status)
-        # 3. Every shard's direction to every rank of the node.
-        self.intra_traffic.record(bucket.stride * element, ranks)
+        # 3. Every shard's direction to every rank of the node. Both intra-node phases have run or are
+        # issued now: count them with the formula the cost model predicts with.
+        self.intra_traffic.add(two_level_intra_bytes(chunk, ranks, element))
         gathered = self.intra.all_gather([bucket.gather_send], bucket.gathered)
         buffer = work.buffer
 
@@ -273,14 +278,13 @@ class NodeReducer:
             return None
         if self._gathered is not None and self._gathered[0] == self._version:
             return self._gathered[1]
-        ranks = plan.ranks_per_node
-        chunk = max(plan.local_numel(rank) for rank in range(ranks))
+        ranks, chunk = plan.ranks_per_node, plan.largest_share
         send = self._scratch.tensor("residual_send", chunk, torch.float32, worker.device)
         out = self._scratch.tensor("residual_gathered", ranks * chunk, torch.float32, worker.device)
         own = worker.tensors["residual"]
         if own:
             torch.cat([t.reshape(-1) for t in own], out=send[: sum(t.numel() for t in own)])
-        self.intra_traffic.record(4 * chunk, ranks)
+        self.intra_traffic.add(residual_gather_bytes(chunk, ranks))
         try:
             self.intra.all_gather([send], out).wait()
         except Exception as err:

@@ -112,6 +112,12 @@ class ShardPlan:
         """Elements local rank ``rank`` owns (its share of the model)."""
         return sum(self.pieces[i].numel for i in self._local[rank])
 
+    @property
+    def largest_share(self) -> int:
+        """Elements of the largest local rank's share of the model: the chunk of an all-gather of a
+        whole-model buffer inside the node (the residual of a detached point)."""
+        return max(self.local_numel(rank) for rank in range(self.ranks_per_node))
+
     def local_table(self, rank: int) -> ParameterTable:
         """The table of the pieces ``rank`` owns: whole parameters keep their shape, pieces are flat."""
         table = self.table

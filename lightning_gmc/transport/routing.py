@@ -37,6 +37,7 @@ __all__ = [
     "decode_mean",
     "handed_nbytes",
     "ordered_sum_chunk",
+    "residual_gather_bytes",
     "ring_allreduce_bytes",
     "sums_in_rank_order",
     "support_nbytes",
@@ -99,28 +100,42 @@ def support_nbytes(compressor: Compressor, plan: CompressionPlan) -> int:
     return 4 * compressor.support_numel(plan) if compressor.leader_support else 0
 
 
-def two_level_intra_bytes(
-    shard_numel: int, ranks_per_node: int, element_size: int = 4, shift: bool = False
-) -> float:
-    """Bytes each rank sends inside its node per bucket under the sharded 2-D reducer
-    (``hierarchy="node"``; ``docs/algorithms.md`` 3.11).
+def two_level_intra_bytes(chunk_numel: int, ranks_per_node: int, element_size: int = 4) -> float:
+    """Bytes each rank sends inside its node for one DDP bucket under the sharded 2-D reducer
+    (``hierarchy="node"``; ``docs/algorithms.md`` 3.11): ``(G-1) e (2 S + 1)``.
 
-    The node's G ranks reduce-scatter the bucket's gradient into G shards of ``shard_numel``
-    elements (each rank sends the G-1 shards it does not own: ``(G-1) s e`` bytes), run the method on
-    their own shard, and all-gather the direction (``(G-1) s e`` again): ``2 (G-1) s e``, which for
-    ``s = n / G`` is the ring all-reduce's ``2 (G-1)/G * e n``. Methods with a detached point
-    (``shift=True``: GMC+, DEF-A, ``ef_server_momentum`` with ``detach > 0``) also all-gather the
-    residual shift in fp32 before the forward: ``(G-1) s 4`` more.
+    The bucket's gradient is packed shard-major into G chunks of ``S = chunk_numel`` elements (the
+    bucket's largest shard; shorter shards are zero-padded to it) and reduce-scattered: each rank sends
+    the G-1 chunks it does not own, ``(G-1) S e`` bytes. After the method, the direction is
+    all-gathered with one status element riding behind each shard: chunks of ``S + 1`` elements,
+    ``(G-1) (S + 1) e`` bytes. With equal shards (``G S = n``) this is the ring all-reduce's
+    ``2 (G-1)/G e n`` (the 2-D floor) plus ``(G-1) e`` for the statuses.
+
+    The node reducer and :class:`~lightning_gmc.HierarchicalSimulator` count their intra-node bytes
+    with this function, and the cost model (:mod:`lightning_gmc.plan`) predicts with it.
 
     Args:
-        shard_numel: elements of one shard as the collectives see it (padded to the bucket's largest
-            shard when shards are unequal).
+        chunk_numel: ``S``, the bucket's largest shard (``BucketShards.chunk``).
         ranks_per_node: G.
-        element_size: bytes per element of the reduce-scatter and the all-gather (4 for fp32).
-        shift: add the all-gather of the residual shift.
+        element_size: bytes per element of the bucket (DDP's gradient dtype: 4 for fp32).
     """
-    per_phase = (ranks_per_node - 1) * shard_numel
-    return float(2 * per_phase * element_size + (per_phase * 4 if shift else 0))
+    return float((ranks_per_node - 1) * element_size * (2 * chunk_numel + 1))
+
+
+def residual_gather_bytes(chunk_numel: int, ranks_per_node: int) -> float:
+    """Bytes each rank sends inside its node for the all-gather of the residual under the sharded 2-D
+    reducer (``hierarchy="node"``; ``docs/algorithms.md`` 3.11): ``(G-1) 4 S``.
+
+    Methods with a detached gradient point (GMC+, DEF-A, ``ef_server_momentum`` with ``detach > 0``)
+    need the node's whole residual on every rank before the forward: once per step, each rank
+    all-gathers its share of the model's residual in fp32, padded to the largest rank's share
+    ``S = chunk_numel`` (``ShardPlan.largest_share``).
+
+    Args:
+        chunk_numel: ``S``, the largest local rank's share of the model, elements.
+        ranks_per_node: G.
+    """
+    return all_gather_bytes(4 * chunk_numel, ranks_per_node)
 
 
 def choose_route(compressor: Compressor, plan: CompressionPlan, world_size: int) -> Route:

@@ -27,6 +27,7 @@ from helpers import REPO, _free_port, loss_fn, lr_at, make_dataset, make_model, 
 from lightning_gmc import HierarchicalSimulator, Simulator
 from lightning_gmc.methods import GroupHyper, ParameterTable
 from lightning_gmc.methods.shards import DEFAULT_MIN_PIECE, plan_shards
+from lightning_gmc.plan import Arm, arm_traffic
 
 TESTS = Path(__file__).resolve().parents[1]
 SCRIPT = TESTS / "hierarchy_script.py"
@@ -286,6 +287,16 @@ def test_traffic_and_state_per_rank_are_exact(
     owned = OWNED[per_node]
     shard_totals = [sum(owned[name][rank] for name in NAMES) for rank in range(per_node)]
     detach = "detach" in cases[case]["config"] or case == "def_a"
+    config = cases[case]["config"]
+    arm = Arm(
+        config.get("method", "gmc"),
+        config["compressor"],
+        config["density"],
+        config.get("detach", 0.0),
+        "node",
+        config.get("wire_dtype", "fp32"),
+    )
+    numels = [p.numel() for p in make_model(BASE["model"], 0).parameters()]
     for rank, result in enumerate(results):
         for step, entry in enumerate(result[case]["run"]):
             intra = floor = 0.0
@@ -297,6 +308,9 @@ def test_traffic_and_state_per_rank_are_exact(
             if detach:
                 intra += (per_node - 1) * 4 * max(shard_totals)
             assert entry["metrics"]["bytes_sent_intra"] == intra, (rank, step)
+            # the cost model predicts these bytes from the same shard plan and formulas
+            planned = arm_traffic(arm, numels, entry["buckets"], nodes=NODES, ranks_per_node=per_node)
+            assert planned.intra_bytes == intra, (rank, step)
             assert entry["metrics"]["bytes_sent_inter"] == entry["metrics"]["bytes_sent"]
             assert entry["state_bytes"] == 2 * 4 * shard_totals[rank % per_node]
     for node in range(NODES):

@@ -56,7 +56,8 @@ CASES: dict[str, dict[str, Any]] = {
 def SUMMED_IN_RANK_ORDER(workers: int) -> set[str]:  # noqa: N802 (reads as the set it is)
     """The cases whose values are summed in rank order with ``workers`` workers."""
     sixteen_bit = {"gmc topk_shared bf16"}
-    return sixteen_bit | ({"gmc randk", "gmc rbgs", "gmc+ rbgs (detach)", "dgc randk"} if workers >= 3 else set())
+    sparse_fp32 = {"gmc randk", "gmc rbgs", "gmc+ rbgs (detach)", "dgc randk"}
+    return sixteen_bit | (sparse_fp32 if workers >= 3 else set())
 
 
 PACKED = {"gmc terngrad", "gmc sd_l1", "gmc spherical_rc", "gmc qsgd", "gmc natural", "gmc natural_dithering"}
