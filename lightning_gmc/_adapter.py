@@ -116,8 +116,11 @@ hierarchy: ``"flat"`` (default: every rank is a worker) or ``"node"``: the metho
     whose links between nodes are much slower than inside them; needs at least 2 nodes with equal
     devices (``docs/nodes.md``, ``docs/algorithms.md`` 3.11).
 wire_dtype: dtype the compressed values travel in, ``"fp32"`` (default), ``"bf16"`` or
-    ``"fp16"``; the rounding error stays in the residual and decoding accumulates in fp32
-    (``docs/algorithms.md`` section 3.12; fp16 raises on overflow, bf16 cannot overflow).
+    ``"fp16"``. Each rank's own rounding stays in its residual; a sum of 16-bit values over ranks
+    is taken in fp32 and rounded once, and the remainder goes back into the residual of the rank
+    that rounded it (EF21: its estimate), so nothing is lost; decoding accumulates in fp32
+    (``docs/algorithms.md`` section 3.12). fp16: an overflow refuses the step on every rank, with
+    every state as before it; bf16 cannot overflow.
 auto_density: options of ``density="auto"`` (:class:`~lightning_gmc.config.AutoDensity` or a dict
     of its fields): ``min_density`` / ``max_density`` (default 0.01 / 0.1), ``comm_fraction`` (a
     target share of compute time for communication), ``interval`` (steps between decisions,

@@ -240,7 +240,7 @@ class HierarchicalSimulator(Simulator):
             exchange = self.exchanges[local_rank]
             means = exchange.start(messages, [s.bucket for s in done], self.step_index, index).wait()
             for node, (step, own_means) in enumerate(zip(done, means, strict=True)):
-                self.method.decode(step, own_means)
+                self.method.complete(step, messages[node], own_means)
                 sent[node][local_rank][:own].copy_(step.direction())
         # 3. Inside each node: the all-gather of the directions.
         out = []

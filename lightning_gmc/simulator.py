@@ -39,8 +39,23 @@ from torch import Tensor
 
 from lightning_gmc.compressors import Compressor, WireDtype
 from lightning_gmc.config import GMCConfig, check_momentum
-from lightning_gmc.methods import BucketStep, GroupHyper, Message, Method, ParameterTable, WorkerState
-from lightning_gmc.transport import CommStats, Exchange, InProcessCollectives, LeaderSupport, leader_of
+from lightning_gmc.methods import (
+    BucketStep,
+    GroupHyper,
+    Message,
+    Method,
+    ParameterTable,
+    StepSnapshot,
+    WorkerState,
+)
+from lightning_gmc.transport import (
+    CommStats,
+    Exchange,
+    InProcessCollectives,
+    LeaderSupport,
+    WireOverflow,
+    leader_of,
+)
 
 __all__ = ["Simulator"]
 
@@ -127,6 +142,8 @@ class Simulator:
         self.support = LeaderSupport(self.exchange.collectives, self.stats)
         self.workers = self._build_workers(seed)
         self.step_index = 0
+        # fp16 wire: a step whose sum overflows is refused with every buffer and counter as before it
+        self._snapshot = StepSnapshot() if self.method.sends_fp16() else None
         self._prev_lr: float | None = None
         self._key = tuple(range(len(names)))
 
@@ -199,15 +216,22 @@ class Simulator:
             points: per worker, the parameter values its gradient was evaluated at (for weight decay;
                 what :meth:`gradient_points` returned).
             lr: this step's learning rate.
+
+        Raises:
+            WireOverflow: with ``wire_dtype="fp16"``, a value or a sum over workers beyond +-65504;
+                the step is refused, every worker's state and the traffic counters as before it.
         """
         if len(grads) != self.num_workers or len(points) != self.num_workers:
             raise ValueError(f"expected {self.num_workers} gradients and points")
         hyper = self._hyper(lr)
+        counters = self.stats.snapshot() if self._snapshot is not None else None
         steps: list[BucketStep | None] = [None] * self.num_workers
         messages: list[list[Message]] = [[] for _ in range(self.num_workers)]
         for rank in self._encode_order():
             worker, grad, point = self.workers[rank], grads[rank], points[rank]
             bucket = worker.bucket(self._key)
+            if self._snapshot is not None:
+                self._snapshot.keep(self.step_index, bucket)
             flat_grad = self._flat(grad)
             flat_point = self._flat(point)
             step = BucketStep(
@@ -226,9 +250,15 @@ class Simulator:
         done = [step for step in steps if step is not None]
         buckets = [step.bucket for step in done]
         # The same exchange as the DDP hook's; each worker decodes from its own copy of the means.
-        means = self.exchange.start(messages, buckets, self.step_index).wait()
-        for step, own in zip(done, means, strict=True):
-            self.method.decode(step, own)
+        try:
+            means = self.exchange.start(messages, buckets, self.step_index).wait()
+        except WireOverflow:
+            if self._snapshot is not None and counters is not None:
+                self._snapshot.restore()
+                self.stats.restore(counters)
+            raise
+        for step, sent, own in zip(done, messages, means, strict=True):
+            self.method.complete(step, sent, own)
         self._prev_lr = float(lr)
         self.step_index += 1
         return [self._unflatten(step.direction()) for step in done]

@@ -15,6 +15,7 @@ from lightning_gmc.compressors import build_compressor, segments_from_numels
 from lightning_gmc.plan import Arm, arm_traffic, ddp_buckets
 from lightning_gmc.transport import (
     choose_route,
+    ordered_sum_chunk,
     residual_gather_bytes,
     ring_allreduce_bytes,
     two_level_intra_bytes,
@@ -56,6 +57,11 @@ CASES = {
     "allreduce rbgs": (Arm("gmc", "rbgs", 0.05, detach=0.5), 4, "allreduce"),
     "allreduce none (dense through the hook)": (Arm("dmsgd", "none"), 4, "allreduce"),
     "dense fallback topk 50%": (Arm("gmc", "topk", 0.5), 4, "dense"),
+    # summed in rank order: fp32 sparse values with K >= 3, 16-bit values (laid out by owner) always
+    "allreduce rbgs, K = 3 in rank order": (Arm("gmc", "rbgs", 0.05), 3, "allreduce"),
+    "allreduce randk bf16 in rank order": (Arm("gmc", "randk", 0.05, wire_dtype="bf16"), 3, "allreduce"),
+    "allreduce none fp16 in rank order": (Arm("gmc", "none", wire_dtype="fp16"), 2, "allreduce"),
+    "dense fallback topk bf16 in rank order": (Arm("gmc", "topk", 0.5, wire_dtype="bf16"), 4, "dense"),
     "topk_shared support broadcast": (Arm("gmc", "topk_shared", 0.05), 3, "allreduce"),
     "ef topk_approx": (Arm("ef", "topk_approx", 0.05), 2, "allgather"),
 }
@@ -79,11 +85,29 @@ def test_planned_bytes_equal_the_exchange_counts(name: str) -> None:
 
 def test_topk_shared_counts_the_leader_broadcast_by_hand() -> None:
     # K = 3, density 5 %: k per segment = floor(0.05 n) >= 1 -> 15 + 2 + 50 + 1 = 68 coordinates.
-    # Support: 68 int32 broadcast, (K-1)/K * 272 B; values: ring all-reduce of 68 fp32, 2 (K-1)/K * 272 B.
+    # Support: 68 int32 broadcast, (K-1)/K * 272 B. Values: a sparse support's fp32 values with K >= 3
+    # are summed in rank order, 68 cut into 3 chunks of 23 (69 with one zero of padding): a
+    # reduce-scatter of 276 B and an all-gather of 92 B, on the wire 2 (K-1)/K * 276 B.
     planned = arm_traffic(Arm("gmc", "topk_shared", 0.05), NUMELS, nodes=3)
     assert planned.nnz == 68
-    assert planned.bytes_sent == pytest.approx(2 / 3 * 272 + 2 * 2 / 3 * 272)
-    assert planned.collectives == {"allreduce": 1, "allgather": 0, "broadcast": 1}
+    assert planned.bytes_sent == pytest.approx(2 / 3 * 272 + 2 * 2 / 3 * 276)
+    assert planned.collectives == {"allreduce": 0, "reduce_scatter": 1, "allgather": 1, "broadcast": 1}
+    # With K = 2 one all-reduce of the 68 values (a ring of two adds in rank order anyway).
+    two = arm_traffic(Arm("gmc", "topk_shared", 0.05), NUMELS, nodes=2)
+    assert two.bytes_sent == pytest.approx(1 / 2 * 272 + 2 * 1 / 2 * 272)
+    assert two.collectives == {"allreduce": 1, "reduce_scatter": 0, "allgather": 0, "broadcast": 1}
+
+
+def test_ordered_sum_chunk_by_hand() -> None:
+    # fp32: contiguous chunks, ceil(n / K).
+    assert ordered_sum_chunk(68, 3) == 23
+    assert ordered_sum_chunk(69, 3) == 23
+    # 16-bit: element j of parameter p belongs to worker (p + j) mod K. Parameter 0 with 4 elements:
+    # workers 0, 1, 2, 0; parameter 1 with 2 elements: workers 1, 2 -> shares 2, 2, 2.
+    assert ordered_sum_chunk(6, 3, [(0, 4), (1, 2)]) == 2
+    # Parameter 0 with 4 and parameter 3 with 1 (worker 0): shares 3, 1, 1.
+    assert ordered_sum_chunk(5, 3, [(0, 4), (3, 1)]) == 3
+    assert ordered_sum_chunk(0, 3, []) == 1
 
 
 def test_ddp_baselines_are_a_ring_all_reduce_of_the_gradient() -> None:

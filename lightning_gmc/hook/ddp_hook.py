@@ -9,7 +9,10 @@ from torch import Tensor
 from torch.futures import Future
 
 from lightning_gmc.hook.reducer import BucketWork
+from lightning_gmc.hook.refusal import failed_future
 from lightning_gmc.hook.state import GMCHookState
+from lightning_gmc.methods import GroupHyper
+from lightning_gmc.transport import CollectiveFailure, WireOverflow
 
 __all__ = ["gmc_hook"]
 
@@ -47,7 +50,20 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
     if state.worker is None:
         raise RuntimeError("GMCHookState.attach(model, optimizer) must be called before the first backward")
     state.hook_calls += 1
+    state.refusal.begin_bucket(first_of_step=not state.clock.in_step)
     hypers = state.begin_step()
+    if state.refusal.error is not None:
+        # An earlier bucket of this step overflowed fp16 on every rank: the step is refused, nothing
+        # of it is sent or kept (hook/refusal.py).
+        future = failed_future(state.refusal.error)
+    else:
+        future = _reduce(state, bucket, hypers)
+    if bucket.is_last():
+        state.end_step()
+    return future
+
+
+def _reduce(state: GMCHookState, bucket: dist.GradBucket, hypers: list[GroupHyper]) -> Future[Tensor]:
     params = bucket.parameters()
     buffer = bucket.buffer()
     grad = buffer if buffer.dtype == torch.float32 else buffer.to(torch.float32)
@@ -61,7 +77,10 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
         hypers=hypers,
         step=state.step,
     )
-    future = state.reducer.reduce(work)
-    if bucket.is_last():
-        state.end_step()
-    return future
+    try:
+        return state.reducer.reduce(work)
+    except WireOverflow as err:
+        return state.refusal.refuse(err)
+    except CollectiveFailure as err:  # raised in this thread (a support broadcast, a waited phase)
+        state.note_failure(err)
+        raise

@@ -51,6 +51,7 @@ from lightning_gmc.transport import (
     Exchange,
     LeaderSupport,
     TorchCollectives,
+    WireOverflow,
     residual_gather_bytes,
     two_level_intra_bytes,
 )
@@ -238,7 +239,7 @@ class NodeReducer:
         means = self.exchange.start(
             [messages], [bucket_state], work.step, work.index, dense_element_size=work.buffer.element_size()
         ).wait()
-        method.decode(step, means[0])
+        method.complete(step, messages, means[0])
         return step.direction()
 
     def check_finite(self, skipped: Tensor, bucket_index: int, num_params: int, step: int) -> None:
@@ -262,6 +263,12 @@ class NodeReducer:
                 f"non-finite gradient in bucket {bucket_index} ({num_params} parameters) at step {step} on "
                 f"global rank {where}; no update was applied (nonfinite='raise')"
             )
+
+    def restore_step(self) -> None:
+        # Never called: an fp16 overflow in a shard's exchange travels as the shard's status through
+        # the intra-node all-gather and stops every rank with one error (the step is not undone, as it
+        # is with hierarchy="flat"; docs/nodes.md).
+        raise NotImplementedError("hierarchy='node' does not undo a step whose fp16 wire overflowed")
 
     def residuals(self) -> Sequence[Tensor] | None:
         """The node's full residual per parameter, all-gathered inside the node (counted as intra-node
@@ -342,7 +349,7 @@ def _status_of(err: Exception) -> float:
     failed collective, or nothing (another error, raised where it happened). Errors raised in a
     future's callback arrive as RuntimeErrors whose text starts with the original type's name."""
     text = f"{type(err).__name__}: {err}"
-    if "FloatingPointError" in text and "fp16" in text:
+    if isinstance(err, WireOverflow) or "WireOverflow" in text:
         return _OVERFLOW
     if isinstance(err, CollectiveFailure) or "CollectiveFailure" in text:
         return _FAILED

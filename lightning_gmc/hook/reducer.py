@@ -27,7 +27,15 @@ from torch import Tensor
 from torch.futures import Future
 
 from lightning_gmc.hook import codec
-from lightning_gmc.methods import BucketState, BucketStep, GroupHyper, Method, ParameterTable, WorkerState
+from lightning_gmc.methods import (
+    BucketState,
+    BucketStep,
+    GroupHyper,
+    Method,
+    ParameterTable,
+    StepSnapshot,
+    WorkerState,
+)
 from lightning_gmc.transport import CommStats, Exchange, LeaderSupport, TorchCollectives
 
 #: ``{buffer name: {parameter or piece name: tensor}}``, as :meth:`WorkerState.state_dict` gives it
@@ -81,6 +89,12 @@ class Reducer(Protocol):
     def reduce(self, work: BucketWork) -> Future[Tensor]:
         """Issue every collective of the bucket now, in the caller's thread; the future yields the
         bucket's update direction."""
+        ...
+
+    def restore_step(self) -> None:
+        """Put back the method buffers of every bucket of the current step as they were before it (a
+        refused step, :mod:`~lightning_gmc.hook.refusal`); the reducer keeps them when its method sends
+        fp16."""
         ...
 
     def check_finite(self, skipped: Tensor, bucket_index: int, num_params: int, step: int) -> None:
@@ -155,9 +169,12 @@ def method_step(
 class FlatReducer:
     """Every rank is a worker: the method runs on the whole bucket, its exchange over ``process_group``.
 
-    Issues exactly one collective per message (one per bucket for every method except at CSER-style
-    reset steps) in the caller's thread, preceded by the support's broadcast for ``topk_shared``;
-    only local decoding runs in the future's callback.
+    Issues one collective per message (one per bucket for every method except at CSER-style reset
+    steps), or two for a sum taken in rank order (a reduce-scatter, waited for, then an all-gather;
+    ``transport/exchange/ordered.py``), in the caller's thread, preceded by the support's broadcast
+    for ``topk_shared``; only local decoding runs in the future's callback. With ``wire_dtype="fp16"``
+    the exchange is waited for in the caller's thread too, and the buffers the step touches are kept
+    so that a refused step can be undone (:meth:`restore_step`).
 
     Args:
         stats: the traffic counters of the exchange.
@@ -170,6 +187,7 @@ class FlatReducer:
         self._support = LeaderSupport(self._exchange.collectives, stats)
         self.method: Method | None = None
         self.worker: WorkerState | None = None
+        self._snapshot: StepSnapshot | None = None
 
     @property
     def exchange(self) -> Exchange:
@@ -188,12 +206,15 @@ class FlatReducer:
         rank = dist.get_rank(self.process_group) if distributed else 0
         self.method = method
         self.worker = WorkerState(method, table, device, rank, seed)
+        self._snapshot = StepSnapshot() if method.sends_fp16() else None
         return self.worker
 
     def reduce(self, work: BucketWork) -> Future[Tensor]:
         method, worker = self.method, self.worker
         assert method is not None and worker is not None, "attach() runs before the first bucket"
         bucket_state = worker.bucket(work.param_indices)
+        if self._snapshot is not None:
+            self._snapshot.keep(work.step, bucket_state)
         step = method_step(
             worker, self.exchange, self.support, bucket_state, work.grad, read_whole(work.params), work
         )
@@ -204,7 +225,7 @@ class FlatReducer:
         buffer = work.buffer
 
         def finish(fut: Future[list[list[Tensor]]]) -> Tensor:
-            method.decode(step, fut.value()[0])
+            method.complete(step, messages, fut.value()[0])
             direction = step.direction()
             if direction is buffer:
                 return buffer
@@ -217,6 +238,10 @@ class FlatReducer:
             return buffer
 
         return future.then(finish)
+
+    def restore_step(self) -> None:
+        if self._snapshot is not None:
+            self._snapshot.restore()
 
     def check_finite(self, skipped: Tensor, bucket_index: int, num_params: int, step: int) -> None:
         # Only this rank stops; the others fail in this bucket's collective once its process ends.

@@ -22,10 +22,11 @@ from lightning_gmc.hook.metrics import HookMetrics
 from lightning_gmc.hook.node_checkpoint import select_worker_entry
 from lightning_gmc.hook.node_reducer import NodeReducer
 from lightning_gmc.hook.reducer import FlatReducer, Reducer
+from lightning_gmc.hook.refusal import StepRefusal
 from lightning_gmc.hook.swap import ParameterSwap
 from lightning_gmc.methods import GroupHyper, Method, ParameterTable, WorkerState
 from lightning_gmc.methods.shards import DEFAULT_MIN_PIECE
-from lightning_gmc.transport import CommStats, Exchange, LeaderSupport
+from lightning_gmc.transport import CollectiveFailure, CommStats, Exchange, LeaderSupport
 
 __all__ = ["GMCHookState"]
 
@@ -89,6 +90,11 @@ class GMCHookState:
         self.worker: WorkerState | None = None
         self.swap: ParameterSwap | None = None
         self.metrics = HookMetrics(self.stats)
+        self.refusal = StepRefusal(False, self.clock, self.stats, self.metrics, self._restore_buffers)
+        self._failure: CollectiveFailure | None = None
+
+    def _restore_buffers(self) -> None:
+        self.reducer.restore_step()
 
     @classmethod
     def from_config(cls, config: GMCConfig, process_group: dist.ProcessGroup | None = None) -> GMCHookState:
@@ -150,6 +156,7 @@ class GMCHookState:
         binding.attach(model, optimizer)
         device = binding.params[0].device if binding.params else torch.device("cpu")
         self.worker = self.reducer.attach(self.method, binding.table, device, self.seed)
+        self.refusal.enabled = self.method.sends_fp16()
         if self.auto is not None:
             self.auto.attach(self.method, self.clock, self.worker, optimizer, self.process_group)
         distributed = dist.is_available() and dist.is_initialized()
@@ -184,8 +191,10 @@ class GMCHookState:
         return self.clock.begin_step()
 
     def end_step(self) -> None:
-        """Advance the step clock (the hook calls it at the step's last bucket)."""
-        self.clock.end_step()
+        """Advance the step clock (the hook calls it at the step's last bucket), unless the step was
+        refused (:mod:`~lightning_gmc.hook.refusal`)."""
+        if not self.refusal.end_step():
+            self.clock.end_step()
 
     @contextlib.contextmanager
     def detached_point(self) -> Iterator[None]:
@@ -233,9 +242,32 @@ class GMCHookState:
             raise RuntimeError(f"attach() must run before {action}")
         return self.worker
 
+    @property
+    def collective_failure(self) -> CollectiveFailure | None:
+        """The collective that failed in a step of this state, if one did: that step's buffers may be
+        half-summed (e.g. the identity's sum runs in place in GMC's momentum), so the state is not
+        saved until a checkpoint is loaded."""
+        return self._failure or self.exchange.failed
+
+    def note_failure(self, error: CollectiveFailure) -> None:
+        """Record a failed collective of the hook body (see :attr:`collective_failure`)."""
+        self._failure = error
+
     def state_dict(self) -> dict[str, Any]:
-        """This rank's state: step, learning-rate history, shared and local buffers, traffic totals."""
+        """This rank's state: step, learning-rate history, shared and local buffers, traffic totals.
+
+        Raises:
+            RuntimeError: a collective failed in a step of this state (:attr:`collective_failure`):
+                nothing of it may reach a checkpoint.
+        """
         worker = self._attached_worker("state_dict()")
+        failure = self.collective_failure
+        if failure is not None:
+            raise RuntimeError(
+                f"lightning_gmc: the GMC state cannot be saved: a collective failed during step {self.step} "
+                f"and that step's residuals and momentum may be half-summed ({failure}). Resume from the "
+                f"last checkpoint written before the failure."
+            )
         self.metrics.flush_nonfinite()
         state = codec.encode_rank_state(self.method, self.clock, worker, self.stats)
         if self.auto is not None:
@@ -275,6 +307,7 @@ class GMCHookState:
             table = worker.table
         with self._running_density(auto_state):
             codec.check_checkpoint(state, self.method, table, len(self.binding.group_momentum))
+        self._failure = self.exchange.failed = None  # the loaded state is whole
         training_parameters = None
         if "per_rank_local" in state:
             world_size = codec.world_size_of(self.process_group)

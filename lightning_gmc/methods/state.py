@@ -18,7 +18,7 @@ from lightning_gmc.compressors import CompressionPlan, Compressor, RandomStreams
 if TYPE_CHECKING:
     from lightning_gmc.methods.base import BufferScope, Method, ParameterTable
 
-__all__ = ["BucketState", "WorkerState"]
+__all__ = ["BucketState", "StepSnapshot", "WorkerState"]
 
 
 class BucketState:
@@ -190,3 +190,37 @@ class WorkerState:
     def nbytes(self) -> int:
         """Bytes of method state this worker holds (every buffer, fp32)."""
         return 4 * len(self.tensors) * self.table.numel
+
+
+
+class StepSnapshot:
+    """The method buffers of every bucket one step touched, as they were before it, so that a step can
+    be refused without a trace (``wire_dtype="fp16"``, ``docs/algorithms.md`` 3.12).
+
+    :meth:`keep` copies a bucket's buffers before its first encode of the step into workspaces of the
+    bucket (allocated once: one more copy of the method state, and one pass over it per step);
+    :meth:`restore` copies them back for every bucket of the step.
+    """
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self._buckets: list[BucketState] = []
+
+    def keep(self, step: int, bucket: BucketState) -> None:
+        """Copy ``bucket``'s buffers, once per step, before the step changes them."""
+        if step != self.step:
+            self.step = step
+            self._buckets = []
+        if any(kept is bucket for kept in self._buckets):
+            return
+        for name, buffer in bucket.buffers.items():
+            bucket.workspace(f"snapshot_{name}").copy_(buffer)
+        self._buckets.append(bucket)
+
+    def restore(self) -> None:
+        """Put back every kept bucket's buffers (the state before the step) and forget them."""
+        for bucket in self._buckets:
+            for name, buffer in bucket.buffers.items():
+                buffer.copy_(bucket.workspace(f"snapshot_{name}"))
+        self._buckets = []
+        self.step = None

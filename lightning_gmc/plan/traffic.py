@@ -47,8 +47,10 @@ from lightning_gmc.transport.routing import (
     broadcast_bytes,
     choose_route,
     handed_nbytes,
+    ordered_sum_chunk,
     residual_gather_bytes,
     ring_allreduce_bytes,
+    sums_in_rank_order,
     support_nbytes,
     two_level_intra_bytes,
     wire_bytes,
@@ -152,8 +154,9 @@ class Traffic:
         intra_bytes: bytes one rank sends inside its node under ``hierarchy="node"`` (every rank of
             the node sends the same: chunks are padded to the bucket's largest shard).
         dense_bytes: the ring all-reduce of the fp32 gradient over all ranks (DDP's bytes).
-        collectives: collectives per step by kind (``allreduce``, ``allgather``, ``broadcast``)
-            between workers of the method (under ``hierarchy="node"``, per bucket the most any local
+        collectives: collectives per step by kind (``allreduce``, ``reduce_scatter``, ``allgather``,
+            ``broadcast``; a sum in rank order is a reduce-scatter and an all-gather) between workers of
+            the method (under ``hierarchy="node"``, per bucket the most any local
             rank runs: the G ranks' exchanges run side by side); ``intra_collectives``: inside the node.
         numel, nnz: elements of the model and coordinates sent per worker (summed over shards).
         rcc: the GMC paper's relative communication cost of the step (eq. 9); an upper bound for
@@ -169,7 +172,7 @@ class Traffic:
     intra_bytes: float = 0.0
     dense_bytes: float = 0.0
     collectives: dict[str, int] = field(
-        default_factory=lambda: {"allreduce": 0, "allgather": 0, "broadcast": 0}
+        default_factory=lambda: {"allreduce": 0, "reduce_scatter": 0, "allgather": 0, "broadcast": 0}
     )
     intra_collectives: int = 0
     numel: int = 0
@@ -225,17 +228,50 @@ def predicted_broadcast_bits(
     return 32.0 * plan.numel, True  # the base class's dense fp32 downlink
 
 
-def _add_message(traffic: Traffic, compressor: Compressor, plan: CompressionPlan, workers: int) -> float:
-    """Count one message of ``workers`` workers into ``traffic``; return its wire bytes per worker."""
+def _sums_in_rank_order(compressor: Compressor, route: Route, workers: int) -> bool:
+    """Whether the exchange sums this message in rank order (default ``fp32_order``, outside
+    deterministic mode: :func:`~lightning_gmc.transport.routing.sums_in_rank_order`)."""
+    if route == "allreduce":
+        return sums_in_rank_order(compressor.value_dtype, workers, None, sparse=compressor.sparse)
+    if route == "dense":
+        return sums_in_rank_order(compressor.value_dtype, workers, None, sparse=False)
+    return False
+
+
+def _summed_counts(compressor: Compressor, plan: CompressionPlan, route: Route) -> tuple[int, ...]:
+    """Elements per segment of the vector a summing route adds: the shared support's values, or the
+    dense bucket."""
+    if route == "allreduce":
+        return compressor.value_counts(plan)
+    return tuple(seg.numel for seg in plan.segments)
+
+
+def _add_message(
+    traffic: Traffic, compressor: Compressor, plan: CompressionPlan, workers: int, ring: bool = False
+) -> float:
+    """Count one message of ``workers`` workers into ``traffic``; return its wire bytes per worker.
+    ``ring``: summed by one all-reduce whatever its dtype (DDP's own hooks)."""
     route = choose_route(compressor, plan, workers)
     traffic.routes.append(route)
-    sent = wire_bytes(route, handed_nbytes(compressor, plan, route), workers)
+    ordered = not ring and _sums_in_rank_order(compressor, route, workers)
+    if ordered:  # a reduce-scatter of K padded chunks, then an all-gather of one
+        dtype = compressor.value_dtype
+        counts = _summed_counts(compressor, plan, route)
+        owner_counts = None  # fp32: contiguous chunks; 16-bit: laid out by owner
+        if dtype != torch.float32:
+            owner_counts = [(seg.param_index, n) for seg, n in zip(plan.segments, counts, strict=True)]
+        padded = workers * ordered_sum_chunk(sum(counts), workers, owner_counts) * dtype.itemsize
+        sent = ring_allreduce_bytes(padded, workers)
+        traffic.collectives["reduce_scatter"] += 1
+        traffic.collectives["allgather"] += 1
+    else:
+        sent = wire_bytes(route, handed_nbytes(compressor, plan, route), workers)
     support = support_nbytes(compressor, plan) if workers > 1 else 0
     if support:
         sent += broadcast_bytes(support, workers)
         traffic.collectives["broadcast"] += 1
         traffic.rcc_bits += 2 * 8.0 * support
-    if route != "local":
+    if route != "local" and not ordered:
         traffic.collectives["allgather" if route == "allgather" else "allreduce"] += 1
     traffic.nnz += compressor.nnz(plan)
     down, exact = predicted_broadcast_bits(compressor, plan, workers)
@@ -322,7 +358,7 @@ def arm_traffic(
     for bucket in buckets:
         sizes = [int(numels[i]) for i in bucket]
         plan = compressor.plan(segments_from_numels(sizes, bucket))
-        sent = _add_message(traffic, compressor, plan, workers)
+        sent = _add_message(traffic, compressor, plan, workers, ring=arm.is_baseline)
         traffic.bytes_sent += sent
         traffic.inter_node_bytes += sent if nodes > 1 else 0.0
     return traffic
