@@ -50,6 +50,18 @@ def recording_hook(state, bucket):  # type: ignore[no-untyped-def]  # DDP checks
     return gmc_hook(state, bucket)
 
 
+#: per failed step: whether the hook state then refused state_dict() (nothing of the step may be saved)
+SAVE_REFUSED: list[bool] = []
+
+
+def _save_refused(state: GMCHookState) -> bool:
+    try:
+        state.state_dict()
+    except RuntimeError:
+        return True
+    return False
+
+
 def train(
     cfg: dict[str, Any],
     case: dict[str, Any],
@@ -97,7 +109,11 @@ def train(
             loss = loss_fn(ddp, x, y)
             if bad and rank == case.get("huge_rank"):
                 loss = loss * 1e9  # gradients beyond fp16's range
-            loss.backward()
+            try:
+                loss.backward()
+            except Exception:
+                SAVE_REFUSED.append(_save_refused(state))
+                raise
         optimizer.step()
         optimizer.zero_grad()
         metrics = state.take_metrics()
@@ -164,7 +180,8 @@ def main() -> None:
             try:
                 train(cfg, case, None, None, None)
             except Exception as err:  # every rank must stop here, with the same message
-                results[name] = {"error": f"{type(err).__name__}: {err}"}
+                refused = SAVE_REFUSED.pop() if SAVE_REFUSED else None
+                results[name] = {"error": f"{type(err).__name__}: {err}", "save_refused": refused}
             else:
                 results[name] = {"error": None}
             continue

@@ -219,7 +219,14 @@ class NodeReducer:
             except Exception as err:
                 raise self._failure("intra-node all_gather of the update direction", work, err) from err
             if self._check_status:
-                _raise_on_status(bucket.statuses(), work, self.groups.topology, failure)
+                try:
+                    _raise_on_status(bucket.statuses(), work, self.groups.topology, failure)
+                except (FloatingPointError, CollectiveFailure) as err:
+                    # The shards' state of this step is not undone: the hook state refuses to be saved.
+                    self._exchange.failed = (
+                        err if isinstance(err, CollectiveFailure) else CollectiveFailure(str(err))
+                    )
+                    raise
             shards.unpack(bucket.gathered, bucket.stride, buffer)
             return buffer
 
@@ -377,9 +384,12 @@ def _raise_on_status(
             # Every node's same local ranks decode the same means: one text on every rank of every node.
             f"lightning_gmc: the values overflowed fp16 on the wire in the inter-node exchange of local "
             f"rank(s) {overflowed} (of every node) in {where} (a value or a sum over nodes beyond +-65504); "
-            f"no update was applied. Use wire_dtype='bf16' (the range of fp32) or 'fp32'.{here}"
+            f"no update was applied to the parameters, but under hierarchy='node' the step's method state "
+            f"is not restored (the state refuses to be saved): resume from the last checkpoint. Use "
+            f"wire_dtype='bf16' (the range of fp32) or 'fp32'.{here}"
         ) from failure
     raise CollectiveFailure(
         f"lightning_gmc: the inter-node exchange of local rank(s) {ranks(failed)} in {where} failed; no "
-        f"update was applied (a peer process probably died or timed out).{here}"
+        f"update was applied to the parameters (a peer process probably died or timed out); resume from "
+        f"the last checkpoint.{here}"
     ) from failure

@@ -352,6 +352,9 @@ def test_errors_one_rank_sees_stop_every_rank_with_the_same_message(two_by_two: 
     assert all(e == core[0] for e in core), overflow
     assert "overflowed fp16 on the wire in the inter-node exchange of local rank(s) [0, 1]" in core[0]
     assert "at step 1" in core[0] and "Use wire_dtype='bf16'" in core[0]
+    # The shards' state of the overflowing step is not undone under the hierarchy: nothing of it may be
+    # saved, on any rank.
+    assert [r["fp16_overflow"]["save_refused"] for r in results] == [True] * len(results)
 
 
 def test_a_bad_entry_of_one_rank_fails_on_every_rank_alike(two_by_two: Any) -> None:
