@@ -21,7 +21,6 @@ from lightning.pytorch.core.optimizer import _configure_optimizers
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.optim import Optimizer
-from typing_extensions import override
 
 from lightning_gmc._adapter import format_bytes
 
@@ -36,30 +35,24 @@ __all__ = [
 BeforeLaunch = Callable[[Trainer | None], None]
 
 
-class CheckedScriptLauncher(_SubprocessScriptLauncher):
+class _RunsBeforeLaunch:
+    """Runs ``before_launch`` with the Trainer, then the Lightning launcher it is mixed into."""
+
+    def __init__(self, *args: Any, before_launch: BeforeLaunch, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.before_launch = before_launch
+
+    def launch(self, function: Callable, *args: Any, trainer: Trainer | None = None, **kwargs: Any) -> Any:
+        self.before_launch(trainer)
+        return super().launch(function, *args, trainer=trainer, **kwargs)  # type: ignore[misc]
+
+
+class CheckedScriptLauncher(_RunsBeforeLaunch, _SubprocessScriptLauncher):
     """Lightning's ``popen`` launcher (one script per rank) that runs ``before_launch`` first."""
 
-    def __init__(self, *args: Any, before_launch: BeforeLaunch, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.before_launch = before_launch
 
-    @override
-    def launch(self, function: Callable, *args: Any, trainer: Trainer | None = None, **kwargs: Any) -> Any:
-        self.before_launch(trainer)
-        return super().launch(function, *args, trainer=trainer, **kwargs)
-
-
-class CheckedMultiProcessingLauncher(_MultiProcessingLauncher):
+class CheckedMultiProcessingLauncher(_RunsBeforeLaunch, _MultiProcessingLauncher):
     """Lightning's ``spawn`` / ``fork`` / ``forkserver`` launcher that runs ``before_launch`` first."""
-
-    def __init__(self, *args: Any, before_launch: BeforeLaunch, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.before_launch = before_launch
-
-    @override
-    def launch(self, function: Callable, *args: Any, trainer: Trainer | None = None, **kwargs: Any) -> Any:
-        self.before_launch(trainer)
-        return super().launch(function, *args, trainer=trainer, **kwargs)
 
 
 def optimizers_before_launch(module: LightningModule) -> list[Optimizer] | None:
