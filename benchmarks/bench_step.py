@@ -46,7 +46,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from harness import Arm, free_port, interleaved, large_allocations, load_average
+from harness import Arm, free_port, interleaved, large_allocations, load_average, make_mlp
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
@@ -59,15 +59,6 @@ WORLD = 2
 BATCH = 8
 
 
-def make_mlp(dims: list[int]) -> nn.Sequential:
-    """``Linear-ReLU-...-Linear`` with the given layer widths, seeded identically on every rank."""
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for i in range(len(dims) - 1):
-        layers.append(nn.Linear(dims[i], dims[i + 1]))
-        if i < len(dims) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
 
 
 @dataclass

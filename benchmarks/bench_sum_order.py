@@ -36,7 +36,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from bench_step import BATCH, free_port, make_mlp
+from bench_step import BATCH, free_port
+from harness import make_mlp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 

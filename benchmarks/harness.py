@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from quiet_profiler import quiet_profile
+from torch import nn
 from torch.profiler import ProfilerActivity
 
 __all__ = [
@@ -200,3 +201,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def make_mlp(dims: list[int]) -> nn.Sequential:
+    """``Linear-ReLU-...-Linear`` with the given layer widths, seeded identically on every rank (and
+    on both hosts of the link rig)."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)

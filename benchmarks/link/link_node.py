@@ -35,8 +35,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 _ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+for _path in (_ROOT, _ROOT / "benchmarks"):  # the package, and the benchmarks' shared harness
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from harness import make_mlp  # noqa: E402
 
 import lightning_gmc  # noqa: E402
 
@@ -100,15 +103,6 @@ def make_strategy(arm: str, density: float) -> Strategy:
     )
 
 
-def make_mlp(dims: list[int]) -> nn.Sequential:
-    """``Linear-ReLU-...-Linear`` with the given widths (same seed, so same weights, on both hosts)."""
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for i in range(len(dims) - 1):
-        layers.append(nn.Linear(dims[i], dims[i + 1]))
-        if i < len(dims) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
 
 
 class MLPModule(LightningModule):
