@@ -19,6 +19,9 @@ from lightning_gmc import GMCFabricStrategy, GMCHookState, GMCStrategy, build_co
         ({"compressor": "bogus"}, r"unknown compressor 'bogus'; valid names: .*rbgs.*topk"),
         ({"method": "bogus"}, r"unknown method 'bogus'; valid methods: .*gmc"),
         ({"density": 0.0}, r"density must be in \(0, 1\]"),
+        # refused by the configuration, not only by a sparsifier: compressors without a density too
+        ({"density": 0.0, "compressor": "none"}, r"density must be in \(0, 1\]"),
+        ({"density": 0.0, "compressor": "qsgd"}, r"density must be in \(0, 1\]"),
         ({"density": 1.5}, r"density must be in \(0, 1\]"),
         ({"detach": -0.1}, r"detach must be >= 0"),
         ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
