@@ -18,7 +18,8 @@ Plain DDP (or Fabric, via ``model._forward_module``)::
 
 Pieces (one file each): :mod:`~lightning_gmc.hook.binding` (optimizer takeover, its guard, the step
 clock), :mod:`~lightning_gmc.hook.swap` (detached and evaluation points), :mod:`~lightning_gmc.hook.codec`
-(checkpoint format), :mod:`~lightning_gmc.hook.state` (:class:`GMCHookState`),
+(checkpoint format), :mod:`~lightning_gmc.hook.state` (:class:`GMCHookState`, with its point API from
+:mod:`~lightning_gmc.hook.points` and its checkpoint API from :mod:`~lightning_gmc.hook.state_checkpoint`),
 :mod:`~lightning_gmc.hook.ddp_hook` (:func:`gmc_hook`), :mod:`~lightning_gmc.hook.reducer` (one bucket
 in, its direction out; the flat reducer) and, for ``hierarchy="node"``,
 :mod:`~lightning_gmc.hook.hierarchy` (topology, process groups), :mod:`~lightning_gmc.hook.node_reducer`

@@ -88,6 +88,14 @@ class OptimizerBinding:
             optimizer.register_state_dict_post_hook(self._save_user_groups)
             optimizer.register_load_state_dict_post_hook(self._retake_after_load)
 
+    def summary(self) -> str:
+        """One line after :meth:`attach`: the method, what it serves, and who applies momentum and
+        weight decay (the method's values per param group, or the optimizer itself)."""
+        served = f"{self.method.describe()} on {len(self.table)} parameters ({self.table.numel} elements)"
+        if self.takes_over:
+            return f"{served}; momentum={self.group_momentum} weight_decay={self.group_weight_decay}"
+        return f"{served}; {type(self.optimizer).__name__} applies its own momentum and weight decay"
+
     def _record_groups(self, optimizer: torch.optim.Optimizer) -> None:
         self.user_groups = [
             {"momentum": float(g.get("momentum", 0.0)), "weight_decay": float(g.get("weight_decay", 0.0))}
