@@ -15,7 +15,7 @@ from helpers import make_model, run_distributed
 
 from lightning_gmc import METHODS, GMCFabricStrategy
 
-RUNNER = Path(__file__).resolve().parent / "fabric_runner.py"
+RUNNER = Path(__file__).resolve().parents[1] / "fabric_runner.py"
 
 CFG: dict[str, Any] = {
     "model": "small",

@@ -158,7 +158,7 @@ def test_checkpoint_resume_on_gpu_is_bitwise(tmp_path: Path) -> None:
 def test_two_gloo_ranks_with_cuda_tensors_equal_ddp_sgd() -> None:
     """Gloo's all-reduce and all-gather of CUDA tensors, both ranks on GPU 0 (see the script)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    script = Path(__file__).resolve().parent / "cuda_gloo_script.py"
+    script = Path(__file__).resolve().parents[1] / "cuda_gloo_script.py"
     result = subprocess.run(
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
     )

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.data import DigitsDataModule  # noqa: E402
 from examples.models import MLP, ClassificationModule, DigitsCNN, ResNet20, ViT  # noqa: E402

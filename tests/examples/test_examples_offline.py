@@ -16,7 +16,7 @@ from urllib.error import URLError
 import pytest
 from torchvision import datasets
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from examples.data import CIFARDataModule, DataUnavailableError  # noqa: E402

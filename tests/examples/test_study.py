@@ -13,7 +13,7 @@ import torch
 
 from lightning_gmc import Simulator
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_study_quick_mode_writes_table_and_plot(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, _free_port
 
-SCRIPT = Path(__file__).resolve().parent / "dead_peer_script.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "dead_peer_script.py"
 STEPS = 8
 
 

@@ -28,8 +28,8 @@ from lightning_gmc.hook.hierarchy import assign_owners, check_topology
 from lightning_gmc.methods import GroupHyper, ParameterTable
 from lightning_gmc.transport import ring_allreduce_bytes
 
-SCRIPT = Path(__file__).resolve().parent / "hierarchy_script.py"
-FABRIC_RUNNER = Path(__file__).resolve().parent / "fabric_runner.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "hierarchy_script.py"
+FABRIC_RUNNER = Path(__file__).resolve().parents[1] / "fabric_runner.py"
 NODES, PER_NODE = 2, 2
 CFG: dict[str, Any] = {
     "model": "small",
@@ -57,7 +57,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     (out_dir / "config.json").write_text(json.dumps(cfg))
     launcher = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
     base = {k: v for k, v in os.environ.items() if k not in launcher}
-    tests = str(Path(__file__).resolve().parent)
+    tests = str(Path(__file__).resolve().parents[1])
     base.update(
         PYTHONPATH=f"{REPO}{os.pathsep}{tests}",
         OMP_NUM_THREADS="1",

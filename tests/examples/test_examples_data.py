@@ -12,7 +12,7 @@ import pytest
 import torch
 
 # The examples are a top-level package next to lightning_gmc, not installed: make the repo root importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.data import CIFARDataModule, DigitsDataModule, SyntheticDataModule  # noqa: E402
 from examples.partition import (  # noqa: E402
