@@ -1,5 +1,6 @@
 """``hierarchy="node"``: 2 nodes x 2 ranks (4 gloo processes, plain DDP + the hook) against the
-simulator with K = 2 workers fed each node's mean gradient, exactly; plus topology errors.
+simulator with K = 2 workers fed each node's mean gradient, exactly (the topology checks in one
+process: ``tests/hook/test_hierarchy_topology.py``).
 
 The ranks are started the way torchrun starts them (RANK and WORLD_SIZE in the environment); ranks
 0, 1 form node 0 and ranks 2, 3 node 1. One launch runs every case, each interrupted by a checkpoint
@@ -16,16 +17,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import pytest
 import torch
 from helpers import REPO, RUNNER, _free_port, loss_fn, lr_at, make_dataset, make_model, rank_batch
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gmc import GMCConfig, GMCFabricStrategy, GMCHookState, GMCStrategy, Simulator
-from lightning_gmc._adapter import check_node_layout
-from lightning_gmc.hook.hierarchy import assign_owners, check_topology
-from lightning_gmc.methods import GroupHyper, ParameterTable
+from lightning_gmc import Simulator
+from lightning_gmc.methods import GroupHyper
 from lightning_gmc.transport import ring_allreduce_bytes
 
 SCRIPT = Path(__file__).resolve().parents[1] / "hierarchy_script.py"
@@ -190,84 +187,6 @@ def test_inter_and_intra_node_bytes(results: list[dict[str, Any]], case: str) ->
             assert sum(m["bytes_sent_inter"] for m in metrics) == pytest.approx(want["bytes_sent"])
             assert all(m["bytes_sent_inter"] > 0 for m in metrics), "both local ranks own parameters"
             assert sum(m["bytes_sent_intra"] for m in metrics) == pytest.approx(PER_NODE * intra)
-
-
-def test_owners_are_contiguous_and_balanced_by_size() -> None:
-    table = ParameterTable(("a", "b", "c", "d"), tuple(torch.Size([n]) for n in (10, 10, 60, 20)), (0,) * 4)
-    # midpoints 5, 15 | 50, 90 of 100 elements: halves [0, 50) and [50, 100)
-    assert assign_owners(table, 2) == (0, 0, 1, 1)
-    assert assign_owners(table, 1) == (0, 0, 0, 0)
-    owners = assign_owners(ParameterTable(tuple("abcd"), (torch.Size([5]),) * 4, (0,) * 4), 4)
-    assert owners == (0, 1, 2, 3)
-
-
-def test_bad_topologies_are_rejected_with_the_fix() -> None:
-    with pytest.raises(ValueError, match="same number of ranks on every node"):
-        check_topology(world_size=6, ranks_per_node=4)
-    with pytest.raises(ValueError, match="same number of ranks on every node"):
-        check_topology(world_size=8, ranks_per_node=2, num_nodes=3)
-    with pytest.raises(ValueError, match="at least 2 nodes.*hierarchy='flat'"):
-        check_topology(world_size=4, ranks_per_node=4)
-    assert check_topology(world_size=8, ranks_per_node=4, num_nodes=2) == 2
-    with pytest.raises(ValueError, match="'flat'.*'node'"):
-        GMCConfig(hierarchy="nodes")  # type: ignore[arg-type]
-
-
-def test_ranks_not_numbered_node_by_node_are_rejected_with_the_fix() -> None:
-    # What every rank of GMCStrategy and GMCFabricStrategy checks, from all ranks' (node, local rank)
-    # as the cluster environment reports them; here SLURM's cyclic distribution of 4 tasks on 2 nodes.
-    cyclic = [(0, 0), (1, 0), (0, 1), (1, 1)]
-    expected = (
-        r"rank 1 is node 1, local rank 0 for Lightning, but node 0, local rank 1 by rank = node_rank \* "
-        r"devices \+ local_rank; the launcher numbers ranks differently. Use hierarchy='flat'."
-    )
-    with pytest.raises(RuntimeError, match=expected):
-        check_node_layout(cyclic, ranks_per_node=2)
-    check_node_layout([(0, 0), (0, 1), (1, 0), (1, 1)], ranks_per_node=2)
-
-
-class _Module(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = make_model("small")
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return loss_fn(self.net, *batch)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-
-
-def test_trainer_and_fabric_refuse_a_single_node_alike() -> None:
-    """hierarchy='node' on one node of one device, in this process: both strategies stop before
-    training with the same message (their topology checks are one function)."""
-    trainer = L.Trainer(
-        strategy=GMCStrategy(hierarchy="node"),
-        accelerator="cpu",
-        devices=1,
-        max_steps=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
-    with pytest.raises(ValueError, match="at least 2 nodes.*hierarchy='flat'") as from_trainer:
-        trainer.fit(_Module(), DataLoader(TensorDataset(*make_dataset(8)), batch_size=4))
-    fabric = L.Fabric(strategy=GMCFabricStrategy(hierarchy="node"), accelerator="cpu", devices=1)
-    with pytest.raises(ValueError, match="at least 2 nodes.*hierarchy='flat'") as from_fabric:
-        fabric.launch()
-    assert str(from_fabric.value) == str(from_trainer.value)
-
-
-def test_node_state_needs_its_groups_before_attach() -> None:
-    model = make_model("small")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    state = GMCHookState.from_config(GMCConfig(hierarchy="node"))
-    with pytest.raises(RuntimeError, match="set_node_groups"):
-        state.attach(model, optimizer)
-    flat = GMCHookState.from_config(GMCConfig())
-    with pytest.raises(ValueError, match="hierarchy='node'"):
-        flat.set_node_groups(None)  # type: ignore[arg-type]
 
 
 def _clean_env() -> dict[str, str]:

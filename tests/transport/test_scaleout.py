@@ -1,18 +1,14 @@
-"""topk_shared (ScaleCom's cyclic leader rule) and wire_dtype: hand-written references, exact byte
-formulas, fp16 overflow, and 2 gloo ranks against the simulator (with a resume).
+"""topk_shared (ScaleCom's cyclic leader rule) and wire_dtype in the simulator: hand-written
+references, exact byte formulas, fp16 overflow. On 2 gloo ranks:
+``tests/distributed/test_scaleout_distributed.py``.
 
 References: docs/algorithms.md 3.12 (wire dtype) and 3.13 (topk_shared).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import pytest
 import torch
-from helpers import run_distributed
-from test_methods_distributed import BASE, STEPS, _replay
 
 from lightning_gmc import GMCConfig, Simulator
 from lightning_gmc.compressors import TopKShared, build_compressor, segments_from_numels
@@ -171,52 +167,3 @@ def test_wire_dtype_is_validated_with_the_choices_named() -> None:
     with pytest.raises(ValueError, match="sends its own packed codes"):
         GMCConfig(compressor="qsgd", wire_dtype="bf16")
     assert GMCConfig(compressor="rbgs", wire_dtype="bf16").build().compressor.value_dtype == torch.bfloat16
-
-
-CASES: dict[str, dict[str, Any]] = {
-    "gmc_topk_shared": {"method": "gmc", "compressor": "topk_shared", "density": 0.05},
-    # the all-gather route packs bf16 values and int32 indices into one byte buffer
-    "gmc_topk_bf16": {"method": "gmc", "compressor": "topk", "density": 0.05, "wire_dtype": "bf16"},
-    "gmc_plus_topk_shared_bf16": {
-        "method": "gmc",
-        "compressor": "topk_shared",
-        "density": 0.05,
-        "detach": 0.5,
-        "wire_dtype": "bf16",
-    },
-}
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_two_ranks_equal_the_simulator_bit_for_bit_and_resume(tmp_path: Path, case: str) -> None:
-    strategy = CASES[case]
-    cfg = {**BASE, "strategy_kwargs": {**strategy, "bucket_cap_mb": 0.25}}
-    if strategy["compressor"] == "topk_shared":  # resume: the leader is step mod K after it too
-        ckpt = tmp_path / "half.ckpt"
-        first = run_distributed(tmp_path, {**cfg, "max_steps": STEPS // 2, "save_checkpoint": str(ckpt)})
-        resumed = run_distributed(tmp_path, {**cfg, "max_steps": STEPS, "resume_from": str(ckpt)})
-        runs = ((first, STEPS // 2), (resumed, STEPS))
-    else:  # one uninterrupted run keeps the suite short
-        runs = ((run_distributed(tmp_path, {**cfg, "max_steps": STEPS}), STEPS),)
-    expected = _replay(strategy)
-    for result, step in runs:
-        for rank in range(2):
-            for name, tensor in expected["params"][step - 1][rank].items():
-                assert torch.equal(result[rank]["params"][name], tensor), (case, step, rank, name)
-    rcc = [m["gmc/rcc"] for r, _ in runs for m in r[0]["metrics"] if "gmc/rcc" in m]
-    assert rcc == pytest.approx(expected["rcc"], rel=1e-6)  # logged through Lightning in fp32
-    # bytes on the wire per step (K = 2), from the formulas: topk_shared, k int32 broadcast + ring
-    # all-reduce of k values; topk, an all-gather of k values and k int32 indices
-    k = sum(max(1, int(0.05 * p.numel() + 1e-9)) for p in _small_params())
-    value_bytes = 2 if strategy.get("wire_dtype") == "bf16" else 4
-    sent = [m["gmc/bytes_sent"] for r, _ in runs for m in r[0]["metrics"] if "gmc/bytes_sent" in m]
-    if strategy["compressor"] == "topk_shared":
-        assert sent == [0.5 * 4 * k + 2 * 0.5 * value_bytes * k] * STEPS
-    else:
-        assert sent == [(value_bytes + 4) * k] * STEPS
-
-
-def _small_params() -> list[torch.Tensor]:
-    from helpers import make_model
-
-    return list(make_model("small", 0).parameters())
