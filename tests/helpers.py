@@ -1,4 +1,5 @@
-"""Shared pieces of the multi-process tests: deterministic models, data, LR schedule, and a launcher.
+"""Shared pieces of the multi-process tests: deterministic models, data, LR schedule, a launcher, and
+replays of a run by the hand-written rules of ``tests/reference.py``.
 
 A distributed test writes a JSON config, runs ``tests/distributed_runner.py`` in a subprocess (which
 starts Lightning with ``devices=2`` on gloo, the way a user script would), and reads back each rank's
@@ -8,6 +9,7 @@ with an independent reference (``torch.optim.SGD``, the simulator, a hand-writte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import reference
 import torch
 from torch import nn
 
@@ -144,6 +147,94 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# ------------------------------------------------- replays of a run by the hand-written rules
+def runner_problem(
+    cfg: dict[str, Any], world_size: int = 2, autocast_bf16: bool = False
+) -> reference.Problem:
+    """A runner config as a :class:`reference.Problem`: the runner's model (fp32, one thread, as the
+    ranks compute), and rank k's gradient at step t on the batches the runner gives it (averaged over
+    ``accumulate_grad_batches``; forward and loss under CPU bf16 autocast for ``autocast_bf16``)."""
+    torch.set_num_threads(1)  # the runner's ranks use one thread: same matmul rounding
+    model = make_model(cfg.get("model", "small"), cfg.get("model_seed", 0))
+    data = make_dataset(cfg.get("num_samples", 256), cfg.get("data_seed", 1))
+    acc = cfg.get("accumulate_grad_batches", 1)
+    params = list(model.parameters())
+    numels = [p.numel() for p in params]
+
+    def gradient(rank: int, x: torch.Tensor, step: int) -> torch.Tensor:
+        with torch.no_grad():
+            for p, value in zip(params, x.split(numels), strict=True):
+                p.copy_(value.view_as(p))
+        model.zero_grad()
+        for micro in range(acc):
+            xb, yb = rank_batch(data, rank, world_size, cfg["batch_size"], step * acc + micro)
+            autocast = (
+                torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
+            )
+            with autocast:
+                loss = loss_fn(model, xb, yb)
+            (loss / acc).backward()
+        return torch.cat([p.grad.detach().reshape(-1) for p in params])
+
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    w0 = torch.cat([p.detach().reshape(-1) for p in params])
+    return reference.Problem(shapes, w0, gradient, world_size)
+
+
+def replay_gmc(
+    cfg: dict[str, Any],
+    lrs: list[float],
+    compress: reference.Compressor,
+    world_size: int = 2,
+    zero_gradient: tuple[int, int] | None = None,
+    autocast_bf16: bool = False,
+) -> dict[str, Any]:
+    """GMC / GMC+ by hand (:func:`reference.gmc`) on a runner config (``model``, ``batch_size``,
+    ``momentum``, ``weight_decay``, ``strategy_kwargs.detach`` and
+    ``method_options.momentum_lr_convention``) for the given per-step learning rates.
+
+    Args:
+        zero_gradient: ``(step, rank)`` whose gradient counts as zero (a skipped non-finite bucket).
+        autocast_bf16: evaluate forward and loss under CPU bf16 autocast (``precision="bf16-mixed"``).
+
+    Returns:
+        ``params`` (final w), ``residual`` (per rank) and ``momentum``, each by parameter name.
+    """
+    problem = runner_problem(cfg, world_size, autocast_bf16)
+    strategy = cfg.get("strategy_kwargs", {})
+    run = reference.gmc(
+        problem,
+        lrs,
+        compress,
+        beta=float(cfg["momentum"]),
+        wd=float(cfg.get("weight_decay", 0.0)),
+        detach=float(strategy.get("detach", 0.0)),
+        convention=strategy.get("method_options", {}).get("momentum_lr_convention", "prev"),
+        zero_gradient=zero_gradient,
+    )
+    return {
+        "params": problem.split(run.w),
+        "residual": [problem.split(e) for e in run.residual],
+        "momentum": problem.split(run.momentum),
+    }
+
+
+def replay_sgd(cfg: dict[str, Any], lrs: list[float], world_size: int = 2) -> dict[str, torch.Tensor]:
+    """Plain DDP with ``torch.optim.SGD(momentum, weight_decay)`` (:func:`reference.sgd`) on a runner
+    config: the dense methods' degeneracy."""
+    problem = runner_problem(cfg, world_size)
+    w = reference.sgd(problem, lrs, momentum=float(cfg["momentum"]), wd=cfg.get("weight_decay", 0.0))
+    return problem.split(w)
+
+
+def assert_close(
+    actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], rtol: float = 1e-5, atol: float = 1e-6
+) -> None:
+    """Every tensor of ``expected`` (by name) close to ``actual``'s."""
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name].to(tensor.dtype), tensor, msg=name, rtol=rtol, atol=atol)
 
 
 # ------------------------------------------------- assertions on run_distributed results

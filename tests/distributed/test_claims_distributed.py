@@ -1,5 +1,5 @@
 """README claims on 2 gloo ranks (CPU) that the other distributed tests leave open, each against GMC
-written out by hand (``tests/gmc_reference.py``), never against the implementation itself:
+written out by hand (``tests/reference.py``), never against the implementation itself:
 
 * resuming is bit-for-bit under ``momentum_lr_convention="cur"`` too, whose momentum term needs the
   previous learning rate: the checkpoint carries it, and the run equals the hand-written GMC+ step;
@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 import torch
-from gmc_reference import assert_close, replay_gmc, scaled_sign_by_hand, topk_by_hand
-from helpers import assert_resumed_bitwise, lr_at, make_model, run_distributed
+from helpers import assert_close, assert_resumed_bitwise, lr_at, make_model, replay_gmc, run_distributed
+from reference import ScaledSign, TopK
 
 
 def _residuals(result: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -65,7 +65,7 @@ def test_resume_with_the_cur_convention_is_bitwise_and_equals_the_hand_written_s
         assert resumed[rank]["gmc_step"] == steps
         assert resumed[rank]["gmc_state"]["last_lrs"] == pytest.approx([lrs[-1]], rel=1e-12)
 
-    by_hand = replay_gmc(cfg, lrs, topk_by_hand(0.05))
+    by_hand = replay_gmc(cfg, lrs, TopK(0.05))
     assert_close(straight[0]["params"], by_hand["params"])
     for rank in range(2):
         assert_close(_residuals(straight[rank]), by_hand["residual"][rank])
@@ -73,7 +73,7 @@ def test_resume_with_the_cur_convention_is_bitwise_and_equals_the_hand_written_s
     prev = replay_gmc(
         {**cfg, "strategy_kwargs": {**strategy, "method_options": {"momentum_lr_convention": "prev"}}},
         lrs,
-        topk_by_hand(0.05),
+        TopK(0.05),
     )
     assert any((prev["params"][n] - by_hand["params"][n]).abs().max() > 1e-4 for n in prev["params"])
 
@@ -93,7 +93,7 @@ def test_quantizer_on_two_ranks_equals_the_hand_written_quantized_step(tmp_path:
     results = run_distributed(tmp_path, cfg)
     for name, tensor in results[0]["params"].items():
         assert torch.equal(tensor, results[1]["params"][name]), name
-    by_hand = replay_gmc(cfg, [cfg["lr"]] * steps, scaled_sign_by_hand())
+    by_hand = replay_gmc(cfg, [cfg["lr"]] * steps, ScaledSign())
     assert_close(results[0]["params"], by_hand["params"])
     for rank in range(2):
         assert_close(_residuals(results[rank]), by_hand["residual"][rank])
@@ -127,10 +127,10 @@ def test_bf16_mixed_keeps_fp32_and_equals_the_hand_written_step_under_autocast(t
             for by_name in r["gmc_state"][scope].values():
                 assert all(t.dtype == torch.float32 for t in by_name.values())
     lrs = [cfg["lr"]] * steps
-    by_hand = replay_gmc(cfg, lrs, topk_by_hand(0.1), autocast_bf16=True)
+    by_hand = replay_gmc(cfg, lrs, TopK(0.1), autocast_bf16=True)
     assert_close(results[0]["params"], by_hand["params"])
     for rank in range(2):
         assert_close(_residuals(results[rank]), by_hand["residual"][rank])
     # the run really computed in bf16: the fp32 replay is measurably elsewhere
-    fp32 = replay_gmc(cfg, lrs, topk_by_hand(0.1))
+    fp32 = replay_gmc(cfg, lrs, TopK(0.1))
     assert any((fp32["params"][n] - by_hand["params"][n]).abs().max() > 1e-4 for n in fp32["params"])

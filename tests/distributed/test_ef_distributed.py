@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import reference
 import torch
 from distributed_runner import Module
-from gmc_reference import Compress, assert_close, identity_by_hand, rbgs_by_hand, topk_by_hand
 from helpers import (
+    assert_close,
     assert_replicas_identical,
     assert_resumed_bitwise,
     assert_two_buckets,
@@ -23,7 +24,9 @@ from helpers import (
     make_dataset,
     rank_batch,
     run_distributed,
+    runner_problem,
 )
+from reference import RBGS, Identity, TopK
 
 from lightning_gmc import Simulator
 
@@ -54,59 +57,38 @@ def _optimizer(cfg: dict[str, Any], model: torch.nn.Module) -> tuple[torch.optim
 
 def replay_ef(
     cfg: dict[str, Any],
-    compress: Compress,
+    compress: reference.Compressor,
     steps: int,
     world_size: int = 2,
     zero_gradient: tuple[int, int] | None = None,
     ef21: bool = False,
 ) -> dict[str, Any]:
-    """Error feedback written out by hand (``docs/algorithms.md`` 2.10), one parameter at a time, with
-    the torch optimizer stepping on the mean of the compressed vectors::
-
-        p_k = e_k + g_k;  e_k <- p_k - C(p_k);  p.grad = (1/K) sum_k C(p_k);  optimizer.step()
+    """Error feedback written out by hand (:func:`reference.ef`, ``docs/algorithms.md`` 2.10) with the
+    runner's torch optimizer stepping on the mean of the compressed vectors; ``ef21``: EF21 instead
+    (:func:`reference.ef21`, 2.11), the optimizer stepping on the aggregate ``h``, and ``residual``
+    holds the estimates ``h_k``.
 
     ``zero_gradient``: ``(step, rank)`` whose gradient counts as zero (a skipped non-finite bucket).
-    ``ef21``: EF21 instead (``docs/algorithms.md`` 2.11): ``c_k = C(g_k - h_k)``, ``h_k += c_k``,
-    ``h += mean_k c_k``, the optimizer steps on ``h`` (``e`` holds the estimates ``h_k``).
     """
-    torch.set_num_threads(1)  # the runner's ranks use one thread: same matmul rounding
-    module = Module(cfg)
-    model = module.net
+    problem = runner_problem(cfg, world_size)
+    model = Module(cfg).net
     optimizer, scheduler = _optimizer(cfg, model)
-    data = make_dataset(cfg.get("num_samples", 256), cfg.get("data_seed", 1))
-    acc = cfg.get("accumulate_grad_batches", 1)
-    names = [name for name, _ in model.named_parameters()]
-    e = [{name: torch.zeros_like(p) for name, p in model.named_parameters()} for _ in range(world_size)]
-    aggregate = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
-    for step in range(steps):
-        sent = []
-        for rank in range(world_size):
-            model.zero_grad()
-            for micro in range(acc):
-                x, y = rank_batch(data, rank, world_size, cfg["batch_size"], step * acc + micro)
-                (loss_fn(model, x, y) / acc).backward()
-            compressed = {}
-            for index, (name, p) in enumerate(model.named_parameters()):
-                g = torch.zeros_like(p) if zero_gradient == (step, rank) else p.grad.detach()
-                if ef21:
-                    c = compress((g - e[rank][name]).reshape(-1), step, index).view_as(g)
-                    e[rank][name] = e[rank][name] + c
-                else:
-                    u = e[rank][name] + g
-                    c = compress(u.reshape(-1), step, index).view_as(u)
-                    e[rank][name] = u - c
-                compressed[name] = c
-            sent.append(compressed)
-        for name, p in model.named_parameters():
-            mean = sum(c[name] for c in sent) / world_size
-            if ef21:
-                aggregate[name] = aggregate[name] + mean
-            p.grad = aggregate[name].clone() if ef21 else mean
+
+    def optimizer_step(direction: torch.Tensor, step: int) -> torch.Tensor:
+        for p, grad in zip(model.parameters(), problem.split(direction).values(), strict=True):
+            p.grad = grad.clone()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-    params = {name: p.detach().clone() for name, p in model.named_parameters()}
-    return {"params": params, "residual": e, "aggregate": aggregate, "names": names}
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    rule = reference.ef21 if ef21 else reference.ef
+    run = rule(problem, steps, compress, optimizer_step, zero_gradient)
+    return {
+        "params": problem.split(run.w),
+        "residual": [problem.split(e) for e in run.residual],
+        "aggregate": problem.split(run.momentum) if ef21 else None,
+    }
 
 
 def _simulate(
@@ -174,7 +156,7 @@ def test_identity_compressor_with_adamw_equals_ddp_strategy(tmp_path: Path) -> N
     assert metrics["gmc/rcc"] == pytest.approx(1.0)
     assert metrics["gmc/residual_norm"] == 0.0  # the identity leaves nothing behind
     # The in-process stand-in for DDP the next test uses: the mean gradient + the torch optimizer.
-    dense = replay_ef(cfg, identity_by_hand(), steps)
+    dense = replay_ef(cfg, Identity(), steps)
     assert_close(ddp[0]["params"], dense["params"], rtol=0, atol=1e-6)
 
 
@@ -196,7 +178,7 @@ def test_identity_compressor_equals_dense_training_with_the_users_optimizer(
     ef = run_distributed(tmp_path, {**cfg, "strategy_kwargs": {"method": "ef", "compressor": "none"}})
     assert_two_buckets(ef, steps)
     assert_replicas_identical(ef)
-    dense = replay_ef(cfg, identity_by_hand(), steps)
+    dense = replay_ef(cfg, Identity(), steps)
     assert_close(ef[0]["params"], dense["params"], rtol=0, atol=1e-6)
     if optimizer["optimizer"] == "sgd":  # the takeover would have refused Nesterov; ef keeps it
         assert ef[0]["optimizer_groups"][1]["nesterov"] is True
@@ -220,7 +202,7 @@ def test_topk_with_adamw_equals_ef_by_hand_and_the_simulator_across_a_nonfinite_
     assert_replicas_identical(results)
     skips = [m["gmc/nonfinite_skips"] for m in results[0]["metrics"] if "gmc/nonfinite_skips" in m]
     assert skips == [0, 0] + [len(results[0]["bucket_numels"])] * (steps - 2)
-    by_hand = replay_ef(cfg, topk_by_hand(density), steps, zero_gradient=(2, 0))
+    by_hand = replay_ef(cfg, TopK(density), steps, zero_gradient=(2, 0))
     assert_close(results[0]["params"], by_hand["params"])
     for rank in range(2):
         assert_close(_residual(results[rank]), by_hand["residual"][rank])
@@ -262,7 +244,7 @@ def test_resume_with_rbgs_and_adamw_is_bitwise_equal_to_an_uninterrupted_run(tmp
         straight[1]["gmc_state"]["local"]["residual"]["net.0.weight"],
     )
     # ... and the run is error feedback with RBGS's shared blocks, written out by hand
-    by_hand = replay_ef({**cfg, "strategy_kwargs": cfg["strategy_kwargs"]}, rbgs_by_hand(0.05, 3), steps)
+    by_hand = replay_ef({**cfg, "strategy_kwargs": cfg["strategy_kwargs"]}, RBGS(0.05, seed=3), steps)
     assert_close(straight[0]["params"], by_hand["params"])
 
 
@@ -278,7 +260,7 @@ def test_gradient_accumulation_compresses_once_per_optimizer_step(tmp_path: Path
     results = run_distributed(tmp_path, cfg)
     assert_two_buckets(results, steps)
     assert_replicas_identical(results)
-    by_hand = replay_ef(cfg, topk_by_hand(0.05), steps)
+    by_hand = replay_ef(cfg, TopK(0.05), steps)
     assert_close(results[0]["params"], by_hand["params"])
     for rank in range(2):
         assert_close(_residual(results[rank]), by_hand["residual"][rank])
@@ -295,7 +277,7 @@ def test_ef21_with_topk_and_adamw_equals_the_rule_by_hand(tmp_path: Path) -> Non
     results = run_distributed(tmp_path, cfg)
     assert_two_buckets(results, steps)
     assert_replicas_identical(results)
-    by_hand = replay_ef(cfg, topk_by_hand(0.02), steps, ef21=True)
+    by_hand = replay_ef(cfg, TopK(0.02), steps, ef21=True)
     assert_close(results[0]["params"], by_hand["params"])
     for rank in range(2):
         estimate = {n[len("net.") :]: t for n, t in results[rank]["gmc_state"]["local"]["estimate"].items()}

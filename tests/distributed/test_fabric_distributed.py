@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import torch
-from gmc_reference import assert_close, replay_gmc, topk_by_hand
-from helpers import run_distributed
+from helpers import assert_close, replay_gmc, run_distributed
+from reference import TopK
 
 RUNNER = Path(__file__).resolve().parents[1] / "fabric_runner.py"
 
@@ -28,7 +28,7 @@ def test_fabric_loop_is_gmc_plus_and_resumes_from_fabric_save(tmp_path: Path) ->
     ckpt = str(tmp_path / "fabric.ckpt")
     full = run_distributed(tmp_path, {**CFG, "save_at": 3, "save_path": ckpt}, runner=RUNNER)
     # the hook ran with the optimizer taken over and the gradient at the detached point
-    by_hand = replay_gmc(CFG, [CFG["lr"]] * CFG["steps"], topk_by_hand(0.05))
+    by_hand = replay_gmc(CFG, [CFG["lr"]] * CFG["steps"], TopK(0.05))
     for r in full:
         assert r["gmc_step"] == CFG["steps"]
         assert (r["optimizer_groups"][0]["momentum"], r["optimizer_groups"][0]["weight_decay"]) == (0.0, 0.0)

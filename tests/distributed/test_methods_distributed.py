@@ -18,8 +18,16 @@ from typing import Any
 
 import pytest
 import torch
-from gmc_reference import assert_close, replay_sgd
-from helpers import loss_fn, lr_at, make_dataset, make_model, rank_batch, run_distributed
+from helpers import (
+    assert_close,
+    loss_fn,
+    lr_at,
+    make_dataset,
+    make_model,
+    rank_batch,
+    replay_sgd,
+    run_distributed,
+)
 
 from lightning_gmc import Simulator
 

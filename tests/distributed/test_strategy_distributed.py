@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 import torch
-from gmc_reference import assert_close, rbgs_by_hand, replay_gmc, topk_by_hand
 from helpers import (
+    assert_close,
     assert_replicas_identical,
     assert_resumed_bitwise,
     assert_two_buckets,
@@ -21,9 +21,11 @@ from helpers import (
     make_dataset,
     make_model,
     rank_batch,
+    replay_gmc,
     run_distributed,
     run_distributed_error,
 )
+from reference import RBGS, TopK
 
 from lightning_gmc import Simulator
 from lightning_gmc.transport import ring_allreduce_bytes
@@ -117,9 +119,7 @@ def test_two_ranks_equal_the_simulator(tmp_path: Path, strategy_kwargs: dict[str
     # method code, so a method bug would cancel in the comparison above)
     density = strategy_kwargs["density"]
     compress = (
-        topk_by_hand(density)
-        if strategy_kwargs["compressor"] == "topk"
-        else rbgs_by_hand(density, strategy_kwargs["seed"])
+        TopK(density) if strategy_kwargs["compressor"] == "topk" else RBGS(density, strategy_kwargs["seed"])
     )
     by_hand = replay_gmc(cfg, _lrs_per_step(results[0]), compress)
     assert_close(results[0]["params"], by_hand["params"])
@@ -237,7 +237,7 @@ def test_nonfinite_gradient_is_skipped_without_poisoning_state(tmp_path: Path) -
     assert skips == [0, 0] + [len(results[0]["bucket_numels"])] * 4
     # The skipped rank contributed exactly zero and kept its residual and the momentum: the run equals
     # GMC written out by hand with rank 0's gradient at step 2 replaced by zero.
-    by_hand = replay_gmc(cfg, _lrs_per_step(results[0]), topk_by_hand(0.05), zero_gradient=(2, 0))
+    by_hand = replay_gmc(cfg, _lrs_per_step(results[0]), TopK(0.05), zero_gradient=(2, 0))
     assert_close(results[0]["params"], by_hand["params"])
     for rank in range(2):
         residual = {n[len("net.") :]: t for n, t in results[rank]["gmc_state"]["local"]["residual"].items()}

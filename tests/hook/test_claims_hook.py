@@ -17,11 +17,12 @@ conventions of the momentum term), so nothing here compares the implementation w
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import pytest
+import reference
 import torch
+from reference import TopK
 from torch import nn
 
 from lightning_gmc import GMCHookState, build_compressor, build_method, gmc_hook
@@ -97,47 +98,44 @@ class HookRun:
         return state[scope][name]
 
 
-def _topk_by_hand(u: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the max(1, floor(density * n)) largest magnitudes of one parameter (ties: lower index)."""
-    flat = u.reshape(-1)
-    k = max(1, math.floor(density * flat.numel() + 1e-9))
-    order = sorted(range(flat.numel()), key=lambda i: (-abs(float(flat[i])), i))[:k]
-    out = torch.zeros_like(flat)
-    out[order] = flat[order]
-    return out.view_as(u)
-
-
-def _gmc_by_hand(
-    convention: str,
-    detach: float = 0.0,
-    zero_grad_at: int | None = None,
-    compress: Callable[[torch.Tensor, float], torch.Tensor] = _topk_by_hand,
-) -> dict[str, Any]:
-    """GMC (GMC+ for ``detach > 0``) for K = 1, float64, per parameter:
-    ``u = e + g(x) + wd x + beta c m``, ``e = u - C(u)``, ``m = C(u)``, ``w -= lr m`` with
-    ``x = w - detach lr e`` and ``c = 1`` ("prev") or ``lr_{t-1} / lr_t`` ("cur")."""
+def _problem() -> reference.Problem:
+    """The run's model in float64 and its batches, one worker (K = 1)."""
     model = _model().double()
-    w = {name: p.detach().clone() for name, p in model.named_parameters()}
-    e = {name: torch.zeros_like(t) for name, t in w.items()}
-    m = {name: torch.zeros_like(t) for name, t in w.items()}
-    for step, lr in enumerate(LRS):
-        prev_lr = LRS[step - 1] if step else lr
-        coef = BETA * (prev_lr / lr if convention == "cur" else 1.0)
-        x = {name: w[name] - detach * lr * e[name] for name in w}
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    numels = [p.numel() for p in model.parameters()]
+
+    def gradient(k: int, x: torch.Tensor, step: int) -> torch.Tensor:
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(x[name])
+            for p, value in zip(model.parameters(), x.split(numels), strict=True):
+                p.copy_(value.view_as(p))
         model.zero_grad()
         xb, yb = _batch(step)
         nn.functional.cross_entropy(model(xb.double()), yb).backward()
-        for name, p in model.named_parameters():
-            g = torch.zeros_like(p) if step == zero_grad_at else p.grad
-            u = e[name] + g + WD * x[name] + coef * m[name]
-            c = compress(u, DENSITY)
-            e[name] = u - c
-            m[name] = c
-            w[name] = w[name] - lr * c
-    return {"params": w, "residual": e, "momentum": m}
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return reference.Problem(shapes, w0, gradient, workers=1)
+
+
+def _gmc_by_hand(convention: str, detach: float = 0.0, zero_grad_at: int | None = None) -> dict[str, Any]:
+    """GMC (GMC+ for ``detach > 0``) for K = 1 in float64 (``reference.gmc``), by parameter name."""
+    problem = _problem()
+    skip = None if zero_grad_at is None else (zero_grad_at, 0)
+    run = reference.gmc(
+        problem,
+        LRS,
+        TopK(DENSITY),
+        beta=BETA,
+        wd=WD,
+        detach=detach,
+        convention=convention,
+        zero_gradient=skip,
+    )
+    return {
+        "params": problem.split(run.w),
+        "residual": problem.split(run.residual[0]),
+        "momentum": problem.split(run.momentum),
+    }
 
 
 def _close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:

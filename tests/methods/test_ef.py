@@ -13,7 +13,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from gmc_reference import Compress, rbgs_by_hand, topk_by_hand
+from reference import RBGS, Compressor, Problem, TopK, ef, ef21
 from torch import nn
 
 import lightning_gmc
@@ -37,43 +37,34 @@ def _gradients(seed: int = 0) -> list[list[dict[str, torch.Tensor]]]:
     ]
 
 
+def _problem(grads: list[list[dict[str, torch.Tensor]]]) -> Problem:
+    """The given float64 gradients per step and worker, wherever the model is."""
+
+    def gradient(k: int, w: torch.Tensor, t: int) -> torch.Tensor:
+        return torch.cat([grads[t][k][name].reshape(-1) for name in SHAPES])
+
+    d = sum(math.prod(shape) for shape in SHAPES.values())
+    return Problem(SHAPES, torch.zeros(d, dtype=torch.float64), gradient, K)
+
+
 def _ef_by_hand(
-    compress: Compress, grads: list[list[dict[str, torch.Tensor]]]
+    compress: Compressor, grads: list[list[dict[str, torch.Tensor]]]
 ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
-    """Per step the aggregated gradient, and the final residual of each worker (float64)."""
-    e = [{name: torch.zeros(shape, dtype=torch.float64) for name, shape in SHAPES.items()} for _ in range(K)]
-    means = []
-    for t, per_worker in enumerate(grads):
-        sent = []
-        for k in range(K):
-            out = {}
-            for index, name in enumerate(SHAPES):
-                p = e[k][name] + per_worker[k][name]
-                c = compress(p.reshape(-1), t, index).view_as(p)
-                e[k][name] = p - c
-                out[name] = c
-            sent.append(out)
-        means.append({name: sum(c[name] for c in sent) / K for name in SHAPES})
-    return means, e
+    """Per step the aggregated gradient, and the final residual of each worker (float64,
+    ``reference.ef``; the model does not move, EF does not look at it)."""
+    problem = _problem(grads)
+    run = ef(problem, STEPS, compress, lambda direction, t: problem.w0)
+    return [problem.split(g) for g in run.directions], [problem.split(e) for e in run.residual]
 
 
 def _ef21_by_hand(
-    compress: Compress, grads: list[list[dict[str, torch.Tensor]]]
+    compress: Compressor, grads: list[list[dict[str, torch.Tensor]]]
 ) -> list[dict[str, torch.Tensor]]:
-    """EF21 (Richtarik et al., 2021, Algorithm 1; docs/algorithms.md 2.11) from zero estimates: per
-    step the aggregate ``h`` the optimizer steps on."""
-    h = [{name: torch.zeros(shape, dtype=torch.float64) for name, shape in SHAPES.items()} for _ in range(K)]
-    aggregate = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in SHAPES.items()}
-    out = []
-    for t, per_worker in enumerate(grads):
-        for k in range(K):
-            for index, name in enumerate(SHAPES):
-                d = per_worker[k][name] - h[k][name]
-                c = compress(d.reshape(-1), t, index).view_as(d)
-                h[k][name] = h[k][name] + c
-                aggregate[name] = aggregate[name] + c / K
-        out.append({name: t.clone() for name, t in aggregate.items()})
-    return out
+    """EF21 from zero estimates (``reference.ef21``): per step the aggregate ``h`` the optimizer
+    steps on."""
+    problem = _problem(grads)
+    run = ef21(problem, STEPS, compress, lambda direction, t: problem.w0)
+    return [problem.split(h) for h in run.directions]
 
 
 def _simulate(
@@ -102,10 +93,10 @@ def _simulate(
 
 @pytest.mark.parametrize(
     ("compressor", "compress"),
-    [("topk", topk_by_hand(0.34)), ("rbgs", rbgs_by_hand(0.34, 7))],
+    [("topk", TopK(0.34)), ("rbgs", RBGS(0.34, seed=7))],
     ids=["topk", "rbgs"],
 )
-def test_ef_steps_equal_the_hand_written_rule(compressor: str, compress: Compress) -> None:
+def test_ef_steps_equal_the_hand_written_rule(compressor: str, compress: Compressor) -> None:
     means, sim = _simulate(compressor, 0.34, seed=7)
     expected_means, expected_residuals = _ef_by_hand(compress, _gradients())
     for t in range(STEPS):
@@ -121,10 +112,10 @@ def test_ef_steps_equal_the_hand_written_rule(compressor: str, compress: Compres
 
 @pytest.mark.parametrize(
     ("compressor", "compress"),
-    [("topk", topk_by_hand(0.34)), ("rbgs", rbgs_by_hand(0.34, 7))],
+    [("topk", TopK(0.34)), ("rbgs", RBGS(0.34, seed=7))],
     ids=["topk", "rbgs"],
 )
-def test_ef21_steps_equal_the_hand_written_rule(compressor: str, compress: Compress) -> None:
+def test_ef21_steps_equal_the_hand_written_rule(compressor: str, compress: Compressor) -> None:
     aggregates, sim = _simulate(compressor, 0.34, seed=7, method="ef21")
     expected = _ef21_by_hand(compress, _gradients())
     for t in range(STEPS):
@@ -251,7 +242,6 @@ def test_ef_is_a_registered_strategy_with_topk_by_default() -> None:
 
 
 def test_fabric_with_adamw_clips_and_steps_on_the_compressed_gradient() -> None:
-    from gmc_reference import topk_by_hand
     from helpers import loss_fn, make_model
 
     from lightning_gmc import GMCFabricStrategy
@@ -266,9 +256,9 @@ def test_fabric_with_adamw_clips_and_steps_on_the_compressed_gradient() -> None:
     model, optimizer = fabric.setup(model, optimizer)
     fabric.backward(loss_fn(model, x, y))
     # one rank: the gradient the optimizer sees is C(e + g) with e = 0, top-k per parameter
-    compress = topk_by_hand(0.5)
-    for index, (p, q) in enumerate(zip(model.parameters(), reference.parameters(), strict=True)):
-        expected = compress(q.grad.reshape(-1), 0, index).view_as(q)
+    compress = TopK(0.5)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        expected = compress(q.grad.reshape(-1), 0, [(0, q.numel())]).view_as(q)
         torch.testing.assert_close(p.grad, expected, rtol=1e-6, atol=1e-7)
     fabric.clip_gradients(model, optimizer, max_norm=1.0)  # acts on the averaged gradient, as under DDP
     optimizer.step()

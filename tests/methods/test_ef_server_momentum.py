@@ -10,42 +10,49 @@ from __future__ import annotations
 import math
 
 import pytest
+import quadratic
+import reference
 import torch
-from methods_by_hand import (
-    BETA,
-    COSINE,
-    LRS3,
-    WD,
-    K,
-    _flat,
-    alg3_by_hand,
-    close,
-    simulate,
-    topk,
-)
+from quadratic import BETA, WD, K, as_flat, close
+from reference import TopK
 
 from lightning_gmc import GMCStrategy, Simulator
 from lightning_gmc.methods import EFServerMomentum, GroupHyper
+
+PROBLEM = quadratic.quadratics({"a": (2, 3), "b": (4,)})
+TOPK = TopK(0.34)
+LRS3 = [0.1, 0.07, 0.05]
+COSINE = quadratic.cosine(12)
+
+
+def simulate(method: str, compressor: str, lrs: list[float], **options: object):
+    return quadratic.simulate(PROBLEM, method, compressor, lrs, density=TOPK.density, **options)
+
+
+def alg3_by_hand(lrs: list[float], detach: float = 0.0) -> reference.Run:
+    return reference.ef_server_momentum(PROBLEM, lrs, TOPK, beta=BETA, wd=WD, detach=detach)
 
 
 @pytest.mark.parametrize("lrs", [LRS3, COSINE], ids=["three-steps", "cosine"])
 def test_detached_point_matches_the_hand_written_update(lrs: list[float]) -> None:
     xs, sim = simulate("ef_server_momentum", "topk", lrs, detach=0.5)
-    expected, residuals, momentum = alg3_by_hand(topk, lrs, 0.5)
+    run = alg3_by_hand(lrs, 0.5)
+    expected, residuals, momentum = run.w, run.residual, run.momentum
     close(xs[0], expected)
     for k in range(K):
-        close(_flat(sim.residual(k)), residuals[k])
+        close(as_flat(PROBLEM, sim.residual(k)), residuals[k])
         # the momentum is the same on every worker: it only ever sees the aggregate
-        close(_flat({n: sim.workers[k].tensors["momentum"][i] for i, n in enumerate(("a", "b"))}), momentum)
+        worker_momentum = {n: sim.workers[k].tensors["momentum"][i] for i, n in enumerate(("a", "b"))}
+        close(as_flat(PROBLEM, worker_momentum), momentum)
 
 
 def test_detach_zero_is_algorithm_3_and_detach_changes_the_trajectory() -> None:
     plain, _ = simulate("ef_server_momentum", "topk", COSINE, detach=0.0)
-    close(plain[0], alg3_by_hand(topk, COSINE)[0])  # the paper's Algorithm 3, written out independently
+    close(plain[0], alg3_by_hand(COSINE).w)  # the paper's Algorithm 3, written out independently
     default, _ = simulate("ef_server_momentum", "topk", COSINE)
-    close(default[0], alg3_by_hand(topk, COSINE)[0])
+    close(default[0], alg3_by_hand(COSINE).w)
     detached, _ = simulate("ef_server_momentum", "topk", COSINE, detach=1.0)
-    close(detached[0], alg3_by_hand(topk, COSINE, 1.0)[0])
+    close(detached[0], alg3_by_hand(COSINE, 1.0).w)
     assert not torch.allclose(detached[0], plain[0], atol=1e-4)  # the detached point was active
 
 

@@ -2,8 +2,8 @@
 
 References (docs/algorithms.md): 2.1 (DMSGD), 2.7-2.8 (the paper's Algorithms 3 and 4), 2.4 (DGC, the
 paper's Remark 2), 2.5 (CSER / M-CSER), 2.6 (DEF-A), 3.8 (RCC, the paper's eq. (9)). Every reference
-(``tests/methods_by_hand.py``) is an independent float64 loop over K = 2 workers (or
-``torch.optim.SGD``); none calls the implementation.
+(``tests/reference.py``) is an independent float64 loop over K = 2 workers (or ``torch.optim.SGD``)
+on per-worker noisy quadratics (``tests/quadratic.py``); none calls the implementation.
 """
 
 from __future__ import annotations
@@ -11,33 +11,33 @@ from __future__ import annotations
 import math
 
 import pytest
+import quadratic
+import reference
 import torch
-from methods_by_hand import (
-    BETA,
-    COSINE,
-    DENSITY,
-    GRAD,
-    LRS3,
-    W0,
-    WD,
-    D,
-    K,
-    _flat,
-    alg3_by_hand,
-    alg4_by_hand,
-    close,
-    cser_by_hand,
-    def_a_by_hand,
-    dgc_by_hand,
-    ef_local_momentum_by_hand,
-    gmc_by_hand,
-    identity,
-    simulate,
-    topk,
-    torch_sgd,
-)
+from quadratic import BETA, WD, K, as_flat, close
+from reference import Identity, TopK
 
 from lightning_gmc import Simulator
+
+PROBLEM = quadratic.quadratics({"a": (2, 3), "b": (4,)})
+D = PROBLEM.w0.numel()
+DENSITY = 0.34  # top-k keeps 2 of a's 6 and 1 of b's 4 coordinates
+TOPK = TopK(DENSITY)
+LRS3 = [0.1, 0.07, 0.05]  # three steps with a changing learning rate
+COSINE = quadratic.cosine(12)
+HYPER = {"beta": BETA, "wd": WD}
+
+
+def simulate(method: str, compressor: str | None, lrs: list[float], **options: object):
+    return quadratic.simulate(PROBLEM, method, compressor, lrs, density=DENSITY, **options)
+
+
+def _flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return as_flat(PROBLEM, tensors)
+
+
+def torch_sgd(lrs: list[float], momentum: float, clip: float | None = None) -> torch.Tensor:
+    return reference.sgd(PROBLEM, lrs, momentum=momentum, wd=WD, clip=clip)
 
 
 # --------------------------------------------------- hand-written three-step references (top-k)
@@ -46,14 +46,15 @@ from lightning_gmc import Simulator
 def test_dgc_three_steps_topk(mfm: bool, wd_local: bool) -> None:
     options = {"momentum_masking": mfm, "weight_decay_mode": "local" if wd_local else "compressed"}
     xs, _ = simulate("dgc", "topk", LRS3, **options)
-    close(xs[0], dgc_by_hand(topk, LRS3, mfm, wd_local))
+    close(xs[0], reference.dgc(PROBLEM, LRS3, TOPK, **HYPER, masking=mfm, wd_local=wd_local))
 
 
 def test_cser_three_steps_topk_with_a_reset() -> None:
     # H = 2: step t = 2 resets with C2 = top-k at density 0.5, step 3 runs on un-synchronised models.
     options = {"reset_compressor": "topk", "reset_density": 0.5, "reset_interval": 2}
     xs, sim = simulate("cser", "topk", LRS3, **options)
-    expected, residuals = cser_by_hand(topk, DENSITY, topk, 0.5, 2, LRS3)
+    run = reference.cser(PROBLEM, LRS3, TOPK, TopK(0.5), period=2, **HYPER)
+    expected, residuals = run.models, run.residual
     for k in range(K):
         close(xs[k], expected[k])
         close(_flat(sim.residual(k)), residuals[k])
@@ -62,7 +63,8 @@ def test_cser_three_steps_topk_with_a_reset() -> None:
 
 def test_def_a_three_steps_topk() -> None:
     xs, sim = simulate("def_a", "topk", LRS3, detach=0.3)
-    expected, residuals = def_a_by_hand(topk, LRS3, 0.3)
+    run = reference.def_a(PROBLEM, LRS3, TOPK, c=0.3, **HYPER)
+    expected, residuals = run.w, run.residual
     close(xs[0], expected)
     for k in range(K):
         close(_flat(sim.residual(k)), residuals[k])
@@ -70,12 +72,12 @@ def test_def_a_three_steps_topk() -> None:
 
 def test_alg3_three_steps_topk() -> None:
     xs, _ = simulate("ef_server_momentum", "topk", LRS3)
-    close(xs[0], alg3_by_hand(topk, LRS3)[0])
+    close(xs[0], reference.ef_server_momentum(PROBLEM, LRS3, TOPK, **HYPER).w)
 
 
 def test_alg4_three_steps_topk() -> None:
     xs, _ = simulate("gmc_lr_inside", "topk", LRS3)
-    close(xs[0], alg4_by_hand(topk, LRS3))
+    close(xs[0], reference.gmc_lr_inside(PROBLEM, LRS3, TOPK, **HYPER))
 
 
 def test_dmsgd_three_steps() -> None:
@@ -111,15 +113,15 @@ def test_alg3_identity_is_sgd_momentum() -> None:
 def test_alg4_equals_gmc_at_constant_lr_and_differs_under_decay() -> None:
     constant = [0.05] * 12
     xs, _ = simulate("gmc_lr_inside", "topk", constant)
-    close(xs[0], gmc_by_hand(topk, constant))
+    close(xs[0], reference.gmc(PROBLEM, constant, TOPK, **HYPER).w)
     decayed, _ = simulate("gmc_lr_inside", "topk", COSINE)
-    close(decayed[0], alg4_by_hand(topk, COSINE))
-    assert not torch.allclose(decayed[0], gmc_by_hand(topk, COSINE), atol=1e-4)
+    close(decayed[0], reference.gmc_lr_inside(PROBLEM, COSINE, TOPK, **HYPER))
+    assert not torch.allclose(decayed[0], reference.gmc(PROBLEM, COSINE, TOPK, **HYPER).w, atol=1e-4)
 
 
 def test_def_a_with_zero_coefficient_is_ef_with_local_momentum() -> None:
     xs, _ = simulate("def_a", "topk", COSINE, detach=0.0)
-    close(xs[0], ef_local_momentum_by_hand(topk, COSINE))
+    close(xs[0], reference.ef_local_momentum(PROBLEM, COSINE, TOPK, **HYPER))
     detached, _ = simulate("def_a", "topk", COSINE, detach=0.3)
     assert not torch.allclose(detached[0], xs[0], atol=1e-4)
 
@@ -137,7 +139,7 @@ def test_cser_full_reset_averages_the_models() -> None:
     options = {"reset_compressor": "none", "reset_interval": 4}
     xs, _ = simulate("cser", "topk", COSINE[:4], **options)
     close(xs[0], xs[1])
-    expected, _ = cser_by_hand(topk, DENSITY, identity, 1.0, 4, COSINE[:4])
+    expected = reference.cser(PROBLEM, COSINE[:4], TOPK, Identity(), period=4, **HYPER).models
     close(xs[0], expected[0])
 
 
@@ -146,29 +148,12 @@ def test_cser_rcc_counts_both_compressors() -> None:
     # RCC = [sum_t (2 sum_k |C1|_0 + 2 |sum C1|_0) + sum_{reset t} (2 sum_k |C2|_0 + 2 |sum C2|_0)]
     #       / ((K+1) d T), from the supports the hand reference selects.
     period, d2, lrs = 2, 0.5, LRS3 + [0.04]
-    x = [W0.clone() for _ in range(K)]
-    m = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
-    r = [torch.zeros(D, dtype=torch.float64) for _ in range(K)]
-    floats = 0
-    for t, lr in enumerate(lrs, start=1):
-        masks, sent, deltas = [], [], []
-        for k in range(K):
-            m[k] = BETA * m[k] + GRAD(k, x[k], t - 1) + WD * x[k]
-            deltas.append(lr * m[k])
-            c, mask = topk(deltas[k], DENSITY)
-            sent.append(c)
-            masks.append(mask)
-        floats += 2 * sum(int(mk.sum()) for mk in masks) + 2 * int((masks[0] | masks[1]).sum())
-        for k in range(K):
-            x[k] = x[k] - sum(sent) / K - (deltas[k] - sent[k])
-            r[k] = r[k] + deltas[k] - sent[k]
-        if t % period == 0:
-            resets = [topk(r[k], d2) for k in range(K)]
-            union = int((resets[0][1] | resets[1][1]).sum())
-            floats += 2 * sum(int(mk.sum()) for _, mk in resets) + 2 * union
-            for k in range(K):
-                x[k] = x[k] + resets[k][0] - sum(c for c, _ in resets) / K
-                r[k] = r[k] - resets[k][0]
+    run = reference.cser(PROBLEM, lrs, TOPK, TopK(d2), period=period, **HYPER)
+    assert len(run.supports) == len(lrs) + len(lrs) // period  # every step's C1, every reset's C2
+    floats = sum(
+        2 * sum(int(s.sum()) for s in message) + 2 * int((message[0] | message[1]).sum())
+        for message in run.supports
+    )
     expected = floats / ((K + 1) * D * len(lrs))
     _, sim = simulate("cser", "topk", lrs, reset_compressor="topk", reset_density=d2, reset_interval=period)
     assert sim.stats.take_step()["rcc"] == pytest.approx(expected)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import TopK, segments
 
 from lightning_gmc import GMCConfig, Simulator
 from lightning_gmc.compressors import TopKShared, build_compressor, segments_from_numels
@@ -28,14 +29,9 @@ def _run(sim: Simulator, grads: list[dict[str, torch.Tensor]]) -> dict[str, torc
     return sim.step(grads, [zeros] * sim.num_workers, lr=0.1)[0]
 
 
-def _topk_per_segment(u: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Hand-written per-parameter top-k support (sorted by index)."""
-    parts, offset = [], 0
-    for n, k in zip(SIZES.values(), counts, strict=True):
-        order = sorted(range(n), key=lambda i: -abs(float(u[offset + i])))[:k]
-        parts.append(torch.tensor(sorted(order)) + offset)
-        offset += n
-    return torch.cat(parts)
+def _topk_support(u: torch.Tensor) -> torch.Tensor:
+    """Per-parameter top-k at density 0.1 by hand (k = 4 and 1): the indices kept, ascending."""
+    return TopK(0.1).support(u, 0, segments(SIZES.values())).nonzero().squeeze(1)
 
 
 def test_topk_shared_uses_the_leaders_support_sums_values_and_keeps_the_rest() -> None:
@@ -53,7 +49,7 @@ def test_topk_shared_uses_the_leaders_support_sums_values_and_keeps_the_rest() -
             (residual[k] + torch.cat(list(grads[k].values()))).add_(momentum, alpha=beta)
             for k in range(workers)
         ]
-        support = _topk_per_segment(u[step % workers], [4, 1])  # the leader is step mod K
+        support = _topk_support(u[step % workers])  # the leader is step mod K
         total = u[0][support] + u[1][support] + u[2][support]  # summed in rank order
         momentum = torch.zeros(d).index_copy_(0, support, total / workers)
         for k in range(workers):
@@ -109,7 +105,7 @@ def test_bf16_rounding_error_lands_in_the_residual() -> None:
     sent = torch.zeros(55)
     for k in range(2):
         u = torch.cat(list(grads[k].values()))
-        support = _topk_per_segment(u, [4, 1])
+        support = _topk_support(u)
         rounded = u[support].to(torch.bfloat16).to(torch.float32)
         # C(u) is the rounded vector; the residual keeps u - C(u) (the rounding error on the support)
         expected_residual = u.clone().index_copy_(0, support, u[support] - rounded)
