@@ -15,16 +15,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from helpers import loss_fn, make_dataset, make_model
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import DDPStrategy
 from torch.futures import Future
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import loss_fn, make_dataset, make_model  # noqa: E402
-
-import lightning_gmc  # noqa: E402
-from lightning_gmc.transport import Collectives  # noqa: E402
+import lightning_gmc
+from lightning_gmc.transport import Collectives
 
 
 class MemoryLogger(Logger):

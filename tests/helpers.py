@@ -12,20 +12,16 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import reference
 import torch
+from launch import TESTS, launch_nodes
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-RUNNER = Path(__file__).resolve().parent / "distributed_runner.py"
-
-_LAUNCHER_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+RUNNER = TESTS / "distributed_runner.py"
+FABRIC_RUNNER = TESTS / "fabric_runner.py"
 
 NUM_FEATURES = 24
 NUM_CLASSES = 6
@@ -91,14 +87,16 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def run_distributed(
     tmp_path: Path, config: dict[str, Any], timeout: float = 240.0, runner: Path = RUNNER
 ) -> list[dict[str, Any]]:
-    """Run ``distributed_runner.py`` (or another ``runner`` script) with ``config`` and return each
-    rank's result dict.
+    """Run ``distributed_runner.py`` (or another ``runner`` script, e.g. ``fabric_runner.py``) with
+    ``config`` and return each rank's result dict, in rank order.
 
+    One process per node (``num_nodes``, default 1) is started (:func:`launch.launch_nodes`), and
+    Lightning or Fabric starts each node's ``devices`` (default 2) ranks, as in a user's script.
     ``record_start_state: true`` adds ``start_state``: the GMC hook state as training starts, after
     a checkpoint was restored.
 
     Raises:
-        AssertionError: the run failed; the message carries its output tail.
+        AssertionError: the run failed or hung; the message carries every process's output tail.
     """
     tmp_path.mkdir(parents=True, exist_ok=True)
     out_dir = tmp_path / f"run_{len(list(tmp_path.glob('run_*')))}"
@@ -106,30 +104,10 @@ def run_distributed(
     config = {**config, "out_dir": str(out_dir)}
     config_path = out_dir / "config.json"
     config_path.write_text(json.dumps(config))
-    # Lightning must start the ranks itself: drop anything an enclosing launcher (or an in-process
-    # Trainer of an earlier test) left behind.
-    inherited = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
-    env = {
-        **inherited,
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-    }
-    proc = subprocess.run(
-        [sys.executable, str(runner), str(config_path)],
-        cwd=out_dir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"distributed run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-        )
-    devices = int(config.get("devices", 2))
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(devices)]
+    num_nodes = int(config.get("num_nodes", 1))
+    launch_nodes([runner, config_path], num_nodes, cwd=out_dir, timeout=timeout)
+    ranks = int(config.get("devices", 2)) * num_nodes
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(ranks)]
 
 
 def run_distributed_error(tmp_path: Path, config: dict[str, Any], timeout: float = 240.0) -> str:
@@ -139,14 +117,6 @@ def run_distributed_error(tmp_path: Path, config: dict[str, Any], timeout: float
     except AssertionError as err:
         return str(err)
     raise AssertionError("the run was expected to fail but succeeded")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ------------------------------------------------- replays of a run by the hand-written rules

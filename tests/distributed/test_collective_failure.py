@@ -7,43 +7,16 @@ finish the step (a plain DDP run fails the same way, with "Connection closed by 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from helpers import REPO, _free_port
+from launch import TESTS, Finished, launch_ranks
 
-SCRIPT = Path(__file__).resolve().parents[1] / "dead_peer_script.py"
+SCRIPT = TESTS / "dead_peer_script.py"
 STEPS = 8
 
 
-def _run_pair(compressor: str, mode: str) -> list[subprocess.CompletedProcess[str]]:
-    base = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
-    base.update(
-        PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(SCRIPT), compressor, mode, str(STEPS)],
-            env={**base, "RANK": str(rank), "WORLD_SIZE": "2"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    results = []
-    for rank, proc in enumerate(procs):
-        try:
-            out, err = proc.communicate(timeout=90)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise AssertionError(f"rank {rank} hung after its peer died") from None
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return results
+def _run_pair(compressor: str, mode: str) -> list[Finished]:
+    # A rank still running after 90 s hung after its peer died: the launch fails and names it.
+    return launch_ranks([SCRIPT, compressor, mode, STEPS], world_size=2, timeout=90, check=False)
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,8 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_close, replay_gmc, run_distributed
+from helpers import FABRIC_RUNNER, assert_close, replay_gmc, run_distributed
 from reference import TopK
-
-RUNNER = Path(__file__).resolve().parents[1] / "fabric_runner.py"
 
 CFG: dict[str, Any] = {
     "model": "small",
@@ -26,7 +24,7 @@ CFG: dict[str, Any] = {
 
 def test_fabric_loop_is_gmc_plus_and_resumes_from_fabric_save(tmp_path: Path) -> None:
     ckpt = str(tmp_path / "fabric.ckpt")
-    full = run_distributed(tmp_path, {**CFG, "save_at": 3, "save_path": ckpt}, runner=RUNNER)
+    full = run_distributed(tmp_path, {**CFG, "save_at": 3, "save_path": ckpt}, runner=FABRIC_RUNNER)
     # the hook ran with the optimizer taken over and the gradient at the detached point
     by_hand = replay_gmc(CFG, [CFG["lr"]] * CFG["steps"], TopK(0.05))
     for r in full:
@@ -36,7 +34,7 @@ def test_fabric_loop_is_gmc_plus_and_resumes_from_fabric_save(tmp_path: Path) ->
         residual = r["gmc_state"]["local"]["residual"]
         assert_close(residual, by_hand["residual"][r["rank"]])
     # fabric.save carried every rank's residual, the momentum and the step: the resumed run is the same
-    resumed = run_distributed(tmp_path, {**CFG, "resume_from": ckpt}, runner=RUNNER)
+    resumed = run_distributed(tmp_path, {**CFG, "resume_from": ckpt}, runner=FABRIC_RUNNER)
     for before, after in zip(full, resumed, strict=True):
         assert after["gmc_step"] == CFG["steps"]
         for name, tensor in before["params"].items():

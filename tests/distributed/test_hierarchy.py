@@ -2,31 +2,29 @@
 simulator with K = 2 workers fed each node's mean gradient, exactly (the topology checks in one
 process: ``tests/hook/test_hierarchy_topology.py``).
 
-The ranks are started the way torchrun starts them (RANK and WORLD_SIZE in the environment); ranks
-0, 1 form node 0 and ranks 2, 3 node 1. One launch runs every case, each interrupted by a checkpoint
-and resumed in the same processes. The Trainer (GMCStrategy) and Fabric (GMCFabricStrategy) runs
-start one process per node with NODE_RANK set, and the strategy starts the node's second rank.
+The ranks are started the way torchrun starts them (``launch.launch_ranks``: RANK, WORLD_SIZE,
+LOCAL_RANK and NODE_RANK in the environment); ranks 0, 1 form node 0 and ranks 2, 3 node 1. One
+launch runs every case, each interrupted by a checkpoint and resumed in the same processes. The
+Trainer (GMCStrategy) and Fabric (GMCFabricStrategy) runs start one process per node with NODE_RANK
+set, and the strategy starts the node's second rank.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import REPO, RUNNER, _free_port, loss_fn, lr_at, make_dataset, make_model, rank_batch
+from helpers import FABRIC_RUNNER, loss_fn, lr_at, make_dataset, make_model, rank_batch, run_distributed
+from launch import TESTS, launch_ranks
 
 from lightning_gmc import Simulator
 from lightning_gmc.methods import GroupHyper
 from lightning_gmc.transport import ring_allreduce_bytes
 
-SCRIPT = Path(__file__).resolve().parents[1] / "hierarchy_script.py"
-FABRIC_RUNNER = Path(__file__).resolve().parents[1] / "fabric_runner.py"
+SCRIPT = TESTS / "hierarchy_script.py"
 NODES, PER_NODE = 2, 2
 CFG: dict[str, Any] = {
     "model": "small",
@@ -52,36 +50,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out_dir = tmp_path_factory.mktemp("hierarchy")
     cfg = {**CFG, "out_dir": str(out_dir)}
     (out_dir / "config.json").write_text(json.dumps(cfg))
-    launcher = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-    base = {k: v for k, v in os.environ.items() if k not in launcher}
-    tests = str(Path(__file__).resolve().parents[1])
-    base.update(
-        PYTHONPATH=f"{REPO}{os.pathsep}{tests}",
-        OMP_NUM_THREADS="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-    )
     world = NODES * PER_NODE
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(SCRIPT), str(out_dir / "config.json")],
-            env={**base, "RANK": str(rank), "WORLD_SIZE": str(world)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(world)
-    ]
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=180))
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-    for rank, (proc, (_, err)) in enumerate(zip(procs, outputs, strict=True)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{err[-4000:]}"
+    launch_ranks([SCRIPT, out_dir / "config.json"], world, ranks_per_node=PER_NODE, timeout=180)
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
 
 
@@ -189,37 +159,6 @@ def test_inter_and_intra_node_bytes(results: list[dict[str, Any]], case: str) ->
             assert sum(m["bytes_sent_intra"] for m in metrics) == pytest.approx(PER_NODE * intra)
 
 
-def _clean_env() -> dict[str, str]:
-    launcher = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env.update(
-        PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-    )
-    return env
-
-
-def _launch_nodes(runner: Path, tmp_path: Path, cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """Start ``runner`` once per node with NODE_RANK set (as a cluster does; Lightning or Fabric
-    starts each node's other ranks) and return every rank's result."""
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, "out_dir": str(tmp_path)}))
-    env = _clean_env()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(runner), str(tmp_path / "config.json")],
-            cwd=tmp_path,
-            env={**env, "NODE_RANK": str(node)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for node in range(NODES)
-    ]
-    for proc in procs:
-        _, err = proc.communicate(timeout=240)
-        assert proc.returncode == 0, err[-4000:]
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(NODES * PER_NODE)]
-
-
 def test_lightning_two_nodes_of_two_devices(tmp_path: Path) -> None:
     """GMCStrategy(hierarchy="node") with Trainer(num_nodes=2, devices=2): one process per node started
     from the environment (NODE_RANK, as a cluster does), Lightning starts each node's second rank. The
@@ -239,7 +178,7 @@ def test_lightning_two_nodes_of_two_devices(tmp_path: Path) -> None:
         "bucket_cap_mb": CFG["bucket_cap_mb"],
         "strategy_kwargs": {"hierarchy": "node", **case},
     }
-    results = _launch_nodes(RUNNER, tmp_path, cfg)
+    results = run_distributed(tmp_path, cfg)  # one process per node, as a cluster starts it
     expected = _replay(case, schedule="constant", steps=steps)[-1]
     for rank, result in enumerate(results):
         assert result["global_step"] == steps
@@ -271,7 +210,7 @@ def test_fabric_two_nodes_of_two_devices(tmp_path: Path) -> None:
         "num_nodes": NODES,
         "strategy_kwargs": {"hierarchy": "node", "bucket_cap_mb": CFG["bucket_cap_mb"], **case},
     }
-    results = _launch_nodes(FABRIC_RUNNER, tmp_path, cfg)
+    results = run_distributed(tmp_path, cfg, runner=FABRIC_RUNNER)
     expected = _replay(case, schedule="constant", steps=steps)[-1]
     for rank, result in enumerate(results):
         assert result["topology"] == {"hierarchy": "node", "num_nodes": NODES, "ranks_per_node": PER_NODE}

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -14,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from launch import launch_nodes, run_script
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -28,31 +26,11 @@ CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
 # model runs a step (all of them are checked for content and sync).
 RUN_CONFIGS = [p for p in CONFIGS if p.parent.name != "rbgs_noniid" or "coeff0.5" in p.name]
 
-# Launching ranks ourselves: keep launcher variables of an enclosing job out of the children.
-_CLEAN_ENV = {
-    k: v
-    for k, v in os.environ.items()
-    if k not in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")
-}
-
 
 @pytest.fixture(autouse=True)
 def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     # LightningCLI warns when given args while sys.argv holds pytest's own arguments.
     monkeypatch.setattr(sys, "argv", ["train.py"])
-
-
-def _failure(proc: subprocess.CompletedProcess[str]) -> str:
-    """The lines of a failed child's output that say why (its stderr is mostly warnings)."""
-    lines = (proc.stdout + proc.stderr).splitlines()
-    keep = [ln for ln in lines if "Error" in ln or "error" in ln or "Traceback" in ln]
-    return "\n".join(keep[-40:]) + "\n--- tail ---\n" + "\n".join(lines[-30:])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_configs_cover_the_paper_tables() -> None:
@@ -170,8 +148,7 @@ def test_single_strategy_fields_override_from_the_command_line() -> None:
 def test_digits_config_on_two_processes(tmp_path: Path) -> None:
     """The real path: LightningCLI launching 2 gloo ranks, GMC metrics in the CSV log."""
     cmd = [
-        sys.executable,
-        str(ROOT / "examples" / "train.py"),
+        ROOT / "examples" / "train.py",
         "fit",
         "--config",
         str(CONFIG_DIR / "digits" / "gmc_noniid.yaml"),
@@ -182,9 +159,8 @@ def test_digits_config_on_two_processes(tmp_path: Path) -> None:
         "--trainer.enable_checkpointing=false",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
     ]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_CLEAN_ENV, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, _failure(proc)
-    assert "class histogram per rank" in proc.stdout + proc.stderr
+    proc = run_script(cmd, cwd=tmp_path, timeout=240)  # Lightning starts the second rank
+    assert "class histogram per rank" in proc.output
     csvs = list(tmp_path.rglob("metrics.csv"))
     assert len(csvs) == 1
     header = csvs[0].read_text().splitlines()[0].split(",")
@@ -223,26 +199,11 @@ def test_two_nodes_from_environment_train_in_sync(tmp_path: Path) -> None:
     rendezvous address come from the environment (loopback), Lightning launches nothing itself."""
     script = tmp_path / "node.py"
     script.write_text(_NODE_SCRIPT.format(root=str(ROOT)))
-    port = _free_port()
-    procs = []
-    for node in range(2):
-        env = dict(
-            _CLEAN_ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(node), LOCAL_RANK="0"
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(script)],
-                cwd=tmp_path,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
+    # LOCAL_RANK=0: each node's one rank exists already, Lightning starts none
+    nodes = launch_nodes([script], 2, cwd=tmp_path, env={"LOCAL_RANK": "0"}, timeout=240)
     outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-4000:]
+    for node in nodes:
+        out = node.stdout
         outs.append(next(line for line in out.splitlines() if line.startswith("RESULT")).split(maxsplit=5))
     ranks = sorted(int(o[1]) for o in outs)
     assert ranks == [0, 1]
@@ -256,15 +217,13 @@ def test_two_nodes_from_environment_train_in_sync(tmp_path: Path) -> None:
 def test_demo_quick(tmp_path: Path) -> None:
     out_json = tmp_path / "demo.json"
     cmd = [
-        sys.executable,
-        str(ROOT / "examples" / "demo.py"),
+        ROOT / "examples" / "demo.py",
         "--quick",
         "--no-progress",
         "--json",
         str(out_json),
     ]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_CLEAN_ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, _failure(proc)
+    proc = run_script(cmd, cwd=tmp_path, timeout=300)  # two runs of 2 ranks each
     assert "| run | test acc | bytes sent / rank | RCC | wall time |" in proc.stdout
     results = {r["run"]: r for r in json.loads(out_json.read_text())}
     assert set(results) == {"gmc", "ddp"}

@@ -6,14 +6,13 @@ the way an offline machine does, or routed through a proxy address nothing liste
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from urllib.error import URLError
 
 import pytest
+from launch import run_script
 from torchvision import datasets
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,8 +22,6 @@ from examples.data import CIFARDataModule, DataUnavailableError  # noqa: E402
 
 PAPER_CONFIG = ROOT / "examples" / "configs" / "table1" / "cifar10_iid_resnet20bn_gmc.yaml"
 FIX = "--data.synthetic=true"
-
-_LAUNCH_VARS = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _offline(*args: object, **kwargs: object) -> None:
@@ -77,16 +74,14 @@ def test_synthetic_needs_no_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_paper_config_offline_fails_once_before_launching_ranks(tmp_path: Path) -> None:
     """The paper config as shipped (8 devices, download: true) on a machine without network."""
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
     # urllib honours these: every download attempt is refused at once, network or not.
-    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
-        env[var] = "http://127.0.0.1:9"
-    env.pop("no_proxy", None)
-    env.pop("NO_PROXY", None)
-    cmd = [sys.executable, str(ROOT / "examples" / "train.py"), "fit", "--config", str(PAPER_CONFIG)]
+    proxies = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")
+    env: dict[str, str | None] = {var: "http://127.0.0.1:9" for var in proxies}
+    env.update(no_proxy=None, NO_PROXY=None)  # None: removed from the child's environment
+    cmd = [ROOT / "examples" / "train.py", "fit", "--config", PAPER_CONFIG]
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    output = proc.stdout + proc.stderr
+    proc = run_script(cmd, cwd=tmp_path, env=env, timeout=120, check=False)
+    output = proc.output
     assert proc.returncode != 0, output[-3000:]
     assert output.count(FIX) == 1, output[-3000:]  # one message, not one per rank
     assert "Traceback" not in output, output[-3000:]

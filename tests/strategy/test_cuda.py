@@ -15,16 +15,14 @@ every step runs :func:`~lightning_gmc.gmc_hook`. References:
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
 import pytest
 import torch
-from helpers import REPO, make_dataset, make_model
+from helpers import make_dataset, make_model
+from launch import TESTS, run_script
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -157,10 +155,5 @@ def test_checkpoint_resume_on_gpu_is_bitwise(tmp_path: Path) -> None:
 
 def test_two_gloo_ranks_with_cuda_tensors_equal_ddp_sgd() -> None:
     """Gloo's all-reduce and all-gather of CUDA tensors, both ranks on GPU 0 (see the script)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    script = Path(__file__).resolve().parents[1] / "cuda_gloo_script.py"
-    result = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_script([TESTS / "cuda_gloo_script.py"], timeout=300)  # spawns the two ranks itself
     assert "OK" in result.stdout

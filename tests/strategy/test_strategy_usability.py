@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import REPO
+from launch import REPO
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

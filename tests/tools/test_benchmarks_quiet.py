@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from launch import Finished, run_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,12 +27,10 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def _run(tmp_path: Path, mode: str) -> subprocess.CompletedProcess[str]:
+def _run(tmp_path: Path, mode: str) -> Finished:
     script = tmp_path / "profile_once.py"
     script.write_text(_SCRIPT.format(bench=str(ROOT / "benchmarks")))
-    proc = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return proc
+    return run_script([script, mode], timeout=120)
 
 
 def test_quiet_profile_drops_native_log_lines_and_keeps_the_events(tmp_path: Path) -> None:
