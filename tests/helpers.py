@@ -98,15 +98,40 @@ def run_distributed(
     Raises:
         AssertionError: the run failed or hung; the message carries every process's output tail.
     """
+    out_dir = _launch_runner(tmp_path, config, timeout, runner)
+    return _rank_results(out_dir, config)
+
+
+def run_distributed_cases(
+    tmp_path: Path, cases: dict[str, dict[str, Any]], timeout: float | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Run several ``distributed_runner.py`` configs in one launch, one fit after another in the same
+    processes, and return each case's per-rank results (as :func:`run_distributed` would). Saves a
+    process start-up per case; every case needs the same ``devices`` and ``num_nodes``."""
+    layouts = {(c.get("devices", 2), c.get("num_nodes", 1)) for c in cases.values()}
+    if len(layouts) != 1:
+        raise ValueError(f"cases of one launch need one rank layout, got {sorted(layouts)}")
+    ((devices, num_nodes),) = layouts
+    if timeout is None:
+        timeout = 120.0 * max(2, len(cases))
+    config = {"devices": devices, "num_nodes": num_nodes, "cases": cases}
+    out_dir = _launch_runner(tmp_path, config, timeout, RUNNER)
+    return {name: _rank_results(out_dir / name, config) for name, config in cases.items()}
+
+
+def _launch_runner(tmp_path: Path, config: dict[str, Any], timeout: float, runner: Path) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     out_dir = tmp_path / f"run_{len(list(tmp_path.glob('run_*')))}"
     out_dir.mkdir()
     config = {**config, "out_dir": str(out_dir)}
     config_path = out_dir / "config.json"
     config_path.write_text(json.dumps(config))
-    num_nodes = int(config.get("num_nodes", 1))
-    launch_nodes([runner, config_path], num_nodes, cwd=out_dir, timeout=timeout)
-    ranks = int(config.get("devices", 2)) * num_nodes
+    launch_nodes([runner, config_path], int(config.get("num_nodes", 1)), cwd=out_dir, timeout=timeout)
+    return out_dir
+
+
+def _rank_results(out_dir: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+    ranks = int(config.get("devices", 2)) * int(config.get("num_nodes", 1))
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(ranks)]
 
 

@@ -1,7 +1,9 @@
 """Every baseline method on 2 gloo ranks (CPU): equals the simulator, resumes exactly, evaluates the
 right model, and logs the paper's RCC.
 
-One interrupted run per method: ``STEPS // 2`` steps and a checkpoint, then a resume to ``STEPS``.
+One interrupted run per method: ``STEPS // 2`` steps and a checkpoint, then a resume to ``STEPS`` in
+new processes (two launches in all: the first halves of every case, one after another, then every
+resume).
 Both halves are compared with one uninterrupted replay in the simulator (same initial model, same
 per-rank batches, same learning rates), so a resume that lost any state (local momentum, residuals,
 CSER's per-rank models, DGC's warm-up position, traffic totals) shows up as a mismatch after it.
@@ -26,7 +28,7 @@ from helpers import (
     make_model,
     rank_batch,
     replay_sgd,
-    run_distributed,
+    run_distributed_cases,
 )
 
 from lightning_gmc import Simulator
@@ -159,13 +161,52 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
+def config(strategy: dict[str, Any], run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The runner config of a case: ``BASE``, the case's ``run`` keys, its strategy arguments."""
+    return {**BASE, **(run or {}), "strategy_kwargs": {**strategy, "bucket_cap_mb": 0.25}}
+
+
+def run_interrupted(
+    tmp_path: Path, interrupted: dict[str, dict[str, Any]], straight: dict[str, dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each config of ``interrupted`` trained to ``STEPS // 2`` with a checkpoint, then resumed to
+    ``STEPS`` by new processes; each of ``straight`` trained to ``STEPS`` at once. Two launches in
+    all, each running its cases one after another. Returns per case ``first`` (a straight case's
+    whole run), ``resumed`` and ``checkpoint`` (None for a straight case)."""
+    checkpoints = {case: tmp_path / f"{case}.ckpt" for case in interrupted}
+    halves = {
+        case: {**cfg, "max_steps": STEPS // 2, "save_checkpoint": str(checkpoints[case])}
+        for case, cfg in interrupted.items()
+    }
+    wholes = {case: {**cfg, "max_steps": STEPS} for case, cfg in (straight or {}).items()}
+    first = run_distributed_cases(tmp_path, {**halves, **wholes})
+    resumes = {
+        case: {**cfg, "max_steps": STEPS, "resume_from": str(checkpoints[case])}
+        for case, cfg in interrupted.items()
+    }
+    resumed = run_distributed_cases(tmp_path, resumes)
+    return {
+        case: {"first": first[case], "resumed": resumed.get(case), "checkpoint": checkpoints.get(case)}
+        for case in first
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    configs = {
+        case: config({k: v for k, v in options.items() if k != "run"}, options.get("run"))
+        for case, options in CASES.items()
+    }
+    return run_interrupted(tmp_path_factory.mktemp("methods"), configs)
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_ranks_equal_the_simulator_and_resume_exactly(tmp_path: Path, case: str) -> None:
+def test_two_ranks_equal_the_simulator_and_resume_exactly(runs: dict[str, dict[str, Any]], case: str) -> None:
     strategy = {key: value for key, value in CASES[case].items() if key != "run"}
-    cfg = {**BASE, **CASES[case].get("run", {}), "strategy_kwargs": {**strategy, "bucket_cap_mb": 0.25}}
-    ckpt = tmp_path / "half.ckpt"
-    first = run_distributed(tmp_path, {**cfg, "max_steps": STEPS // 2, "save_checkpoint": str(ckpt)})
-    resumed = run_distributed(tmp_path, {**cfg, "max_steps": STEPS, "resume_from": str(ckpt)})
+    cfg = config(strategy, CASES[case].get("run"))
+    first, resumed, ckpt = runs[case]["first"], runs[case]["resumed"], runs[case]["checkpoint"]
+    for result in (first, resumed):  # this case's own runs, out of the launches of every case
+        assert result[0]["gmc_state"]["method"].startswith(f"{strategy['method']} ")
     expected = _replay(strategy)
 
     assert [lr_at(t, BASE["lr"], "cosine", STEPS) for t in range(STEPS)] == pytest.approx(

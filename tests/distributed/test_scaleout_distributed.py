@@ -1,5 +1,6 @@
 """topk_shared and wire_dtype on 2 gloo ranks against the simulator, bit for bit (with a resume for
-topk_shared), and the bytes on the wire per step from the formulas.
+topk_shared), and the bytes on the wire per step from the formulas. The runs, setup and replay are
+those of ``test_methods_distributed.py``.
 
 References: docs/algorithms.md 3.12 (wire dtype) and 3.13 (topk_shared); the in-process checks are in
 ``tests/transport/test_scaleout.py``.
@@ -7,13 +8,11 @@ References: docs/algorithms.md 3.12 (wire dtype) and 3.13 (topk_shared); the in-
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import run_distributed
-from test_methods_distributed import BASE, STEPS, _replay
+from test_methods_distributed import STEPS, _replay, config, run_interrupted
 
 CASES: dict[str, dict[str, Any]] = {
     "gmc_topk_shared": {"method": "gmc", "compressor": "topk_shared", "density": 0.05},
@@ -29,17 +28,27 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """topk_shared interrupted and resumed (the leader is step mod K after the resume too), top-k in
+    one uninterrupted run (keeps the suite short): two launches for every case."""
+    interrupted = {case: config(s) for case, s in CASES.items() if s["compressor"] == "topk_shared"}
+    straight = {case: config(s) for case, s in CASES.items() if s["compressor"] != "topk_shared"}
+    return run_interrupted(tmp_path_factory.mktemp("scaleout"), interrupted, straight)
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_ranks_equal_the_simulator_bit_for_bit_and_resume(tmp_path: Path, case: str) -> None:
+def test_two_ranks_equal_the_simulator_bit_for_bit_and_resume(
+    launched: dict[str, dict[str, Any]], case: str
+) -> None:
     strategy = CASES[case]
-    cfg = {**BASE, "strategy_kwargs": {**strategy, "bucket_cap_mb": 0.25}}
-    if strategy["compressor"] == "topk_shared":  # resume: the leader is step mod K after it too
-        ckpt = tmp_path / "half.ckpt"
-        first = run_distributed(tmp_path, {**cfg, "max_steps": STEPS // 2, "save_checkpoint": str(ckpt)})
-        resumed = run_distributed(tmp_path, {**cfg, "max_steps": STEPS, "resume_from": str(ckpt)})
+    first, resumed = launched[case]["first"], launched[case]["resumed"]
+    if strategy["compressor"] == "topk_shared":
         runs = ((first, STEPS // 2), (resumed, STEPS))
-    else:  # one uninterrupted run keeps the suite short
-        runs = ((run_distributed(tmp_path, {**cfg, "max_steps": STEPS}), STEPS),)
+    else:
+        runs = ((first, STEPS),)
+    for result, _ in runs:  # this case's own runs, out of the launches of every case
+        assert f" with {strategy['compressor']}, " in result[0]["gmc_state"]["method"]
     expected = _replay(strategy)
     for result, step in runs:
         for rank in range(2):
