@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -301,7 +302,9 @@ class ClassificationModule(LightningModule):
         momentum: SGD momentum ``beta`` (unused by AdamW).
         weight_decay: SGD: coupled L2 weight decay (added to the gradient by the optimizer); AdamW:
             decoupled weight decay.
-        max_epochs: cosine period in epochs; ``None`` uses ``trainer.max_epochs``.
+        max_epochs: cosine period in epochs; ``None`` (the configs' choice) uses ``trainer.max_epochs``,
+            so that overriding the Trainer's epochs moves the schedule with it; a value that differs
+            from the Trainer's warns.
         num_classes: number of classes for the accuracy metric; ``None`` reads ``model.num_classes``.
         optimizer: ``"sgd"`` (``SGD(lr, momentum, weight_decay)``, what every GMC-paper method needs)
             or ``"adamw"`` (``AdamW(lr, betas, weight_decay)``, for ``GMCStrategy(method="ef")`` and
@@ -381,9 +384,17 @@ class ClassificationModule(LightningModule):
             optimizer = torch.optim.SGD(
                 self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
             )
+        trainer_epochs = self.trainer.max_epochs if self._trainer is not None else None
         epochs = self.max_epochs
         if epochs is None:
-            epochs = self.trainer.max_epochs if self._trainer is not None else None
+            epochs = trainer_epochs
+        elif trainer_epochs is not None and trainer_epochs > 0 and epochs != trainer_epochs:
+            rank_zero_warn(
+                f"the cosine period max_epochs={epochs} of the model differs from the Trainer's "
+                f"max_epochs={trainer_epochs}: the learning rate "
+                + ("stops before it decays to zero" if trainer_epochs < epochs else "rises again after zero")
+                + ". Leave the model's max_epochs unset (null in a config) to follow the Trainer's."
+            )
         if epochs is None or epochs < 1:
             # max_epochs=-1 (infinite) or no trainer: a cosine period is undefined, keep the LR constant.
             return optimizer

@@ -3,6 +3,9 @@
     python examples/train.py fit --config examples/configs/table2/cifar10_noniid_resnet20gn_gmc.yaml
     python examples/train.py fit --config examples/configs/digits/gmc_noniid.yaml --trainer.strategy=gmc
 
+After ``fit`` it tests the trained model and prints ``final test accuracy: ...`` (rank 0).
+``lightning-gmc fit digits/gmc_noniid`` runs the same (from a clone of the repository).
+
 The configs under ``examples/configs/`` spell out every value (strategy via ``class_path`` /
 ``init_args``, data partition, optimiser, schedule). Importing :mod:`lightning_gmc` registers the bare
 strategy names (``gmc``, ``gmc_plus``, and one per method), so ``--trainer.strategy=gmc`` works too.
@@ -52,7 +55,21 @@ def _show_example_logs() -> None:
 
 
 class ExamplesCLI(LightningCLI):
-    """LightningCLI that checks the data in the launching process, before any rank starts."""
+    """LightningCLI that checks the data in the launching process, before any rank starts, and, with
+    ``test_after_fit``, tests the trained model and prints its test accuracy after ``fit``."""
+
+    def __init__(self, *args: Any, test_after_fit: bool = False, **kwargs: Any) -> None:
+        self.test_after_fit = test_after_fit
+        super().__init__(*args, **kwargs)
+
+    def after_fit(self) -> None:
+        if not self.test_after_fit or self.trainer.interrupted:
+            return
+        results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        accuracy = results[0].get("test/acc") if results else None
+        if accuracy is not None and self.trainer.is_global_zero:
+            steps = self.trainer.global_step
+            print(f"final test accuracy: {100 * float(accuracy):.2f}% (after {steps} training steps)")
 
     def before_fit(self) -> None:
         # Only the launching process (or, under an external launcher such as torchrun, local rank 0):
@@ -64,12 +81,16 @@ class ExamplesCLI(LightningCLI):
             ensure_available()
 
 
-def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> LightningCLI:
-    """Build (and with ``run=True`` execute) the CLI; ``args`` defaults to ``sys.argv[1:]``."""
+def cli_main(
+    args: Sequence[str] | None = None, run: bool = True, test_after_fit: bool = False, **kwargs: Any
+) -> LightningCLI:
+    """Build (and with ``run=True`` execute) the CLI; ``args`` defaults to ``sys.argv[1:]``.
+    ``test_after_fit`` (the command line's choice) tests after ``fit`` and prints the test accuracy."""
     _show_example_logs()
     return ExamplesCLI(
         ClassificationModule,
         PartitionedDataModule,
+        test_after_fit=test_after_fit,
         subclass_mode_data=True,
         args=list(args) if args is not None else None,
         run=run,
@@ -81,6 +102,6 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any)
 
 if __name__ == "__main__":
     try:
-        cli_main()
+        cli_main(test_after_fit=True)
     except DataUnavailableError as exc:
         sys.exit(f"error: {exc}")

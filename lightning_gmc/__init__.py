@@ -1,13 +1,15 @@
 """lightning-gmc: communication-compressed data-parallel training for PyTorch Lightning.
 
-``Trainer(strategy=GMCStrategy(compressor="rbgs", detach=0.5))`` replaces DDP's dense gradient
-all-reduce with compression, error feedback and global momentum (GMC; GMC+ when ``detach > 0``).
+``Trainer(strategy=GMCStrategy(compressor="topk_approx", density=0.01))`` replaces DDP's dense
+gradient all-reduce with compression, error feedback and global momentum (GMC; GMC+ when
+``detach > 0``, e.g. ``GMCStrategy(compressor="rbgs", detach=0.5)``).
 Importing this package registers the strategy names (``"gmc"``, ``"gmc_plus"``, one per method) for
 the Trainer and for Fabric (:class:`GMCFabricStrategy`).
 
 Layers (each imports only those below it): ``compressors`` -> ``methods`` -> ``transport`` ->
 ``hook`` / ``simulator`` -> ``strategy``; ``config`` (one validated :class:`GMCConfig`) builds
-the method for the hook, the simulator and the strategy.
+the method for the hook, the simulator and the strategy (``docs/architecture.md``). ``cli`` is the
+``lightning-gmc`` command.
 """
 
 from lightning.fabric.strategies import STRATEGY_REGISTRY as FABRIC_STRATEGY_REGISTRY

@@ -1,37 +1,51 @@
 """What the Lightning strategy and the Fabric strategy share: their GMC arguments (documentation and
-the config built from them), argument checks, the node groups of ``hierarchy="node"``, the run summary
-line, the gradient-clipping policy and the names under which metrics are logged."""
+the config built from them), argument checks, the registered strategy names, the node groups of
+``hierarchy="node"``, the run summary line, the gradient-clipping policy, the messages both give, and
+the names under which metrics are logged."""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
+import logging
 import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_gmc.config import GMCConfig
 from lightning_gmc.hook import GMCHookState, build_node_groups
 from lightning_gmc.hook.hierarchy import check_topology
 from lightning_gmc.hook.metrics import sum_over_ranks
-from lightning_gmc.methods import METHODS
+from lightning_gmc.methods import METHODS, Method
 
 __all__ = [
     "CHECKPOINT_KEY",
     "LOGGED_METRICS",
     "PROGRESS_BAR_METRICS",
     "RankLayout",
+    "STRATEGY_NAMES",
+    "check_ddp_keywords",
     "check_no_gradient_clipping",
     "check_node_layout",
     "document_gmc_arguments",
+    "format_bytes",
     "gmc_config_and_state",
+    "leave_swapped_points",
+    "one_optimizer_error",
     "rank_aggregated_metrics",
+    "register_strategy_names",
     "reject_conflicting_ddp_args",
     "run_summary",
     "set_up_node_groups",
+    "warn_no_gmc_state",
 ]
+
+log = logging.getLogger(__name__)
 
 _Class = TypeVar("_Class", bound=type)
 
@@ -94,7 +108,7 @@ hierarchy: ``"flat"`` (default: every rank is a worker) or ``"node"``: gradients
     densely inside each node (``num_nodes`` x ``devices`` of the Trainer or Fabric), and the
     method runs between nodes only, with one worker per node (residual and momentum per node).
     For clusters whose links between nodes are much slower than inside them; needs at least 2
-    nodes with equal devices (see README "Running across nodes", ``docs/algorithms.md`` 3.11).
+    nodes with equal devices (``docs/nodes.md``, ``docs/algorithms.md`` 3.11).
 wire_dtype: dtype the compressed values travel in, ``"fp32"`` (default), ``"bf16"`` or
     ``"fp16"``; the rounding error stays in the residual and decoding accumulates in fp32
     (``docs/algorithms.md`` section 3.12; fp16 raises on overflow, bf16 cannot overflow).
@@ -118,15 +132,18 @@ def document_gmc_arguments(cls: _Class) -> _Class:
 
 
 def gmc_config_and_state(
-    owner: str, arguments: Mapping[str, Any], ddp_kwargs: dict[str, Any]
+    owner: type, arguments: Mapping[str, Any], ddp_kwargs: dict[str, Any]
 ) -> tuple[GMCConfig, GMCHookState]:
     """The validated config and the hook state of a strategy's constructor arguments.
 
     ``arguments`` holds one value per :class:`GMCConfig` field under the field's name (the strategy's
     ``locals()`` as its ``__init__`` starts; its signature lists them with types and defaults, so that
-    users and LightningCLI read them); option dicts given as None are empty.
+    users and LightningCLI read them); option dicts given as None are empty. ``ddp_kwargs`` (the
+    strategy's ``**ddp_kwargs``) may hold only :class:`~torch.nn.parallel.DistributedDataParallel`'s
+    arguments: a misspelt strategy argument fails here, in the constructor, not inside DDP at fit time.
     """
-    reject_conflicting_ddp_args(owner, ddp_kwargs)
+    reject_conflicting_ddp_args(owner.__name__, ddp_kwargs)
+    check_ddp_keywords(owner, ddp_kwargs)
     values = {field.name: arguments[field.name] for field in dataclasses.fields(GMCConfig)}
     for name in ("method_options", "compressor_options"):
         values[name] = values[name] or {}
@@ -139,6 +156,104 @@ def reject_conflicting_ddp_args(owner: str, ddp_kwargs: dict[str, Any]) -> None:
     for key, reason in _CONFLICTING_DDP_ARGS.items():
         if ddp_kwargs.pop(key, None) is not None:
             raise ValueError(f"{owner} does not accept `{key}`: {reason}. Remove the argument.")
+
+
+def _ddp_argument_names() -> list[str]:
+    """The keyword arguments of this torch's ``DistributedDataParallel.__init__`` (not ``module``)."""
+    parameters = inspect.signature(DistributedDataParallel.__init__).parameters.values()
+    keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in keyword_kinds and p.name not in ("self", "module")]
+
+
+def _own_argument_names(owner: type) -> list[str]:
+    parameters = inspect.signature(owner.__init__).parameters.values()  # type: ignore[misc]
+    keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in keyword_kinds and p.name != "self"]
+
+
+def check_ddp_keywords(owner: type, ddp_kwargs: Mapping[str, Any]) -> None:
+    """Raise a TypeError for a keyword that is neither the strategy's nor ``DistributedDataParallel``'s.
+
+    The valid DDP names come from the installed torch's ``DistributedDataParallel.__init__`` signature,
+    so every DDP argument still passes; the error names the closest valid name (``densty`` ->
+    ``density``) and both lists.
+    """
+    ddp_names = _ddp_argument_names()
+    unknown = [key for key in ddp_kwargs if key not in ddp_names]
+    if not unknown:
+        return
+    own = _own_argument_names(owner)
+    key = unknown[0]
+    close = difflib.get_close_matches(key, own + ddp_names, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise TypeError(
+        f"{owner.__name__} got an unexpected keyword argument {key!r}.{hint} Its own arguments: "
+        f"{', '.join(own)}; any other keyword goes to torch.nn.parallel.DistributedDataParallel, which "
+        f"takes: {', '.join(ddp_names)}."
+    )
+
+
+#: the strategy names both the Trainer and Fabric register: (name, description, init arguments); one
+#: name per further method follows (:func:`strategy_names`)
+STRATEGY_NAMES: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("gmc", "GMC: top-k compression with error feedback and global momentum", {}),
+    (
+        "gmc_plus",
+        "GMC+: RBGS compression, gradients at the detached point (detach=0.5)",
+        {"compressor": "rbgs", "detach": 0.5},
+    ),
+    ("ef", "EF: top-k with error feedback on the gradient, any optimizer (Adam, AdamW)", {"method": "ef"}),
+)
+
+
+def strategy_names() -> list[tuple[str, str, dict[str, Any]]]:
+    """:data:`STRATEGY_NAMES`, then one name per registered method that has none there."""
+    named = list(STRATEGY_NAMES)
+    taken = {name for name, _, _ in named} | {args.get("method", "gmc") for _, _, args in named}
+    for name in sorted(METHODS):
+        if name not in taken:
+            named.append((name, f"lightning_gmc method {name!r}", {"method": name}))
+    return named
+
+
+def register_strategy_names(cls: type, strategy_registry: Any) -> None:
+    """Register :func:`strategy_names` for ``cls`` (the Trainer's or Fabric's registry; not DDP's own
+    names, which are taken)."""
+    for name, description, init_arguments in strategy_names():
+        strategy_registry.register(name, cls, description=description, override=True, **init_arguments)
+
+
+def one_optimizer_error(owner: str, method: Method, found: str) -> ValueError:
+    """The error for anything but exactly one optimizer; ``found`` says what the user configured."""
+    kind = "torch.optim.SGD" if method.takes_over_optimizer else "any torch.optim.Optimizer"
+    return ValueError(
+        f"{owner} supports exactly one optimizer ({kind} for method {method.name!r}); {found}. Use one "
+        f"optimizer with several param groups (each may have its own lr, momentum and weight decay)."
+    )
+
+
+def warn_no_gmc_state() -> None:
+    """A checkpoint with optimizer state but no GMC block: training goes on from zero residuals."""
+    log.warning(
+        "lightning_gmc: the checkpoint has no GMC state (written by another strategy?); residuals "
+        "and momentum start from zero"
+    )
+
+
+def leave_swapped_points(state: GMCHookState) -> None:
+    """Put the training parameters back (from a detached or evaluation point an error left behind)."""
+    state.exit_detached_point()
+    state.exit_evaluation_point()
+
+
+def format_bytes(count: float) -> str:
+    """``808 B``, ``1.2 kB``, ``35.7 MB``: decimal units, as network rates are given."""
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(value) < (999.5 if unit == "B" else 999.95):  # what would not print as 1000
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
 
 
 class RankLayout(Protocol):

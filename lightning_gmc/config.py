@@ -8,7 +8,8 @@ checked once, with one message, whichever entry point the user takes::
     method = config.build()
 
 Every float is checked to be finite: a ``nan`` detach coefficient would otherwise mark every bucket
-non-finite and train nothing.
+non-finite and train nothing. Types are checked too (``lightning_gmc._arguments``): ``ef_scaling="no"``
+or ``seed=1.7`` is refused instead of being read as ``True`` or ``1``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lightning_gmc._arguments import check_bool, check_float, check_int, check_mapping, describe_value
 from lightning_gmc.compressors import COMPRESSORS, Compressor, build_compressor, check_wire_dtype
 from lightning_gmc.compressors.wire import WireDtype
 from lightning_gmc.methods import METHODS, Method, build_method, method_option_names
@@ -42,29 +44,28 @@ WorldSizeChangePolicy = Literal["error", "reset_residuals"]
 Hierarchy = Literal["flat", "node"]
 
 
-def _is_finite_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_density(density: object) -> float:
     """``density`` as a float in (0, 1]."""
-    if not _is_finite_number(density) or not 0.0 < float(density) <= 1.0:  # type: ignore[arg-type]
+    value = check_float("density", density, "in (0, 1]")
+    if not 0.0 < value <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density!r}")
-    return float(density)  # type: ignore[arg-type]
+    return value
 
 
 def check_detach(detach: object) -> float:
     """``detach`` as a finite float >= 0 (0 = GMC, > 0 = GMC+)."""
-    if not _is_finite_number(detach) or float(detach) < 0:  # type: ignore[arg-type]
+    value = check_float("detach", detach, ">= 0 and finite (0 = GMC, > 0 = GMC+)")
+    if value < 0:
         raise ValueError(f"detach must be >= 0 and finite (0 = GMC, > 0 = GMC+), got {detach!r}")
-    return float(detach)  # type: ignore[arg-type]
+    return value
 
 
 def check_momentum(momentum: object) -> float:
     """``momentum`` (``beta``) as a float in [0, 1)."""
-    if not _is_finite_number(momentum) or not 0.0 <= float(momentum) < 1.0:  # type: ignore[arg-type]
+    value = check_float("momentum", momentum, "in [0, 1)")
+    if not 0.0 <= value < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    return float(momentum)  # type: ignore[arg-type]
+    return value
 
 
 def check_nonfinite_policy(nonfinite: object) -> NonFinitePolicy:
@@ -151,14 +152,30 @@ class GMCConfig:
 
     def __post_init__(self) -> None:
         # Own copies: a caller mutating its dict later must not change a validated config.
-        object.__setattr__(self, "method_options", dict(self.method_options))
-        object.__setattr__(self, "compressor_options", dict(self.compressor_options))
+        object.__setattr__(self, "method_options", check_mapping("method_options", self.method_options))
+        object.__setattr__(
+            self, "compressor_options", check_mapping("compressor_options", self.compressor_options)
+        )
+        object.__setattr__(self, "seed", check_int("seed", self.seed))  # 2.0 from YAML is 2; 1.7 fails
         self.validate()
 
     def validate(self) -> None:
-        """Raise a ValueError naming the valid choices for the first bad value."""
+        """Raise a ValueError (a TypeError for a value of the wrong type) naming the argument, what it
+        got and the valid choices, for the first bad value; then build the method once, so that the
+        compressor's and the method's own options are checked now too."""
         _ = self.method_name
+        compressor = self.compressor
+        if not (compressor is None or isinstance(compressor, str | Compressor)):
+            raise TypeError(
+                f"compressor must be a compressor name, a Compressor instance or None, got "
+                f"{describe_value(compressor)}"
+            )
+        if isinstance(compressor, str) and compressor.lower() not in COMPRESSORS:
+            raise ValueError(
+                f"unknown compressor {compressor!r}; valid names: {', '.join(sorted(COMPRESSORS))}"
+            )
         check_density(self.density)
+        check_bool("ef_scaling", self.ef_scaling, optional=True)
         if self.detach is not None:
             check_detach(self.detach)
             if "detach" not in method_option_names(self.method_name):
@@ -188,6 +205,7 @@ class GMCConfig:
                     f"({', '.join(sorted(n for n in COMPRESSORS if _takes_wire_dtype(n)))}); {name!r} "
                     f"sends its own packed codes. Use wire_dtype='fp32' with it."
                 )
+        self.build()
 
     @property
     def compressor_name(self) -> str | None:

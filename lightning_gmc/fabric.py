@@ -21,7 +21,6 @@ loads the per-rank state with ``fabric.save`` / ``fabric.load``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Literal
@@ -31,7 +30,7 @@ from lightning.fabric.accelerators import Accelerator
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import DDPStrategy
-from lightning.fabric.utilities.rank_zero import rank_zero_info
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.fabric.utilities.types import Optimizable
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -44,19 +43,20 @@ from lightning_gmc._adapter import (
     check_no_gradient_clipping,
     document_gmc_arguments,
     gmc_config_and_state,
+    leave_swapped_points,
     logged_metrics,
+    one_optimizer_error,
     rank_aggregated_metrics,
+    register_strategy_names,
     run_summary,
     set_up_node_groups,
+    warn_no_gmc_state,
 )
 from lightning_gmc.compressors import Compressor, WireDtype
 from lightning_gmc.config import Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
 from lightning_gmc.hook import gmc_hook
-from lightning_gmc.methods import METHODS
 
 __all__ = ["GMCFabricStrategy"]
-
-log = logging.getLogger(__name__)
 
 
 @document_gmc_arguments
@@ -115,7 +115,7 @@ class GMCFabricStrategy(DDPStrategy):
         **ddp_kwargs: Any,
     ) -> None:
         # The arguments from `compressor` to `wire_dtype` are GMCConfig's fields, by name.
-        self.gmc_config, self.gmc_state = gmc_config_and_state("GMCFabricStrategy", locals(), ddp_kwargs)
+        self.gmc_config, self.gmc_state = gmc_config_and_state(type(self), locals(), ddp_kwargs)
         self.last_metrics: dict[str, float] = {}
         self._model: nn.Module | None = None
         super().__init__(
@@ -154,9 +154,8 @@ class GMCFabricStrategy(DDPStrategy):
                 "(fabric.setup(model, optimizer), or fabric.setup_module before fabric.setup_optimizers)"
             )
         if self.gmc_state.worker is not None:
-            method = self.gmc_state.method
-            kind = "torch.optim.SGD" if method.takes_over_optimizer else "any torch.optim.Optimizer"
-            raise ValueError(f"GMCFabricStrategy supports exactly one optimizer ({kind} for this method)")
+            found = "fabric.setup was given a second optimizer"
+            raise one_optimizer_error("GMCFabricStrategy", self.gmc_state.method, found)
         self.gmc_state.attach(self._model, optimizer)
         rank_zero_info(run_summary(self.gmc_config, self.gmc_state))
         return optimizer
@@ -236,40 +235,36 @@ class GMCFabricStrategy(DDPStrategy):
     ) -> dict[str, Any]:
         remainder = super().load_checkpoint(path, state, strict=strict, weights_only=weights_only)
         if not isinstance(state, dict) or not state:
-            return remainder  # the raw checkpoint went back to the caller
+            if CHECKPOINT_KEY in remainder:  # the raw checkpoint goes back to the caller: nothing restored
+                rank_zero_warn(_raw_load_warning(path, remainder[CHECKPOINT_KEY]))
+            return remainder
         gmc_state = remainder.pop(CHECKPOINT_KEY, None)
         if gmc_state is not None:
             self.gmc_state.load_state_dict(gmc_state)
         elif any(isinstance(obj, Optimizer) for obj in state.values()):
-            log.warning(
-                "lightning_gmc: the checkpoint has no GMC state (written by another strategy?); residuals "
-                "and momentum start from zero"
-            )
+            warn_no_gmc_state()
         return remainder
 
     @override
     def teardown(self) -> None:
-        self.gmc_state.exit_detached_point()
-        self.gmc_state.exit_evaluation_point()
+        leave_swapped_points(self.gmc_state)
         super().teardown()
 
     # --------------------------------------------------------------------------------- registry
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        # Fabric's own registry (not the Trainer's): Fabric(strategy="gmc"), "gmc_plus", one per method.
-        strategy_registry.register(
-            "gmc", cls, description="GMC: top-k compression with error feedback and global momentum"
-        )
-        strategy_registry.register(
-            "gmc_plus",
-            cls,
-            description="GMC+: RBGS compression, gradients at the detached point (detach=0.5)",
-            compressor="rbgs",
-            detach=0.5,
-        )
-        for name in sorted(METHODS):
-            if name != "gmc":
-                strategy_registry.register(
-                    name, cls, description=f"lightning_gmc method {name!r}", method=name, override=True
-                )
+        # Fabric's own registry (not the Trainer's): the same names and settings as the Trainer's.
+        register_strategy_names(cls, strategy_registry)
+
+
+def _raw_load_warning(path: Any, gmc_state: Any) -> str:
+    step = gmc_state.get("step", "?") if isinstance(gmc_state, dict) else "?"
+    return (
+        f"lightning_gmc: fabric.load({str(path)!r}) without objects to restore returned the raw checkpoint; "
+        f"its GMC state (step {step}, every rank's residual, the momentum; key {CHECKPOINT_KEY!r}) was NOT "
+        f"restored, and training would restart from step 0 with zero residuals and momentum. Pass the "
+        f"objects instead, after fabric.setup: fabric.load(path, {{'model': model, 'optimizer': optimizer, "
+        f"...}}) restores the GMC state with them; or restore it from the raw checkpoint with "
+        f"fabric.strategy.gmc_state.load_state_dict(checkpoint[{CHECKPOINT_KEY!r}])."
+    )

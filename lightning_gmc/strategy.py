@@ -3,7 +3,6 @@ metrics; the algorithms live in the layers below."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Literal
@@ -28,19 +27,29 @@ from lightning_gmc._adapter import (
     check_no_gradient_clipping,
     document_gmc_arguments,
     gmc_config_and_state,
+    leave_swapped_points,
     logged_metrics,
+    one_optimizer_error,
     rank_aggregated_metrics,
+    register_strategy_names,
     run_summary,
     set_up_node_groups,
+    warn_no_gmc_state,
+)
+from lightning_gmc._arguments import check_bool
+from lightning_gmc._trainer_support import (
+    CheckedMultiProcessingLauncher,
+    CheckedScriptLauncher,
+    optimizers_before_launch,
+    show_traffic_with_units,
 )
 from lightning_gmc.compressors import Compressor, WireDtype
 from lightning_gmc.config import Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
 from lightning_gmc.hook import gmc_hook
-from lightning_gmc.methods import METHODS, Method
+from lightning_gmc.hook.binding import OptimizerBinding
+from lightning_gmc.methods import Method
 
 __all__ = ["CHECKPOINT_KEY", "GMCStrategy", "WorldSizeChangePolicy"]
-
-log = logging.getLogger(__name__)
 
 
 @document_gmc_arguments
@@ -56,26 +65,35 @@ class GMCStrategy(DDPStrategy):
 
     Args:
         {gmc_arguments}
-        progress_bar_metrics: show ``gmc/rcc`` and ``gmc/bytes_sent`` (per rank, this step) in the
-            progress bar; False keeps them out of it (they are logged either way).
+        progress_bar_metrics: show ``gmc/rcc`` and the bytes this rank sent this step (``gmc/sent=808 B``;
+            logged as the number ``gmc/bytes_sent``) in the progress bar; False keeps them out of it
+            (they are logged either way).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
             process_group_backend, timeout, start_method: as in
             :class:`~lightning.pytorch.strategies.DDPStrategy`.
         **ddp_kwargs: forwarded to :class:`torch.nn.parallel.DistributedDataParallel`
             (``bucket_cap_mb``, ``find_unused_parameters``, ``static_graph``, ...).
 
-    Metrics (per step, see the README's metrics section): ``gmc/bytes_sent``, ``gmc/rcc``, ... per
+    Metrics (per step, see docs/metrics.md): ``gmc/bytes_sent``, ``gmc/rcc``, ... per
     rank; at logging steps (``Trainer(log_every_n_steps)``) also ``gmc/<traffic>_sum_ranks`` and
     ``gmc/nonfinite_skips`` summed over all ranks (one small all-reduce).
 
     Raises:
+        TypeError: a keyword that is neither an argument of the strategy nor of ``DistributedDataParallel``
+            (the message names the closest valid one); before any process starts, an optimizer the
+            method cannot use (e.g. Adam with ``method="gmc"``).
         ValueError: unknown compressor or method (the valid names are listed), density outside
             (0, 1], negative or non-finite detach, momentum outside [0, 1), a non-finite option, or a
             DDP argument that conflicts with the hook (validation: :class:`~lightning_gmc.GMCConfig`);
-            at fit start, gradient clipping with a method whose hook writes its update direction into
-            ``.grad`` (every method but those that leave the step to your optimizer);
-            ``hierarchy="node"`` on a single node or with unequal devices per node.
+            before any process starts (``Trainer.fit`` checks as it launches), gradient clipping with
+            a method whose hook writes its update direction into ``.grad`` (every method but those that
+            leave the step to your optimizer), ``precision="16-mixed"``, manual optimization, not
+            exactly one optimizer, unsupported SGD options; ``hierarchy="node"`` on a single node or
+            with unequal devices per node.
         RuntimeError: ``hierarchy="node"`` with ranks the launcher does not number node by node.
+
+    The optimizer is checked before launch when ``configure_optimizers`` runs without the Trainer
+    (most do); one that reads ``self.trainer`` is checked on every rank at fit start instead.
     """
 
     strategy_name = "gmc"
@@ -107,12 +125,12 @@ class GMCStrategy(DDPStrategy):
         **ddp_kwargs: Any,
     ) -> None:
         # The arguments from `compressor` to `wire_dtype` are GMCConfig's fields, by name.
-        self.gmc_config, self.gmc_state = gmc_config_and_state("GMCStrategy", locals(), ddp_kwargs)
+        self.gmc_config, self.gmc_state = gmc_config_and_state(type(self), locals(), ddp_kwargs)
         self.gmc_method: Method = self.gmc_state.method
         self._pending_checkpoint_state: dict[str, Any] | None = None
         self._epoch_seen: int | None = None
         self.last_metrics: dict[str, float] = {}
-        self.progress_bar_metrics = bool(progress_bar_metrics)
+        self.progress_bar_metrics = check_bool("progress_bar_metrics", progress_bar_metrics)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -127,6 +145,39 @@ class GMCStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------------------ lifecycle
     @override
+    def _configure_launcher(self) -> None:
+        # DDPStrategy's choice of launcher, with the checks of _check_before_launch run first.
+        assert self.cluster_environment is not None
+        if self._start_method == "popen":
+            self._launcher = CheckedScriptLauncher(
+                self.cluster_environment,
+                self.num_processes,
+                self.num_nodes,
+                before_launch=self._check_before_launch,
+            )
+        else:
+            self._launcher = CheckedMultiProcessingLauncher(
+                self, start_method=self._start_method, before_launch=self._check_before_launch
+            )
+
+    def _check_before_launch(self, trainer: Trainer | None) -> None:
+        """What can be checked before any rank starts (Trainer.fit has set the module by then)."""
+        self._check_precision()
+        module = self._lightning_module
+        if trainer is None or module is None or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self._check_automatic_optimization(module)
+        self._check_gradient_clipping(trainer, module)
+        optimizers = optimizers_before_launch(module)
+        if optimizers is None:
+            return  # configure_optimizers needs the Trainer: checked on every rank at fit start
+        if len(optimizers) != 1:
+            raise one_optimizer_error("GMCStrategy", self.gmc_method, _optimizers_found(len(optimizers)))
+        # The same checks as the run's own binding (optimizer kind and options, sparse gradients,
+        # parameters missing from the optimizer), on a throw-away binding and optimizer.
+        OptimizerBinding(self.gmc_method, self.gmc_config.momentum).attach(module, optimizers[0])
+
+    @override
     def setup_distributed(self) -> None:
         super().setup_distributed()
         set_up_node_groups(self.gmc_state, self)  # hierarchy="node": groups from num_nodes x devices
@@ -140,6 +191,8 @@ class GMCStrategy(DDPStrategy):
         module = self._training_module()
         self._check_gradient_clipping(trainer, module)
         self.gmc_state.attach(module, self.optimizers[0])
+        if self.progress_bar_metrics:
+            show_traffic_with_units(trainer)
         if self._pending_checkpoint_state is not None:
             self.gmc_state.load_state_dict(self._pending_checkpoint_state)
             self._pending_checkpoint_state = None
@@ -156,18 +209,18 @@ class GMCStrategy(DDPStrategy):
     def _training_module(self) -> LightningModule:
         module = self.lightning_module
         assert module is not None, "setup() runs with the LightningModule connected"
+        self._check_automatic_optimization(module)
+        if len(self.optimizers) != 1:
+            raise one_optimizer_error("GMCStrategy", self.gmc_method, _optimizers_found(len(self.optimizers)))
+        return module
+
+    @staticmethod
+    def _check_automatic_optimization(module: LightningModule) -> None:
         if not module.automatic_optimization:
             raise ValueError(
                 "GMCStrategy needs automatic optimization: its detached point and metrics run around "
                 "Lightning's optimizer step. Set `self.automatic_optimization = True`."
             )
-        if len(self.optimizers) != 1:
-            kind = "torch.optim.SGD" if self.gmc_method.takes_over_optimizer else "any torch.optim.Optimizer"
-            raise ValueError(
-                f"GMCStrategy supports exactly one optimizer ({kind} for method "
-                f"{self.gmc_method.name!r}); configure_optimizers returned {len(self.optimizers)}"
-            )
-        return module
 
     def _check_precision(self) -> None:
         plugin = self.precision_plugin
@@ -265,39 +318,14 @@ class GMCStrategy(DDPStrategy):
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         self._pending_checkpoint_state = checkpoint.get(CHECKPOINT_KEY)
         if self._pending_checkpoint_state is None and "optimizer_states" in checkpoint:
-            log.warning(
-                "lightning_gmc: the checkpoint has no GMC state (written by another strategy?); residuals "
-                "and momentum start from zero"
-            )
+            warn_no_gmc_state()
         return checkpoint
 
     # --------------------------------------------------------------------------------- registry
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        # Not DDPStrategy's names: registering "ddp" again would raise.
-        strategy_registry.register(
-            "gmc", cls, description="GMC: top-k compression with error feedback and global momentum"
-        )
-        strategy_registry.register(
-            "gmc_plus",
-            cls,
-            description="GMC+: RBGS compression, gradients at the detached point (detach=0.5)",
-            compressor="rbgs",
-            detach=0.5,
-        )
-        strategy_registry.register(
-            "ef",
-            cls,
-            description="EF: top-k with error feedback on the gradient, any optimizer (Adam, AdamW)",
-            method="ef",
-            override=True,
-        )
-        for name in sorted(METHODS):
-            if name not in ("gmc", "ef"):
-                strategy_registry.register(
-                    name, cls, description=f"lightning_gmc method {name!r}", method=name, override=True
-                )
+        register_strategy_names(cls, strategy_registry)  # the same names and settings as Fabric's
 
     # ------------------------------------------------------------------------ evaluation point
     @override
@@ -342,9 +370,12 @@ class GMCStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
-        self.gmc_state.exit_detached_point()
-        self.gmc_state.exit_evaluation_point()
+        leave_swapped_points(self.gmc_state)
         super().teardown()
+
+
+def _optimizers_found(count: int) -> str:
+    return f"configure_optimizers returned {count}"
 
 
 def _is_logging_step(trainer: Trainer) -> bool:

@@ -142,9 +142,9 @@ class CollectiveCounter:
         self._record("all_reduce", tensors[0])
         return self.inner.all_reduce_sum(tensors)
 
-    def all_gather_bytes(self, inputs: Sequence[torch.Tensor], output: torch.Tensor) -> Future[torch.Tensor]:
+    def all_gather(self, inputs: Sequence[torch.Tensor], output: torch.Tensor) -> Future[torch.Tensor]:
         self._record("all_gather", inputs[0])
-        return self.inner.all_gather_bytes(inputs, output)
+        return self.inner.all_gather(inputs, output)
 
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int) -> Future[torch.Tensor]:
         self._record("broadcast", tensors[0])

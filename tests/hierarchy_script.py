@@ -4,7 +4,10 @@ Ranks come from the environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MA
 way torchrun starts them; ``ranks_per_node`` consecutive ranks form a node. For every case of the
 config: train ``steps`` steps, writing a checkpoint (model, optimizer, gathered GMC state) after
 ``checkpoint_at`` steps; then, in the same processes, build everything afresh, resume from that
-checkpoint and train to ``steps`` again. Writes ``rank{RANK}.pt`` with both histories.
+checkpoint and train to ``steps`` again. With ``corrupt_entry: r``, each rank first tries to load a
+copy of the checkpoint whose rank-``r`` residual has the wrong shape and records the error (every rank
+must refuse it alike, and the good checkpoint must still resume bit for bit). Writes
+``rank{RANK}.pt`` with both histories.
 """
 
 from __future__ import annotations
@@ -24,7 +27,12 @@ from lightning_gmc import GMCConfig, GMCHookState, gmc_hook
 from lightning_gmc.hook import build_node_groups
 
 
-def train(cfg: dict[str, Any], case: dict[str, Any], resume: dict[str, Any] | None) -> dict[str, Any]:
+def train(
+    cfg: dict[str, Any],
+    case: dict[str, Any],
+    resume: dict[str, Any] | None,
+    corrupt: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     model = make_model(cfg["model"], 0)
     ddp = DistributedDataParallel(model, bucket_cap_mb=cfg["bucket_cap_mb"])
@@ -35,6 +43,12 @@ def train(cfg: dict[str, Any], case: dict[str, Any], resume: dict[str, Any] | No
     state.attach(model, optimizer)
     ddp.register_comm_hook(state, gmc_hook)
     start = 0
+    corrupt_error = None
+    if corrupt is not None:
+        try:
+            state.load_state_dict(corrupt)
+        except ValueError as err:
+            corrupt_error = str(err)
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -62,7 +76,17 @@ def train(cfg: dict[str, Any], case: dict[str, Any], resume: dict[str, Any] | No
                 "gmc": gathered,
                 "step": step + 1,
             }
-    return {"history": history, "checkpoint": checkpoint}
+    return {"history": history, "checkpoint": checkpoint, "corrupt_error": corrupt_error}
+
+
+def _with_bad_entry(gathered: dict[str, Any], rank: int) -> dict[str, Any]:
+    """A copy of a gathered state whose rank-``rank`` residual of the first parameter is transposed."""
+    entries = list(gathered["per_rank_local"])
+    residual = dict(entries[rank]["buffers"]["residual"])
+    first = next(iter(residual))
+    residual[first] = residual[first].reshape(-1, 1)
+    entries[rank] = {**entries[rank], "buffers": {**entries[rank]["buffers"], "residual": residual}}
+    return {**gathered, "per_rank_local": entries}
 
 
 def main() -> None:
@@ -75,8 +99,15 @@ def main() -> None:
         # Every rank resumes from rank 0's checkpoint, as from one file.
         shared = [first["checkpoint"]]
         dist.broadcast_object_list(shared, src=0)
-        resumed = train(cfg, case, shared[0])
-        results[name] = {"run": first["history"], "resumed": resumed["history"]}
+        corrupt = None
+        if cfg.get("corrupt_entry") is not None:
+            corrupt = _with_bad_entry(shared[0]["gmc"], cfg["corrupt_entry"])
+        resumed = train(cfg, case, shared[0], corrupt)
+        results[name] = {
+            "run": first["history"],
+            "resumed": resumed["history"],
+            "corrupt_error": resumed["corrupt_error"],
+        }
     torch.save(results, Path(cfg["out_dir"]) / f"rank{os.environ['RANK']}.pt")
     dist.destroy_process_group()
 

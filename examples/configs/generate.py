@@ -212,7 +212,7 @@ def all_configs() -> dict[str, str]:
                 "  lr: 0.1",
                 "  momentum: 0.9",
                 "  weight_decay: 0.0001",
-                "  max_epochs: 20  # cosine period in epochs (stepped once per epoch)",
+                "  max_epochs: null  # cosine period (epochs, stepped per epoch); null: trainer.max_epochs",
                 "  num_classes: null  # null: read from the network",
             ]
             data = [

@@ -72,7 +72,7 @@ def model_block(model: str, classes: int, norm: str) -> list[str]:
         f"  lr: {lr}",
         "  momentum: 0.9",
         "  weight_decay: 0.0001",
-        "  max_epochs: 200  # cosine period in epochs (stepped once per epoch)",
+        "  max_epochs: null  # cosine period (epochs, stepped per epoch); null: trainer.max_epochs",
         "  num_classes: null  # null: read from the network",
     ]
 

@@ -32,6 +32,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from lightning_gmc._arguments import check_int
 from lightning_gmc.compressors.workspace import Workspace
 
 __all__ = [
@@ -147,7 +148,7 @@ class RandomStreams:
     """
 
     def __init__(self, seed: int, rank: int) -> None:
-        self.seed = int(seed)
+        self.seed = check_int("seed", seed)
         self.rank = int(rank)
         self._generators: dict[torch.device, torch.Generator] = {}
 

@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from lightning_gmc._arguments import check_float
 from lightning_gmc.compressors.base import (
     CompressionPlan,
     Compressor,
@@ -34,11 +35,11 @@ from lightning_gmc.compressors.workspace import Workspace
 __all__ = ["Identity", "RandomBlock", "RandomK", "SparseCompressor", "TopK", "TopKApprox"]
 
 
-def _check_density(density: float) -> float:
-    density = float(density)
-    if not (0.0 < density <= 1.0) or math.isnan(density):
-        raise ValueError(f"density must be in (0, 1], got {density}")
-    return density
+def _check_fraction(name: str, value: object) -> float:
+    fraction = check_float(name, value, "in (0, 1]")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return fraction
 
 
 def _value_bits(dtype: torch.dtype) -> int:
@@ -145,7 +146,7 @@ class SparseCompressor(Compressor):
     wire_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "density", _check_density(self.density))
+        object.__setattr__(self, "density", _check_fraction("density", self.density))
         object.__setattr__(self, "wire_dtype", check_wire_dtype(self.wire_dtype))
 
     @property
@@ -278,9 +279,7 @@ class TopKApprox(SparseCompressor):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 < self.sample_ratio <= 1.0:
-            raise ValueError(f"sample_ratio must be in (0, 1], got {self.sample_ratio}")
-        object.__setattr__(self, "sample_ratio", float(self.sample_ratio))
+        object.__setattr__(self, "sample_ratio", _check_fraction("sample_ratio", self.sample_ratio))
 
     def describe(self) -> str:
         return f"{super().describe()}, sample_ratio={self.sample_ratio:g}"

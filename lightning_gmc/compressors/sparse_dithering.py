@@ -63,6 +63,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from lightning_gmc._arguments import check_float
 from lightning_gmc.compressors.base import (
     CompressionPlan,
     Payload,
@@ -136,8 +137,9 @@ class SparseDithering(BitBudgetCompressor):
     sampling: str = "systematic"
 
     def __post_init__(self) -> None:
-        density = float(self.density)
-        if not density > 0 or math.isinf(density):
+        valid = "a positive number of quanta per coordinate"
+        density = check_float("density", self.density, valid)
+        if not density > 0:
             raise ValueError(f"density must be a positive number of quanta per coordinate, got {density}")
         if self.sampling not in ("systematic", "multinomial"):
             raise ValueError(f"sampling must be 'systematic' or 'multinomial', got {self.sampling!r}")

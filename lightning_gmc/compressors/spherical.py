@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_gmc._arguments import check_int
 from lightning_gmc.compressors.base import (
     CompressionPlan,
     Payload,
@@ -137,16 +138,21 @@ class SphericalCompression(BitBudgetCompressor):
     )
 
     def __post_init__(self) -> None:
-        if int(self.block_size) < 2:
+        block_size = check_int("block_size", self.block_size)
+        bits_per_block = check_int("bits_per_block", self.bits_per_block)
+        norm_bits = check_int("norm_bits", self.norm_bits)
+        if block_size < 2:
             raise ValueError(f"block_size must be >= 2, got {self.block_size}")
-        if not 1 <= int(self.bits_per_block) <= 24:
+        if not 1 <= bits_per_block <= 24:
             raise ValueError(f"bits_per_block must be in 1..24, got {self.bits_per_block}")
-        if int(self.norm_bits) not in (8, 32):
+        if norm_bits not in (8, 32):
             raise ValueError(f"norm_bits must be 8 or 32, got {self.norm_bits}")
         if self.variant not in ("unbiased", "contractive"):
             raise ValueError(f"variant must be 'unbiased' or 'contractive', got {self.variant!r}")
-        for name in ("block_size", "bits_per_block", "norm_bits", "chunk_scores"):
-            object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "block_size", block_size)
+        object.__setattr__(self, "bits_per_block", bits_per_block)
+        object.__setattr__(self, "norm_bits", norm_bits)
+        object.__setattr__(self, "chunk_scores", check_int("chunk_scores", self.chunk_scores, minimum=1))
         object.__setattr__(self, "unbiased", self.variant == "unbiased")
         object.__setattr__(self, "mu", spherical_mu(self.block_size, 1 << self.bits_per_block))
 

@@ -9,9 +9,11 @@ Two shapes of the same content:
   buffers (and, for methods whose evaluation model is not the training parameters, every rank's
   training parameters) in ``per_rank_local``, so that one file written by rank 0 resumes every rank.
 
-Loading checks that every restored tensor is finite (one inf in a saved momentum would make every
-parameter non-finite from the first step) and applies the world-size policy: residuals are per rank
-and cannot be re-assigned to another number of ranks.
+Loading first checks the whole state (:func:`check_checkpoint`, in
+:mod:`~lightning_gmc.hook.checkpoint_schema`: every field, every rank's entry, every tensor finite,
+the methods' invariants), then applies the world-size policy: residuals are per rank and cannot be
+re-assigned to another number of ranks, so a resume with another number of ranks or another topology
+restarts them (:meth:`Method.reset_local`).
 """
 
 from __future__ import annotations
@@ -20,18 +22,18 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from lightning_gmc.config import WorldSizeChangePolicy
 from lightning_gmc.hook.binding import StepClock
+from lightning_gmc.hook.checkpoint_schema import STATE_FORMAT, check_checkpoint
 from lightning_gmc.methods import Method, WorkerState
 from lightning_gmc.transport import CommStats
 
 __all__ = [
     "STATE_FORMAT",
-    "check_finite_tensors",
+    "check_checkpoint",
     "encode_rank_state",
     "gather_state",
     "load_rank_state",
@@ -41,8 +43,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-STATE_FORMAT = 1
 
 
 def world_size_of(process_group: dist.ProcessGroup | None) -> int:
@@ -65,17 +65,6 @@ def encode_rank_state(
     }
 
 
-def check_finite_tensors(what: str, by_buffer: Mapping[str, Mapping[str, Tensor]]) -> None:
-    """Raise if a saved tensor holds inf or NaN, naming the buffer and the parameter."""
-    for buffer, by_name in by_buffer.items():
-        for name, tensor in by_name.items():
-            if not bool(torch.isfinite(tensor).all()):
-                raise ValueError(
-                    f"{what}: {buffer!r} of parameter {name!r} holds non-finite values (inf/NaN); the run "
-                    f"that wrote it had diverged. Resume from an earlier checkpoint."
-                )
-
-
 def load_rank_state(
     state: Mapping[str, Any],
     method: Method,
@@ -84,22 +73,16 @@ def load_rank_state(
     stats: CommStats,
     load_local: bool = True,
 ) -> None:
-    """Restore :func:`encode_rank_state` output; ``load_local=False`` starts from zero local buffers."""
-    if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"unsupported lightning_gmc state format {state.get('format')!r}")
-    if state["method"] != method.describe():
-        raise ValueError(
-            f"checkpoint was written by {state['method']!r}, this run uses {method.describe()!r}"
-        )
-    check_finite_tensors("checkpoint", state["shared"])
-    if load_local:
-        check_finite_tensors("checkpoint", state["local"])
+    """Restore :func:`encode_rank_state` output, checked by
+    :func:`~lightning_gmc.hook.checkpoint_schema.check_checkpoint`; ``load_local=False`` restarts the
+    local buffers (:meth:`Method.reset_local`: zero residuals; EF21's estimates take the kept
+    aggregate)."""
     clock.load(state["step"], state["last_lrs"])
     worker.load_state_dict(state["shared"])
     if load_local:
         worker.load_state_dict(state["local"])
     else:
-        worker.reset("local")
+        method.reset_local(worker)  # zero, except what an invariant ties to the shared buffers
     stats.load_state_dict(state["stats"])
 
 
@@ -127,8 +110,9 @@ def gather_state(
 def select_rank_local(
     block: Mapping[str, Any], rank: int, world_size: int, policy: WorldSizeChangePolicy
 ) -> dict[str, Any] | None:
-    """This rank's entry of a gathered state, or None when the world size changed and the policy
-    resets residuals. Checks every rank's entry, so that a bad tensor fails on every rank."""
+    """This rank's entry of a gathered state (checked whole by
+    :func:`~lightning_gmc.hook.checkpoint_schema.check_checkpoint`), or None when the world size
+    changed and the policy resets residuals."""
     saved_world = int(block["world_size"])
     if saved_world != world_size:
         if policy == "error":
@@ -143,12 +127,6 @@ def select_rank_local(
             world_size,
         )
         return None
-    for saved_rank, local in enumerate(block["per_rank_local"]):
-        check_finite_tensors(f"checkpoint (rank {saved_rank})", local["buffers"])
-        if "training_parameters" in local:
-            check_finite_tensors(
-                f"checkpoint (rank {saved_rank})", {"training_parameters": local["training_parameters"]}
-            )
     entry: dict[str, Any] = block["per_rank_local"][rank]
     return entry
 

@@ -22,18 +22,22 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.futures import Future
 
-from lightning_gmc.methods import ParameterTable
-from lightning_gmc.transport import ring_allreduce_bytes
+from lightning_gmc.hook.reducer import BucketWork, method_step
+from lightning_gmc.methods import Method, ParameterTable, WorkerState
+from lightning_gmc.transport import CommStats, Exchange, LeaderSupport, TorchCollectives, ring_allreduce_bytes
 
 __all__ = [
     "IntraNodeTraffic",
     "NodeGroups",
     "NodeLayout",
+    "NodeReducer",
     "NodeTopology",
     "assign_owners",
     "build_node_groups",
@@ -53,6 +57,15 @@ class NodeTopology:
     def describe(self) -> dict[str, int]:
         """What a checkpoint records (resuming on another topology follows the world-size policy)."""
         return {"num_nodes": self.num_nodes, "ranks_per_node": self.ranks_per_node}
+
+    def rank_label(self) -> str:
+        """How error messages name this rank: its global rank and its place (the exchange's group
+        numbers it by node)."""
+        rank = self.node_rank * self.ranks_per_node + self.local_rank
+        return (
+            f"global rank {rank} (node {self.node_rank}, local rank {self.local_rank}; rank "
+            f"{self.node_rank} of the inter-node group)"
+        )
 
 
 @dataclass(frozen=True)
@@ -217,3 +230,109 @@ class IntraNodeTraffic:
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+
+class NodeReducer:
+    """The reducer of ``hierarchy="node"`` (module docstring): the node mean, the method on the owned
+    parameters against the other nodes, and the share-back inside the node.
+
+    The node mean and the inter-node exchange are waited for in :meth:`reduce`: every collective is
+    then issued in the caller's thread, in the same order on every rank (a collective issued from a
+    future's callback would run on the back-end's completion thread). Only the share-back all-reduce
+    is left in flight; its callback copies the result, locally.
+
+    Args:
+        stats: the traffic counters of the inter-node exchange.
+        groups: this rank's topology and process groups (:func:`build_node_groups`).
+    """
+
+    def __init__(self, stats: CommStats, groups: NodeGroups) -> None:
+        self.groups = groups
+        self._exchange = Exchange(TorchCollectives(groups.inter), stats, groups.topology.rank_label())
+        self._support = LeaderSupport(self._exchange.collectives, stats)
+        self.intra_traffic = IntraNodeTraffic()
+        #: owner local rank of every parameter, fixed at attach
+        self.owners: tuple[int, ...] = ()
+        self._layouts: dict[tuple[int, ...], NodeLayout] = {}
+        self.method: Method | None = None
+        self.worker: WorkerState | None = None
+
+    @property
+    def exchange(self) -> Exchange:
+        return self._exchange
+
+    @property
+    def support(self) -> LeaderSupport:
+        return self._support
+
+    def attach(self, method: Method, table: ParameterTable, device: torch.device, seed: int) -> WorkerState:
+        topology = self.groups.topology
+        self.owners = assign_owners(table, topology.ranks_per_node)
+        self._layouts.clear()
+        self.method = method
+        # The node is the logical worker: its rank selects the private random streams.
+        self.worker = WorkerState(method, table, device, topology.node_rank, seed)
+        return self.worker
+
+    def layout(self, param_indices: tuple[int, ...]) -> NodeLayout:
+        """This rank's view of a bucket (built once per bucket layout)."""
+        layout = self._layouts.get(param_indices)
+        if layout is None:
+            assert self.method is not None and self.worker is not None
+            layout = NodeLayout(
+                param_indices,
+                self.worker.table.numels,
+                self.owners,
+                self.groups.topology.local_rank,
+                len(self.method.buffers),
+                self.worker.device,
+            )
+            self._layouts[param_indices] = layout
+        return layout
+
+    def reduce(self, work: BucketWork) -> Future[Tensor]:
+        method, worker, groups = self.method, self.worker, self.groups
+        assert method is not None and worker is not None, "attach() runs before the first bucket"
+        grad, buffer = work.grad, work.buffer
+        layout = self.layout(work.param_indices)
+        ranks_per_node = groups.topology.ranks_per_node
+        self.intra_traffic.record_allreduce(grad.numel() * grad.element_size(), ranks_per_node)
+        dist.all_reduce(grad, group=groups.intra)
+        grad.div_(ranks_per_node)  # the node's mean gradient: what the node's one worker computes with
+        layout.share.zero_()
+        if layout.owned_indices:
+            bucket_state = worker.bucket(layout.owned_indices)
+            owned = bucket_state.workspace("node_grad")
+            layout.gather(grad, owned)
+            owned_params = [work.params[pos] for pos in layout.owned_positions]
+            step = method_step(worker, self.exchange, self.support, bucket_state, owned, owned_params, work)
+            messages = method.encode(step)
+            means = self.exchange.start([messages], [bucket_state], work.step, work.index).wait()
+            method.decode(step, means[0])
+            layout.scatter(step.direction(), 0)  # owned, or the state buffer holding the direction
+            for section, name in enumerate(method.buffers, start=1):
+                layout.scatter(bucket_state.buffers[name], section)
+        self.intra_traffic.record_allreduce(layout.share.numel() * 4, ranks_per_node)
+        pending = dist.all_reduce(layout.share, group=groups.intra, async_op=True)
+        assert pending is not None
+
+        def finish(fut: Future[list[Tensor]]) -> Tensor:
+            fut.value()  # re-raises a failed share-back
+            # Every rank of the node, owners included, takes the summed buffer: identical state everywhere.
+            buffer.copy_(layout.section(0))
+            for section, name in enumerate(method.buffers, start=1):
+                summed, per_param = layout.section(section), worker.tensors[name]
+                slots = zip(layout.param_indices, layout.offsets, layout.numels, strict=True)
+                for index, offset, numel in slots:
+                    per_param[index].copy_(summed[offset : offset + numel])
+            return buffer
+
+        return pending.get_future().then(finish)
+
+    def topology(self) -> dict[str, Any]:
+        return {"hierarchy": "node", **self.groups.topology.describe()}
+
+    def add_metrics(self, metrics: dict[str, float]) -> None:
+        # The exchange's counters (``bytes_sent``) count the inter-node link here.
+        metrics["bytes_sent_inter"] = metrics["bytes_sent"]
+        metrics["bytes_sent_intra"] = self.intra_traffic.take_step()

@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_gmc.hook.hierarchy import IntraNodeTraffic
 from lightning_gmc.methods import WorkerState
 from lightning_gmc.transport import CommStats
 
@@ -25,9 +24,6 @@ class HookMetrics:
     def __init__(self, stats: CommStats) -> None:
         self.stats = stats
         self._nonfinite_pending: Tensor | None = None
-        #: bytes sent inside the node (hierarchy="node" only); then ``stats`` counts the inter-node
-        #: exchange, reported as ``bytes_sent`` and ``bytes_sent_inter``.
-        self.intra: IntraNodeTraffic | None = None
 
     def count_nonfinite(self, skipped: Tensor) -> None:
         """Accumulate skipped-bucket events on the device (read once per step by :meth:`take`)."""
@@ -62,9 +58,6 @@ class HookMetrics:
             self.stats.nonfinite_skips += int(values.pop())
         metrics = self.stats.take_step()
         metrics["residual_norm"] = float(values[0]) ** 0.5 if norm is not None else 0.0
-        if self.intra is not None:
-            metrics["bytes_sent_inter"] = metrics["bytes_sent"]
-            metrics["bytes_sent_intra"] = self.intra.take_step()
         return metrics
 
 

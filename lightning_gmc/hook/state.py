@@ -12,14 +12,16 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_gmc import config as gmc_config
+from lightning_gmc._arguments import check_int
 from lightning_gmc.config import GMCConfig, Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
 from lightning_gmc.hook import codec
 from lightning_gmc.hook.binding import OptimizerBinding, StepClock
-from lightning_gmc.hook.hierarchy import IntraNodeTraffic, NodeGroups, NodeLayout, assign_owners
+from lightning_gmc.hook.hierarchy import NodeGroups, NodeReducer
 from lightning_gmc.hook.metrics import HookMetrics
+from lightning_gmc.hook.reducer import FlatReducer, Reducer
 from lightning_gmc.hook.swap import ParameterSwap
 from lightning_gmc.methods import GroupHyper, Method, WorkerState
-from lightning_gmc.transport import CommStats, Exchange, LeaderSupport, TorchCollectives
+from lightning_gmc.transport import CommStats, Exchange, LeaderSupport
 
 __all__ = ["GMCHookState"]
 
@@ -30,7 +32,8 @@ class GMCHookState:
     """Per-rank state of :func:`gmc_hook`, in the spirit of torch's ``PowerSGDState``. Parts:
     :attr:`binding` (parameters, optimizer takeover), :attr:`clock` (step, LR history), :attr:`worker`
     (method buffers), :attr:`swap` (detached/evaluation points, averaging through :attr:`exchange`'s
-    collectives), :attr:`exchange` (the gradient exchange).
+    collectives), :attr:`reducer` (one bucket in, its update direction out: the method, its exchange
+    and, under ``hierarchy="node"``, the node's process groups; :mod:`~lightning_gmc.hook.reducer`).
 
     Args:
         method: the method (holds its compressor), e.g. ``GMCConfig(compressor="rbgs").build()``.
@@ -64,22 +67,15 @@ class GMCHookState:
         self.on_world_size_change = gmc_config.check_world_size_policy(on_world_size_change)
         self.method = method
         self.process_group = process_group
-        self.seed = int(seed)
+        self.seed = check_int("seed", seed)
         self.binding = OptimizerBinding(method, momentum)
         self.clock = StepClock(self.binding)
         self.stats = CommStats(defer_rcc=True)  # RCC only for steps whose metrics are taken
-        self.exchange = Exchange(TorchCollectives(process_group), self.stats)
-        #: the selection stage of topk_shared (a broadcast of the leader's indices)
-        self.support = LeaderSupport(self.exchange.collectives, self.stats)
+        self.reducer: Reducer = FlatReducer(self.stats, process_group)
         self.hook_calls = 0
         self.worker: WorkerState | None = None
         self.swap: ParameterSwap | None = None
         self.metrics = HookMetrics(self.stats)
-        self.node_groups: NodeGroups | None = None
-        self.intra_traffic = IntraNodeTraffic()
-        #: owner local rank of every parameter (hierarchy="node"), fixed at attach
-        self.owners: tuple[int, ...] = ()
-        self._node_layouts: dict[tuple[int, ...], NodeLayout] = {}
 
     @classmethod
     def from_config(cls, config: GMCConfig, process_group: dist.ProcessGroup | None = None) -> GMCHookState:
@@ -103,10 +99,22 @@ class GMCHookState:
             raise ValueError("hierarchy='node' builds its groups from the default process group; pass none")
         if self.worker is not None:
             raise RuntimeError("set_node_groups() must run before attach()")
-        self.node_groups = groups
-        self.exchange = Exchange(TorchCollectives(groups.inter), self.stats)
-        self.support = LeaderSupport(self.exchange.collectives, self.stats)
-        self.metrics.intra = self.intra_traffic
+        self.reducer = NodeReducer(self.stats, groups)
+
+    @property
+    def node_groups(self) -> NodeGroups | None:
+        """The node groups of ``hierarchy="node"`` (None until :meth:`set_node_groups`, and flat)."""
+        return self.reducer.groups if isinstance(self.reducer, NodeReducer) else None
+
+    @property
+    def exchange(self) -> Exchange:
+        """The method's gradient exchange (the reducer's)."""
+        return self.reducer.exchange
+
+    @property
+    def support(self) -> LeaderSupport:
+        """The selection stage of ``topk_shared`` (a broadcast of the leader's indices)."""
+        return self.reducer.support
 
     @property
     def step(self) -> int:
@@ -118,22 +126,16 @@ class GMCHookState:
         the optimizer's momentum and weight decay (see
         :class:`~lightning_gmc.hook.binding.OptimizerBinding` for what is raised)."""
         binding = self.binding
+        if self.hierarchy == "node" and self.node_groups is None:
+            raise RuntimeError(
+                "hierarchy='node' needs its process groups before attach(): call state.set_node_groups("
+                "lightning_gmc.hook.build_node_groups(ranks_per_node)) on every rank"
+            )
         binding.attach(model, optimizer)
         device = binding.params[0].device if binding.params else torch.device("cpu")
-        distributed = dist.is_available() and dist.is_initialized()
-        rank = dist.get_rank(self.process_group) if distributed else 0
-        if self.hierarchy == "node":
-            if self.node_groups is None:
-                raise RuntimeError(
-                    "hierarchy='node' needs its process groups before attach(): call state.set_node_groups("
-                    "lightning_gmc.hook.build_node_groups(ranks_per_node)) on every rank"
-                )
-            topology = self.node_groups.topology
-            rank = topology.node_rank  # the logical worker, and its private random streams
-            self.owners = assign_owners(binding.table, topology.ranks_per_node)
-            self._node_layouts.clear()
-        self.worker = WorkerState(self.method, binding.table, device, rank, self.seed)
+        self.worker = self.reducer.attach(self.method, binding.table, device, self.seed)
         residuals = self.worker.tensors.get("residual")
+        distributed = dist.is_available() and dist.is_initialized()
         collectives = self.exchange.collectives if distributed else None
         self.swap = ParameterSwap(self.method, binding.params, binding.table, residuals, collectives)
         if binding.takes_over:
@@ -230,31 +232,16 @@ class GMCHookState:
 
     def topology(self) -> dict[str, Any]:
         """How the workers map onto ranks (recorded in gathered checkpoints)."""
-        if self.node_groups is None:
-            return {"hierarchy": "flat"}
-        return {"hierarchy": "node", **self.node_groups.topology.describe()}
-
-    def node_layout(self, param_indices: tuple[int, ...]) -> NodeLayout:
-        """This rank's view of a bucket under hierarchy="node" (built once per bucket layout)."""
-        layout = self._node_layouts.get(param_indices)
-        if layout is None:
-            worker = self._attached_worker("the first backward")
-            assert self.node_groups is not None
-            layout = NodeLayout(
-                param_indices,
-                self.binding.table.numels,
-                self.owners,
-                self.node_groups.topology.local_rank,
-                len(self.method.buffers),
-                worker.device,
-            )
-            self._node_layouts[param_indices] = layout
-        return layout
+        return self.reducer.topology()
 
     def load_state_dict(self, state: dict[str, Any], load_local: bool = True) -> None:
         """Restore :meth:`state_dict` or :meth:`gathered_state_dict` output (the latter under the
-        ``on_world_size_change`` policy); ``load_local=False`` keeps zero residuals."""
+        ``on_world_size_change`` policy); ``load_local=False`` restarts the local buffers
+        (:meth:`Method.reset_local`)."""
         worker = self._attached_worker("load_state_dict()")
+        # The whole file, every rank's entry too: a bad entry fails on every rank alike, before anything
+        # is restored.
+        codec.check_checkpoint(state, self.method, worker.table, len(self.binding.group_momentum))
         training_parameters = None
         if "per_rank_local" in state:
             world_size = codec.world_size_of(self.process_group)
@@ -277,4 +264,6 @@ class GMCHookState:
     def take_metrics(self) -> dict[str, float]:
         """This step's traffic metrics plus the residual norm; resets the per-step counters. RCC
         counts only the steps whose metrics are taken (``CommStats.defer_rcc``)."""
-        return self.metrics.take(self.worker)
+        metrics = self.metrics.take(self.worker)
+        self.reducer.add_metrics(metrics)
+        return metrics

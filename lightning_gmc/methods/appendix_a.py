@@ -31,11 +31,11 @@ larger learning rates, enters the update with a larger coefficient than GMC's (G
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from torch import Tensor
 
+from lightning_gmc._arguments import check_float
 from lightning_gmc.compressors import Compressor
 from lightning_gmc.methods._common import add_into, add_momentum, apply_lr_inside_out, check_lr
 from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method
@@ -68,7 +68,7 @@ class EFServerMomentum(Method):
 
     def __init__(self, compressor: Compressor, detach: float = 0.0) -> None:
         super().__init__(compressor)
-        if not (math.isfinite(detach) and detach >= 0):
+        if not check_float("detach", detach, "a finite number >= 0") >= 0:
             raise ValueError(
                 f"detach must be a finite number >= 0 (0 = Algorithm 3, > 0 = gradient at the detached "
                 f"point w - detach * lr * residual), got {detach}"

@@ -12,7 +12,7 @@ State lives in a :class:`~lightning_gmc.methods.state.WorkerState` (re-exported 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -272,6 +272,12 @@ class Method(ABC):
     #: Compressor name the strategy and the simulator build when the user names none (``"none"`` for
     #: the dense reference ``dmsgd``).
     default_compressor: ClassVar[str] = "topk"
+    #: Shared buffers that must equal the mean over workers of a local buffer, ``{shared: local}``:
+    #: EF21's aggregate ``h = mean_k h_k``. :meth:`reset_local` keeps such an invariant when the local
+    #: state restarts, and loading a gathered checkpoint that breaks it fails
+    #: (:mod:`lightning_gmc.hook.checkpoint_schema`). The other methods keep no invariant between a
+    #: local and a shared buffer (``docs/algorithms.md`` 3.14 lists why for each).
+    mean_of_local: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, compressor: Compressor) -> None:
         self.compressor = compressor
@@ -303,6 +309,22 @@ class Method(ABC):
         """Scale of the mean residual subtracted for ``evaluation_point ==
         "params_minus_mean_residual"`` (1 for residuals in parameter units, ``lr`` in gradient units)."""
         return 1.0
+
+    def reset_local(self, worker: WorkerState) -> None:
+        """Restart ``worker``'s local buffers, keeping its shared ones (a checkpoint resumed with
+        ``on_world_size_change="reset_residuals"``, or on another topology, where per-worker state
+        cannot be re-assigned). Local buffers become zero, except one whose mean a shared buffer
+        holds (:attr:`mean_of_local`): it takes the shared value, so that the mean over workers is the
+        shared buffer exactly, on any number of workers."""
+        restarted = set()
+        for shared, local in self.mean_of_local.items():
+            for target, value in zip(worker.tensors[local], worker.tensors[shared], strict=True):
+                target.copy_(value)
+            restarted.add(local)
+        for name, scope in self.buffers.items():
+            if scope == "local" and name not in restarted:
+                for tensor in worker.tensors[name]:
+                    tensor.zero_()
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called by the strategy when a training epoch starts (sparsity warm-up schedules)."""

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_gmc._arguments import check_float, check_int, describe_value
 from lightning_gmc.compressors import Compressor
 from lightning_gmc.methods._common import add_momentum, check_lr, resolve_compressor, with_density
 from lightning_gmc.methods.base import BucketStep, Message, Method
@@ -75,9 +76,8 @@ class CSER(Method):
         reset_interval: int = 16,
     ) -> None:
         super().__init__(compressor)
-        if int(reset_interval) != reset_interval or reset_interval < 1:
-            raise ValueError(f"reset_interval (H) must be an integer >= 1, got {reset_interval}")
-        self.reset_interval = int(reset_interval)
+        self.reset_interval = check_int("reset_interval (H)", reset_interval, minimum=1)
+        reset_density = check_float("reset_density", reset_density, "a number in (0, 1]", optional=True)
         density1 = getattr(compressor, "density", None)
         if reset_density is None and density1 is not None:
             reset_density = min(1.0, self.reset_interval * float(density1))
@@ -86,8 +86,13 @@ class CSER(Method):
                 reset = compressor  # no density to vary: C1's kind and options
             else:
                 reset = with_density(compressor, reset_density, "CSER's reset compressor")
-        else:
+        elif isinstance(reset_compressor, str | Compressor):
             reset = resolve_compressor(reset_compressor, reset_density)
+        else:
+            raise TypeError(
+                f"reset_compressor must be a compressor name, a Compressor instance or None, got "
+                f"{describe_value(reset_compressor)}"
+            )
         # C2 may equal C1: both messages of a reset step are in flight together, but each message
         # of a step has its own payload workspace (BucketStep.compress), so they share only the plan.
         self.reset_compressor: Compressor = reset

@@ -30,6 +30,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from lightning_gmc._arguments import check_float
 from lightning_gmc.compressors import Compressor
 from lightning_gmc.methods._common import add_into, add_momentum, apply_lr_inside_out, check_lr
 from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method
@@ -65,7 +66,7 @@ class DEFA(Method):
         self, compressor: Compressor, detach: float = 0.3, evaluation: DEFEvaluation = "x_t_minus_mean_error"
     ) -> None:
         super().__init__(compressor)
-        if not detach >= 0:
+        if not check_float("detach", detach, "a finite number >= 0 (DEF's coefficient c)") >= 0:
             raise ValueError(f"detach (DEF's coefficient c) must be >= 0, got {detach}")
         if evaluation not in ("x_t_minus_mean_error", "x_t"):
             raise ValueError(f"evaluation must be 'x_t_minus_mean_error' or 'x_t', got {evaluation!r}")

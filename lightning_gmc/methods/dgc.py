@@ -45,6 +45,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_gmc._arguments import check_bool, check_float, describe_value
 from lightning_gmc.compressors import Compressor, Identity, SparseCompressor
 from lightning_gmc.methods._common import add_into, add_momentum, with_density
 from lightning_gmc.methods.base import BucketStep, Message, Method
@@ -97,6 +98,8 @@ class DGC(Method):
         weight_decay_mode: WeightDecayMode = "compressed",
     ) -> None:
         super().__init__(compressor)
+        check_bool("momentum_masking", momentum_masking)
+        clip_norm = check_float("clip_norm", clip_norm, "a number > 0", optional=True)
         if clip_norm is not None and not clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
         if weight_decay_mode not in ("compressed", "local"):
@@ -111,8 +114,12 @@ class DGC(Method):
             schedule: tuple[float, ...] = PAPER_SPARSITY_WARMUP
         elif sparsity_warmup is False or sparsity_warmup is None:
             schedule = ()
+        elif isinstance(sparsity_warmup, list | tuple):
+            valid = "a number in (0, 1]"
+            schedule = tuple(check_float("a sparsity_warmup density", d, valid) for d in sparsity_warmup)
         else:
-            schedule = tuple(float(d) for d in sparsity_warmup)
+            got = describe_value(sparsity_warmup)
+            raise TypeError(f"sparsity_warmup must be True, False or a list of densities, got {got}")
         base_density = getattr(compressor, "density", None)
         # Never sparser than the target: max(warm-up, target) per epoch.
         self.warmup_densities: tuple[float, ...] = tuple(

@@ -16,8 +16,10 @@ accumulated entries. That is what makes it a candidate for adaptive optimizers, 
 estimate reacts to such entries. Like ``ef`` it leaves the optimizer alone.
 
 Not from the paper: the zero initialisation (the paper allows any ``h_k^0``; zero needs no dense
-first step), and the non-finite policy's "skip", which hands the method a zero gradient and so moves
-that rank's estimate toward zero for one step instead of leaving it unchanged.
+first step); a restart of the local estimates (a resume on another number of workers) that sets
+every ``h_k`` to the kept ``h``, which keeps ``h = mean_k h_k``; and the non-finite policy's "skip",
+which hands the method a zero gradient and so moves that rank's estimate toward zero for one step
+instead of leaving it unchanged.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ class EF21(Method):
 
     name = "ef21"
     buffers = {"estimate": "local", "aggregate": "shared"}
+    #: h = mean_k h_k: every worker adds its c_k to h_k and the mean of all c_j to h, so the invariant
+    #: holds from the zero start on. A reset of the local estimates sets every h_k to h (the
+    #: optimizer keeps its gradient estimate); zeroing h_k alone would leave h - mean_k h_k = h in the
+    #: direction forever.
+    mean_of_local = {"aggregate": "estimate"}
     error_feedback = True
     takes_over_optimizer = False
 

@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_gmc._arguments import check_float
 from lightning_gmc.compressors import Compressor
 from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method
 
@@ -57,7 +58,7 @@ class GMC(Method):
         momentum_lr_convention: MomentumConvention = "prev",
     ) -> None:
         super().__init__(compressor)
-        if not detach >= 0:  # also rejects nan
+        if not check_float("detach", detach, "a finite number >= 0 (0 = GMC, > 0 = GMC+)") >= 0:
             raise ValueError(f"detach must be >= 0 (0 = GMC, > 0 = GMC+), got {detach}")
         if momentum_lr_convention not in ("prev", "cur"):
             raise ValueError(

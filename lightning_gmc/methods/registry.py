@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from lightning_gmc._arguments import check_bool
 from lightning_gmc._registry import Registry
 from lightning_gmc.compressors import Compressor, scale_for_error_feedback
 from lightning_gmc.methods.base import Method
@@ -43,6 +44,7 @@ def build_method(name: str, compressor: Compressor, ef_scaling: bool | None = No
         # nan passes every `x < 0` check and would silently turn each step into a non-finite skip.
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"method {cls.name!r}: option {key}={value} must be a finite number")
+    ef_scaling = check_bool("ef_scaling", ef_scaling, optional=True)
     use_scaling = cls.error_feedback if ef_scaling is None else ef_scaling
     if use_scaling:
         compressor = scale_for_error_feedback(compressor)

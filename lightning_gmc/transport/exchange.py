@@ -58,11 +58,18 @@ class Exchange:
     Args:
         collectives: the back-end (which workers take part, and which of them are local).
         stats: counters the traffic is recorded into, once per message and as one worker sees it.
+        rank_label: how error messages name this process; None: ``"rank <r>"`` with its rank in the
+            collectives' group (which is not the global rank under ``hierarchy="node"``).
     """
 
-    def __init__(self, collectives: Collectives, stats: CommStats) -> None:
+    def __init__(self, collectives: Collectives, stats: CommStats, rank_label: str | None = None) -> None:
         self.collectives = collectives
         self.stats = stats
+        self.rank_label = rank_label
+
+    def describe_rank(self) -> str:
+        """This process as error messages name it (:attr:`rank_label`, else its rank in the group)."""
+        return self.rank_label or f"rank {self.collectives.local_ranks[0]}"
 
     @property
     def world_size(self) -> int:
@@ -108,8 +115,7 @@ class Exchange:
             for index in range(slots)
         ]
         where = (
-            f"bucket {bucket_index} ({buckets[0].numel} elements) at step {step} on rank "
-            f"{self.collectives.local_ranks[0]}"
+            f"bucket {bucket_index} ({buckets[0].numel} elements) at step {step} on {self.describe_rank()}"
         )
 
         def fail(what: str, err: Exception) -> CollectiveFailure:
@@ -224,7 +230,7 @@ class Exchange:
         ]
         recv = buckets[0].workspace(f"recv{index}", nbytes * world, torch.uint8)
         self.stats.record_message(route, world, nbytes, nnz, upload_bits, step)
-        future = self.collectives.all_gather_bytes(sends, recv)
+        future = self.collectives.all_gather(sends, recv)
 
         def finish_gather() -> Tensor:
             payloads = [_unpack(recv[r * nbytes : (r + 1) * nbytes], plan.payload) for r in range(world)]

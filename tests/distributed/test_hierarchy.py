@@ -12,6 +12,7 @@ set, and the strategy starts the node's second rank.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ CFG: dict[str, Any] = {
     "batch_size": 8,
     "num_samples": 64,
     "ranks_per_node": PER_NODE,
+    # each rank first tries a copy of the checkpoint with rank 1's residual of the wrong shape
+    "corrupt_entry": 1,
     # two buckets of the small model: (Linear 2) and (Linear 1), so ownership splits across buckets
     "bucket_cap_mb": 0.001,
     "cases": {
@@ -139,6 +142,16 @@ def test_replicas_are_bit_identical_and_resume_is_bitwise(results: list[dict[str
                 for buffer, by_name in want["state"][scope].items():
                     assert bits(got["state"][scope][buffer]) == bits(by_name), (rank, scope, buffer)
             assert got["metrics"]["bytes_sent_total"] == want["metrics"]["bytes_sent_total"]
+
+
+def test_a_bad_entry_of_one_rank_fails_on_every_rank_alike(results: list[dict[str, Any]]) -> None:
+    """Every rank reads every rank's entry of the gathered file, so rank 1's bad residual stops all
+    four ranks at load time with one message naming the field (before, rank 1 alone failed and the
+    others trained on); the good file then still resumes bit for bit (the test above)."""
+    for case in CFG["cases"]:
+        errors = [result[case]["corrupt_error"] for result in results]
+        assert errors[0] is not None and errors == [errors[0]] * len(results), errors
+        assert re.search(r"per_rank_local\[1\]\.buffers\['residual'\]\['[\w.]+'\] has shape", errors[0])
 
 
 @pytest.mark.parametrize("case", list(CFG["cases"]))

@@ -19,7 +19,7 @@ def test_wheel_ships_py_typed(tmp_path: Path) -> None:
     # Build from a copy, so that no build/ or *.egg-info appears in the checkout.
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(
         ROOT / "lightning_gmc", src / "lightning_gmc", ignore=shutil.ignore_patterns("__pycache__")

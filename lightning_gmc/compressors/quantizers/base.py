@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from lightning_gmc._arguments import check_int, describe_value
 from lightning_gmc.compressors.base import (
     CompressionPlan,
     Compressor,
@@ -143,20 +144,17 @@ class GroupPlan(CompressionPlan):
         return self.workspace.constant("group_lengths", device, build)
 
 
-def check_block_size(block_size: int | None) -> int | None:
-    if block_size is None:
-        return None
-    block_size = int(block_size)
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1 or None, got {block_size}")
-    return block_size
+def check_block_size(block_size: object) -> int | None:
+    return check_int("block_size", block_size, minimum=1, optional=True)
 
 
-def check_norm(norm: float | str) -> float:
-    value = math.inf if isinstance(norm, str) and norm.lower() in ("inf", "linf", "max") else float(norm)
-    if value not in (1.0, 2.0, math.inf):
-        raise ValueError(f"norm must be 1, 2 or inf, got {norm!r}")
-    return value
+def check_norm(norm: object) -> float:
+    """The norm of a quantizer's groups: 1, 2 or inf (also the strings ``"inf"``, ``"linf"``, ``"max"``)."""
+    if isinstance(norm, str) and norm.lower() in ("inf", "linf", "max"):
+        return math.inf
+    if isinstance(norm, bool) or not isinstance(norm, int | float) or float(norm) not in (1.0, 2.0, math.inf):
+        raise ValueError(f"norm must be 1, 2 or inf, got {describe_value(norm)}")
+    return float(norm)
 
 
 @dataclass(frozen=True)

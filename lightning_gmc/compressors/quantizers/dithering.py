@@ -10,6 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from lightning_gmc._arguments import check_int
 from lightning_gmc.compressors.base import CompressionPlan, Payload, RandomStreams
 from lightning_gmc.compressors.bitpack import pack_bits, unpack_bits
 from lightning_gmc.compressors.quantizers.base import GroupPlan, GroupQuantizer, check_norm, private_uniform
@@ -31,10 +32,7 @@ class _LevelDithering(GroupQuantizer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        levels = int(self.levels)
-        if levels < 1:
-            raise ValueError(f"levels must be >= 1, got {levels}")
-        object.__setattr__(self, "levels", levels)
+        object.__setattr__(self, "levels", check_int("levels", self.levels, minimum=1))
         object.__setattr__(self, "norm", check_norm(self.norm))
 
     def code_bits(self) -> int:
