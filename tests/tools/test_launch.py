@@ -72,10 +72,12 @@ def test_a_hung_launch_is_killed_whole_and_names_the_hung_rank(tmp_path: Path) -
         tmp_path,
         "hang.py",
         f"""
-        import os, subprocess, sys, time
+        import os, time
         if os.environ["RANK"] == "1":
-            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-            open({str(tmp_path / "child.pid")!r}, "w").write(str(child.pid))
+            child = os.fork()
+            if child == 0:
+                time.sleep(600)
+            open({str(tmp_path / "child.pid")!r}, "w").write(str(child))
             print("rank 1 waits", flush=True)
             time.sleep(600)
         print("rank 0 done", flush=True)
@@ -121,9 +123,10 @@ def test_the_launch_waits_for_the_ranks_a_process_started(tmp_path: Path) -> Non
         tmp_path,
         "parent.py",
         f"""
-        import subprocess, sys
-        code = "import time; time.sleep(1); open({str(result)!r}, 'w').write('written')"
-        subprocess.Popen([sys.executable, "-c", code])
+        import os, time
+        if os.fork() == 0:
+            time.sleep(1)
+            open({str(result)!r}, "w").write("written")
         """,
     )
     run_script([script], timeout=60)
