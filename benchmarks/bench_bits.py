@@ -25,11 +25,12 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
+from harness import Arm, interleaved, medians
 
 from lightning_gmc.compressors import (
     Compressor,
@@ -124,23 +125,15 @@ def timings(rows: list[Row], d: int, rounds: int) -> None:
     buf = torch.empty_like(x)
     rng = RandomStreams(0, 0)
     segments = segments_from_numels([d])
-    ops: dict[str, Callable[[], object]] = {"copy_": lambda: buf.copy_(x)}
+    arms = [Arm("copy_", lambda: buf.copy_(x))]
     for i, row in enumerate(rows):
         c = row.compressor
         plan = c.plan(segments)
         payload = c.compress(x, plan, rng, 0)
         out = torch.zeros_like(x)
-        ops[f"enc{i}"] = lambda c=c, plan=plan: c.compress(x, plan, rng, 1)
-        ops[f"dec{i}"] = lambda c=c, plan=plan, payload=payload, out=out: c.decompress_add(payload, plan, out)
-    for f in ops.values():  # warm-up
-        f()
-    times: dict[str, list[float]] = {name: [] for name in ops}
-    for _ in range(rounds):
-        for name, f in ops.items():
-            t0 = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - t0)
-    med = {name: statistics.median(v) for name, v in times.items()}
+        arms.append(Arm(f"enc{i}", partial(c.compress, x, plan, rng, 1)))
+        arms.append(Arm(f"dec{i}", partial(c.decompress_add, payload, plan, out)))
+    med = medians(interleaved(arms, rounds, warmup=1))
     for i, row in enumerate(rows):
         row.encode_ratio = med[f"enc{i}"] / med["copy_"]
         row.decode_ratio = med[f"dec{i}"] / med["copy_"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from harness import free_port
 from torch import nn
 
 COMPRESSORS = ("none", "topk", "topk_approx", "topk_shared", "rbgs")
@@ -105,15 +105,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def measure(world: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), out_dir), nprocs=world, join=True)
         return torch.load(Path(out_dir) / f"k{world}.pt")
 
 

@@ -33,15 +33,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-from quiet_profiler import quiet_profile
+from harness import Arm, interleaved, large_allocations, load_average, medians
 from torch import Tensor
-from torch.profiler import ProfilerActivity
 
 from lightning_gmc.compressors import (
     Compressor,
@@ -77,39 +72,8 @@ def layout(name: str, numel: int) -> tuple[Segment, ...]:
     raise ValueError(f"unknown layout {name!r}")
 
 
-@dataclass
-class Op:
-    """One timed operation: ``setup`` runs untimed before every call of ``run``."""
-
-    name: str
-    run: Callable[[], object]
-    setup: Callable[[], object] | None = None
-
-
-#: Where the benchmark runs (``--device``); CUDA timings synchronize before and after every op.
+#: Where the benchmark runs (``--device``).
 DEVICE = torch.device("cpu")
-
-
-def _sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
-
-
-def interleaved(ops: list[Op], rounds: int, warmup: int) -> dict[str, float]:
-    """Median seconds per op over ``rounds`` rounds; each round runs every op once, in order."""
-    times: dict[str, list[float]] = {op.name: [] for op in ops}
-    for r in range(warmup + rounds):
-        for op in ops:
-            if op.setup is not None:
-                op.setup()
-            _sync()
-            t0 = time.perf_counter()
-            op.run()
-            _sync()
-            dt = time.perf_counter() - t0
-            if r >= warmup:
-                times[op.name].append(dt)
-    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def received(payload: Payload) -> Payload:
@@ -119,7 +83,7 @@ def received(payload: Payload) -> Payload:
 
 def compressor_ops(
     name: str, density: float, x: Tensor, work: Tensor, out: Tensor, segments: tuple[Segment, ...]
-) -> list[Op]:
+) -> list[Arm]:
     """``compress + subtract_own`` and ``decompress_add`` of one compressor."""
     comp: Compressor = build_compressor(name, density=density)
     plan = comp.plan(segments)
@@ -141,8 +105,8 @@ def compressor_ops(
     wire = received(state["payload"]) if not comp.shared_support else state["payload"]
     label = name if name == "none" else f"{name} {density:.1%}"
     return [
-        Op(f"{label} | compress+subtract_own", encode, setup=lambda: work.copy_(x)),
-        Op(f"{label} | decompress_add", lambda: comp.decompress_add(wire, plan, out)),
+        Arm(f"{label} | compress+subtract_own", encode, setup=lambda: work.copy_(x)),
+        Arm(f"{label} | decompress_add", lambda: comp.decompress_add(wire, plan, out)),
     ]
 
 
@@ -191,21 +155,6 @@ class Pipeline:
         self.t += 1
 
 
-def allocations(fn: Callable[[], object], min_bytes: int) -> tuple[int, float]:
-    """Ops in one call of ``fn`` whose own net CPU allocation is at least ``min_bytes``, and the MiB
-    all ops allocated (net, per op).
-
-    Uses the profiler's memory tracking; a temporary allocated and freed inside one op (e.g. the
-    internal queue of ``torch.topk``) nets to zero and is not counted.
-    """
-    with quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.events() if e.name != "[memory]"]
-    large = sum(1 for e in events if e.self_cpu_memory_usage >= min_bytes)
-    total = sum(e.self_cpu_memory_usage for e in events if e.self_cpu_memory_usage > 0)
-    return large, total / 2**20
-
-
 def run_layout(name: str, numel: int, rounds: int, warmup: int) -> None:
     """Print the compressor table and the pipeline table of one layout."""
     segments = layout(name, numel)
@@ -218,11 +167,11 @@ def run_layout(name: str, numel: int, rounds: int, warmup: int) -> None:
     absx = torch.empty(d, device=DEVICE)
     print(f"\n### Layout `{name}`: {len(segments)} segments, d = {d:,} fp32 ({4 * d / 2**20:.0f} MiB)\n")
 
-    ops = [Op("copy_ (preallocated)", lambda: buf.copy_(x)), Op("clone() (allocating)", lambda: x.clone())]
+    ops = [Arm("copy_ (preallocated)", lambda: buf.copy_(x)), Arm("clone() (allocating)", lambda: x.clone())]
     for density in DENSITIES:
         k = max(1, int(density * d))
         ops.append(
-            Op(
+            Arm(
                 f"torch.topk(|x|) {density:.1%}",
                 lambda k=k: torch.topk(torch.abs(x, out=absx), k, sorted=False),
             )
@@ -231,7 +180,7 @@ def run_layout(name: str, numel: int, rounds: int, warmup: int) -> None:
     for comp in SPARSIFIERS[1:]:
         for density in DENSITIES:
             ops += compressor_ops(comp, density, x, work, out, segments)
-    med = interleaved(ops, rounds, warmup)
+    med = medians(interleaved(ops, rounds, warmup, device=DEVICE))
     copy = med["copy_ (preallocated)"]
     print("| Op | median ms | × copy_ | × torch.topk (same k) |")
     print("|---|---:|---:|---:|")
@@ -253,10 +202,10 @@ def run_layout(name: str, numel: int, rounds: int, warmup: int) -> None:
         ("GMC+, rbgs 0.1% (detach 0.5)", "gmc", "rbgs", 0.001, 0.5),
     ]
     pipes = {label: Pipeline(m, c, dens, det, segments) for label, m, c, dens, det in configs}
-    pops = [Op("copy_ (preallocated)", lambda: buf.copy_(x)), Op("clone() (allocating)", lambda: x.clone())]
+    pops = [Arm("copy_ (preallocated)", lambda: buf.copy_(x)), Arm("clone() (allocating)", lambda: x.clone())]
     for label, pipe in pipes.items():
-        pops.append(Op(label, pipe.step, setup=lambda pipe=pipe: pipe.grad.copy_(x)))
-    pmed = interleaved(pops, rounds, warmup)
+        pops.append(Arm(label, pipe.step, setup=lambda pipe=pipe: pipe.grad.copy_(x)))
+    pmed = medians(interleaved(pops, rounds, warmup, device=DEVICE))
     print("\nPer-bucket GMC pipeline, one worker (encode + local decode + method decode):\n")
     print(
         "| Pipeline | median ms | × copy_ | × clone() | d-sized allocations per step "
@@ -269,7 +218,7 @@ def run_layout(name: str, numel: int, rounds: int, warmup: int) -> None:
             pipe.grad.copy_(x)
             pipe.step()  # the profiled step is a steady-state one
             pipe.grad.copy_(x)
-            large, mib = allocations(pipe.step, d // 2)
+            large, mib = large_allocations(pipe.step, d // 2)
             large_s, mib_s = str(large), f"{mib:.1f}"
         ratio = pmed[label] / pmed["copy_ (preallocated)"]
         vs_clone = pmed[label] / pmed["clone() (allocating)"]
@@ -293,18 +242,16 @@ def main() -> None:
     numel = 1_000_000 if args.quick else args.numel
     rounds = args.rounds or (3 if args.quick else 9)
     torch.set_num_threads(args.threads)
-    load = os.getloadavg()
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "CPU"
     print(
         f"torch {torch.__version__} on {where}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, "
-        f"{args.threads} thread(s); load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+        f"{args.threads} thread(s); load average before: {load_average()}; "
         f"{rounds} interleaved rounds (+{args.warmup} warm-up), median"
     )
     for name in ("single", "resnet50") if args.layout == "both" else (args.layout,):
         run_layout(name, numel, rounds, args.warmup)
-    load = os.getloadavg()
-    print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"\nload average after: {load_average()}")
 
 
 if __name__ == "__main__":

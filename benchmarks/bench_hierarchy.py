@@ -13,7 +13,7 @@ Per arm it prints the bytes per step that leave one node for the other and their
   ``node2x2``: the sum of ``bytes_sent_inter`` over the node's ranks; ``flat4``: under the ring model
   of the metrics each rank sends its bytes to the next rank, and one rank per node has its successor
   on the other node, so one rank's ``bytes_sent``;
-* with ``--netns`` (Linux, root; ``benchmarks/netns.py``): the kernel's transmit counter of node 0's
+* with ``--netns`` (Linux, root; ``benchmarks/link/netns.py``): the kernel's transmit counter of node 0's
   end of a veth pair between two network namespaces, ranks of node ``n`` inside namespace ``n``,
   marginal over two run lengths (so the rendezvous and the first step's bucket rebuild cancel).
 
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "link"))  # netns.py
 
 ARMS = {"flat4": ("flat", 2, 2), "node2x2": ("node", 2, 2), "flat2": ("flat", 2, 1)}  # mode, nodes, per node
 CASES = {

@@ -27,14 +27,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
-import statistics
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from harness import Arm, free_port, interleaved, large_ops, load_average, medians
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -56,19 +53,12 @@ VARIANTS: tuple[tuple[str, str, str, float, dict[str, object]], ...] = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Variant:
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
     state: lightning_gmc.GMCHookState | None = None
-    times: list[float] = field(default_factory=list)
 
 
 def make_model(width: int, device: torch.device) -> nn.Linear:
@@ -112,16 +102,6 @@ def train_step(v: Variant, x: torch.Tensor) -> None:
     v.optimizer.step()
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -133,6 +113,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", nargs="*", default=[], help="substrings of the variant labels to run")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time the process's CPU seconds, not wall-clock seconds (CPU; steadier on a loaded machine)",
+    )
     args = parser.parse_args()
     width = 1024 if args.quick else args.width
     rounds = args.rounds or (5 if args.quick else 15)
@@ -149,37 +134,36 @@ def main() -> None:
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
     x = torch.randn(1, width, device=device)
-    copies: list[float] = []
-    clones: list[float] = []
-    load = os.getloadavg()
-    for r in range(args.warmup + rounds):
-        t_copy = timed(lambda: dst.copy_(src), device)
-        t_clone = timed(lambda: src.clone(), device)
-        for v in variants:
-            dt = timed(lambda v=v: train_step(v, x), device)
-            if r >= args.warmup:
-                v.times.append(dt)
-        if r >= args.warmup:
-            copies.append(t_copy)
-            clones.append(t_clone)
-    copy = statistics.median(copies)
-    clone = statistics.median(clones)
+    load = load_average()
+    arms = [Arm("copy_", lambda: dst.copy_(src)), Arm("clone()", lambda: src.clone())]
+    arms += [Arm(v.name, lambda v=v: train_step(v, x)) for v in variants]
+    med = medians(interleaved(arms, rounds, args.warmup, device=device, cpu_time=args.cpu_time))
+    copy, clone = med["copy_"], med["clone()"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(
         f"torch {torch.__version__}, {name} ({device}), backend {backend}, "
         f"{torch.get_num_threads()} thread(s); "
         f"Linear({width}, {width}) = {numel:,} fp32 parameters, batch 1; {rounds} interleaved rounds "
-        f"(+{args.warmup} warm-up), median; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n"
+        f"(+{args.warmup} warm-up), median {'CPU' if args.cpu_time else 'wall-clock'} time; "
+        f"load average before: {load}\n"
     )
     print(f"copy_ of the gradient: {copy * 1e3:.2f} ms; clone(): {clone * 1e3:.2f} ms\n")
-    base = statistics.median(next(v for v in variants if v.name == "DDP + SGD(momentum)").times)
-    print("| Variant | median step ms | extra × copy_ | extra × clone() |")
-    print("|---|---:|---:|---:|")
+    base = med["DDP + SGD(momentum)"]
+    passes = {v.name: len(large_ops(lambda v=v: train_step(v, x), numel // 2)) for v in variants}
+    base_passes = passes["DDP + SGD(momentum)"]
+    print("| Variant | median step ms | extra × copy_ | extra × clone() | gradient-sized ops (extra) |")
+    print("|---|---:|---:|---:|---:|")
     for v in variants:
-        med = statistics.median(v.times)
-        print(f"| {v.name} | {med * 1e3:.2f} | {(med - base) / copy:+.2f} | {(med - base) / clone:+.2f} |")
-    load = os.getloadavg()
-    print(f"\nextra = (step - DDP + SGD(momentum) step) / one copy; load average after: {load[0]:.2f}")
+        step = med[v.name]
+        print(
+            f"| {v.name} | {step * 1e3:.2f} | {(step - base) / copy:+.2f} | {(step - base) / clone:+.2f} "
+            f"| {passes[v.name]} ({passes[v.name] - base_passes:+d}) |"
+        )
+    print(
+        f"\nextra = (step - DDP + SGD(momentum) step) / one copy; gradient-sized ops: the innermost ops of "
+        f"one profiled step that touch a tensor of >= {numel // 2:,} elements (load-independent); "
+        f"load average after: {load_average()}"
+    )
     dist.destroy_process_group()
 
 

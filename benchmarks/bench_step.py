@@ -35,11 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,11 +46,10 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from quiet_profiler import quiet_profile
+from harness import Arm, free_port, interleaved, large_allocations, load_average
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
-from torch.profiler import ProfilerActivity
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_gmc
@@ -60,13 +57,6 @@ from lightning_gmc.transport import ring_allreduce_bytes
 
 WORLD = 2
 BATCH = 8
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_mlp(dims: list[int]) -> nn.Sequential:
@@ -93,6 +83,25 @@ class Variant:
     bytes_sent: list[float] = field(default_factory=list)
     collectives: list[float] = field(default_factory=list)
     hook_calls: list[int] = field(default_factory=list)
+    _calls_before: int = 0
+
+    def arm(self, x: torch.Tensor, y: torch.Tensor) -> Arm:
+        """One step per round, after a barrier; then the hook's traffic counters of the step."""
+
+        def setup() -> None:
+            dist.barrier()
+            self._calls_before = self.state.hook_calls if self.state is not None else 0
+
+        def after(measured: bool) -> None:
+            if self.state is None:
+                return
+            metrics = self.state.stats.take_step()
+            if measured:
+                self.bytes_sent.append(metrics["bytes_sent"])
+                self.collectives.append(metrics["collectives"])
+                self.hook_calls.append(self.state.hook_calls - self._calls_before)
+
+        return Arm(self.name, lambda: train_step(self, x, y), setup=setup, after=after)
 
 
 def build_variants(dims: list[int], density: float, lr: float) -> list[Variant]:
@@ -138,12 +147,11 @@ def train_step(v: Variant, x: torch.Tensor, y: torch.Tensor) -> None:
     v.optimizer.step()
 
 
-def count_large_allocations(fn: Callable[[], object], min_bytes: int) -> int:
-    """Ops in one call of ``fn`` whose own net CPU allocation is at least ``min_bytes`` (see
-    ``bench_compressors.py``)."""
-    with quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return sum(1 for e in prof.events() if e.self_cpu_memory_usage >= min_bytes)
+def slowest_rank(seconds: float) -> float:
+    """The step time of the slowest rank (an all-reduce: every rank calls it for every step)."""
+    worst = torch.tensor([seconds])
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst)
 
 
 def worker(rank: int, port: int, args: argparse.Namespace, result_path: str) -> None:
@@ -158,32 +166,18 @@ def worker(rank: int, port: int, args: argparse.Namespace, result_path: str) -> 
     gen = torch.Generator().manual_seed(1 + rank)
     x = torch.randn(BATCH, dims[0], generator=gen)
     y = torch.randint(0, dims[-1], (BATCH,), generator=gen)
-    for r in range(args.warmup + args.rounds):
-        for v in variants:
-            calls = v.state.hook_calls if v.state is not None else 0
-            dist.barrier()
-            t0 = time.perf_counter()
-            train_step(v, x, y)
-            dt = torch.tensor([time.perf_counter() - t0])
-            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-            if v.state is not None:
-                metrics = v.state.stats.take_step()
-            if r < args.warmup:
-                continue
-            v.times.append(float(dt))
-            if v.state is not None:
-                v.bytes_sent.append(metrics["bytes_sent"])
-                v.collectives.append(metrics["collectives"])
-                v.hook_calls.append(v.state.hook_calls - calls)
+    samples = interleaved([v.arm(x, y) for v in variants], args.rounds, args.warmup, combine=slowest_rank)
+    for v in variants:
+        v.times = samples[v.name]
     # One profiled steady-state step per variant (rank 0 counts; both ranks must run the step).
     allocs = {}
     for v in variants:
         dist.barrier()
-        allocs[v.name] = count_large_allocations(lambda v=v: train_step(v, x, y), numel // 2)
+        allocs[v.name] = large_allocations(lambda v=v: train_step(v, x, y), numel // 2)[0]
         if v.state is not None:
             v.state.stats.take_step()
     if rank == 0:
-        out: dict[str, Any] = {"numel": numel, "load": os.getloadavg(), "variants": {}}
+        out: dict[str, Any] = {"numel": numel, "load": load_average(), "variants": {}}
         for v in variants:
             out["variants"][v.name] = {
                 "times": v.times,
@@ -350,11 +344,10 @@ def main() -> None:
     args.rounds = args.rounds or (4 if args.quick else 15)
     lightning_steps = args.lightning_steps if args.lightning_steps is not None else (8 if args.quick else 25)
     dims = [int(v) for v in args.dims.split(",")]
-    load = os.getloadavg()
     print(
         f"torch {torch.__version__}, {os.cpu_count()} CPUs, {WORLD} gloo ranks on 127.0.0.1 x 1 thread; "
         f"MLP {args.dims}, batch {BATCH}; density {args.density:g}; {args.rounds} interleaved rounds "
-        f"(+{args.warmup} warm-up); load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n"
+        f"(+{args.warmup} warm-up); load average before: {load_average()}\n"
     )
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_path = f.name
@@ -363,11 +356,10 @@ def main() -> None:
     os.unlink(result_path)
     print(f"Model: {result['numel']:,} parameters\n")
     report(result)
-    print(f"load average after the interleaved run: {' '.join(f'{v:.2f}' for v in result['load'])}")
+    print(f"load average after the interleaved run: {result['load']}")
     if lightning_steps:
         lightning_comparison(dims, lightning_steps, args.density, skip=min(3, lightning_steps // 3))
-        load = os.getloadavg()
-        print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+        print(f"load average after: {load_average()}")
 
 
 if __name__ == "__main__":

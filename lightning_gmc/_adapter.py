@@ -63,6 +63,9 @@ LOGGED_METRICS = (
     "rcc",
     "density",
     "residual_norm",
+    "auto_density",  # density="auto" only (as are the next): the density chosen, 1 for the dense route
+    "auto_link_bps",
+    "auto_compute_ms",
 )
 
 #: shown in the progress bar unless the strategy's ``progress_bar_metrics=False``
@@ -87,7 +90,9 @@ _CONFLICTING_DDP_ARGS = {
 _GMC_ARGUMENTS_DOC = """\
 compressor: compressor name (see ``lightning_gmc.COMPRESSORS``) or a :class:`Compressor`; None
     takes the method's default (``"topk"``; ``"none"`` for the dense ``method="dmsgd"``).
-density: fraction of each parameter sent per step, in (0, 1] (sparsifiers).
+density: fraction of each parameter sent per step, in (0, 1] (sparsifiers); or ``"auto"``: the
+    hook measures compute and link during the run and picks the density (and the dense route when
+    compression does not pay) the cost model predicts fastest (``docs/planner.md``).
 detach: GMC+'s detach coefficient (``> 0`` evaluates gradients at ``w - detach * lr *
     residual``); None takes the method's default (0 for GMC).
 method: method name (see ``lightning_gmc.METHODS``).
@@ -112,6 +117,10 @@ hierarchy: ``"flat"`` (default: every rank is a worker) or ``"node"``: gradients
 wire_dtype: dtype the compressed values travel in, ``"fp32"`` (default), ``"bf16"`` or
     ``"fp16"``; the rounding error stays in the residual and decoding accumulates in fp32
     (``docs/algorithms.md`` section 3.12; fp16 raises on overflow, bf16 cannot overflow).
+auto_density: options of ``density="auto"`` (:class:`~lightning_gmc.config.AutoDensity` or a dict
+    of its fields): ``min_density`` / ``max_density`` (default 0.01 / 0.1), ``comm_fraction`` (a
+    target share of compute time for communication), ``interval`` (steps between decisions,
+    default 1000), ``pin`` (a fixed density or ``"none"``), ``profile`` (device costs).
 """
 
 _GMC_ARGUMENTS_PLACEHOLDER = "{gmc_arguments}"
@@ -328,7 +337,9 @@ def run_summary(config: GMCConfig, state: GMCHookState) -> str:
     effective = {
         "method": config.method_name,
         "compressor": repr(method.compressor),
-        "density": config.density,
+        "density": config.density
+        if config.auto is None
+        else f"auto (starting at {config.initial_density:g})",
         "detach": "n/a" if detach is None else detach,
     }
     rest = {

@@ -242,7 +242,7 @@ COMMANDS: dict[str, Command] = {
     "demo": Command("GMC vs plain DDP on digits, 2 CPU processes, offline (needs a clone)", handler=demo),
     "fit": Command("train with a bundled LightningCLI config (needs a clone)", handler=fit),
     "plan": Command(
-        "plan a run (when this version has lightning_gmc.plan)", target="lightning_gmc.plan:main"
+        "will compression pay? each setting's predicted step on a cluster", target="lightning_gmc.plan:main"
     ),
 }
 

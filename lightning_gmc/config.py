@@ -10,6 +10,9 @@ checked once, with one message, whichever entry point the user takes::
 Every float is checked to be finite: a ``nan`` detach coefficient would otherwise mark every bucket
 non-finite and train nothing. Types are checked too (``lightning_gmc._arguments``): ``ef_scaling="no"``
 or ``seed=1.7`` is refused instead of being read as ``True`` or ``1``.
+
+``density="auto"`` lets the hook choose the density (or the dense route) during the run, within the
+bounds of :class:`AutoDensity` (``docs/planner.md``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from lightning_gmc.compressors.wire import WireDtype
 from lightning_gmc.methods import METHODS, Method, build_method, method_option_names
 
 __all__ = [
+    "AUTO_DENSITY_METHODS",
+    "AutoDensity",
     "GMCConfig",
     "Hierarchy",
     "NonFinitePolicy",
@@ -40,6 +45,9 @@ __all__ = [
 ]
 
 NonFinitePolicy = Literal["skip", "raise"]
+#: methods whose one compressor ``density="auto"`` may replace between steps (DGC and CSER change or
+#: combine compressors themselves; ``dmsgd`` is dense by definition)
+AUTO_DENSITY_METHODS = ("gmc", "ef", "ef21", "def_a", "ef_server_momentum", "gmc_lr_inside")
 WorldSizeChangePolicy = Literal["error", "reset_residuals"]
 Hierarchy = Literal["flat", "node"]
 
@@ -108,6 +116,77 @@ def check_finite_options(owner: str, options: Mapping[str, Any]) -> None:
 
 
 @dataclass(frozen=True)
+class AutoDensity:
+    """How ``density="auto"`` chooses (``docs/planner.md``, "density='auto'").
+
+    At step ``warmup_steps`` and then every ``interval`` steps, every rank times its recent steps and a
+    collective of known size on the method's process group; rank 0 predicts each candidate's step with
+    the cost model (:mod:`lightning_gmc.plan`) and picks one, and every rank switches to it before the
+    next step. Candidates: the method's compressor at the densities of the 1-2-5 series between
+    ``min_density`` and ``max_density``, and the dense route (compressor ``"none"``: GMC is then
+    exactly DMSGD, i.e. DDP with SGD momentum, once its residual has been sent).
+
+    Attributes:
+        min_density, max_density: bounds of the compressed densities.
+        comm_fraction: when set, the densest candidate whose predicted communication is at most this
+            fraction of the measured compute time (else the fastest, then the densest within ``slack``).
+        slack: the densest candidate within this fraction of the fastest predicted step is taken.
+        hysteresis: the current setting is kept while its predicted step is within this fraction of
+            the one the rule picks.
+        warmup_steps: steps before the first decision (the first two after a start or a switch are
+            not timed).
+        interval: steps between later decisions; 0 decides once.
+        pin: a density, or ``"none"`` for the dense route, to run regardless of the measurements
+            (they are still taken and logged); change it during a run with ``state.auto.pin(...)``.
+        profile: the device profile of per-element costs (a shipped name or a ``--calibrate`` JSON);
+            None picks the shipped one of the device (``cpu``, ``h100``, ``h200``).
+    """
+
+    min_density: float = 0.01
+    max_density: float = 0.1
+    comm_fraction: float | None = None
+    slack: float = 0.05
+    hysteresis: float = 0.1
+    warmup_steps: int = 8
+    interval: int = 1000
+    pin: float | str | None = None
+    profile: str | None = None
+
+    def __post_init__(self) -> None:
+        low, high = check_density(self.min_density), check_density(self.max_density)
+        if low > high:
+            raise ValueError(f"auto_density: min_density {low} is above max_density {high}")
+        for name in ("slack", "hysteresis"):
+            if check_float(f"auto_density {name}", getattr(self, name), "a finite number >= 0") < 0:
+                raise ValueError(
+                    f"auto_density: {name} must be a finite number >= 0, got {getattr(self, name)!r}"
+                )
+        if self.comm_fraction is not None:
+            if check_float("auto_density comm_fraction", self.comm_fraction, "> 0") <= 0:
+                raise ValueError(f"auto_density: comm_fraction must be > 0, got {self.comm_fraction!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 4:
+            raise ValueError(f"auto_density: warmup_steps must be an int >= 4, got {self.warmup_steps!r}")
+        if not isinstance(self.interval, int) or (self.interval != 0 and self.interval < 4):
+            raise ValueError(
+                f"auto_density: interval must be 0 (decide once) or an int >= 4, got {self.interval!r}"
+            )
+        if self.pin is not None and self.pin != "none":
+            check_density(self.pin)
+
+    @classmethod
+    def from_options(cls, options: AutoDensity | Mapping[str, Any] | None) -> AutoDensity:
+        """The options from an instance, a dict of its fields (LightningCLI, YAML) or None (defaults)."""
+        if isinstance(options, AutoDensity):
+            return options
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"auto_density does not take {unknown}; it takes {sorted(known)}")
+        return cls(**options)
+
+
+@dataclass(frozen=True)
 class GMCConfig:
     """What to run, validated on construction.
 
@@ -115,7 +194,9 @@ class GMCConfig:
         method: method name (see ``lightning_gmc.METHODS``).
         compressor: compressor name or instance; None takes the method's default (``"topk"``;
             ``"none"`` for the dense ``"dmsgd"``).
-        density: fraction of each parameter sent per step, in (0, 1] (sparsifiers).
+        density: fraction of each parameter sent per step, in (0, 1] (sparsifiers); or ``"auto"``: the
+            hook chooses it during the run (and the dense route when compression does not pay), within
+            the bounds of ``auto_density`` (:class:`AutoDensity`).
         detach: GMC+'s detach coefficient; None takes the method's default (0 for GMC). Only for
             methods that have one (``docs/algorithms.md`` section 2.3).
         momentum: overrides the optimizer's momentum when not None (methods that take over the
@@ -134,11 +215,12 @@ class GMCConfig:
         wire_dtype: dtype the compressor's float values travel in: ``"fp32"`` (default), ``"bf16"``
             or ``"fp16"`` (``docs/algorithms.md`` section 3.12); only for compressors that send
             float values (``none``, ``topk``, ``topk_approx``, ``topk_shared``, ``randk``, ``rbgs``).
+        auto_density: options of ``density="auto"`` (:class:`AutoDensity`, or a dict of its fields).
     """
 
     method: str = "gmc"
     compressor: str | Compressor | None = None
-    density: float = 0.01
+    density: float | Literal["auto"] = 0.01
     detach: float | None = None
     momentum: float | None = None
     seed: int = 0
@@ -149,6 +231,7 @@ class GMCConfig:
     on_world_size_change: WorldSizeChangePolicy = "error"
     hierarchy: Hierarchy = "flat"
     wire_dtype: WireDtype = "fp32"
+    auto_density: AutoDensity | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # Own copies: a caller mutating its dict later must not change a validated config.
@@ -157,7 +240,28 @@ class GMCConfig:
             self, "compressor_options", check_mapping("compressor_options", self.compressor_options)
         )
         object.__setattr__(self, "seed", check_int("seed", self.seed))  # 2.0 from YAML is 2; 1.7 fails
+        if self.auto_density is not None and not isinstance(self.auto_density, AutoDensity | Mapping):
+            raise TypeError(
+                f"auto_density must be an AutoDensity, a dict of its fields or None, got "
+                f"{describe_value(self.auto_density)}"
+            )
+        if self.density == "auto":
+            object.__setattr__(self, "auto_density", AutoDensity.from_options(self.auto_density))
         self.validate()
+
+    @property
+    def auto(self) -> AutoDensity | None:
+        """The options of ``density="auto"``; None for a fixed density."""
+        return self.auto_density if isinstance(self.auto_density, AutoDensity) else None
+
+    @property
+    def initial_density(self) -> float:
+        """The density the run starts with: the fixed one, or under ``"auto"`` the pinned density or
+        ``min_density`` (the compressed setting the first steps are timed with)."""
+        auto = self.auto
+        if auto is None:
+            return float(self.density)  # type: ignore[arg-type]
+        return float(auto.pin) if isinstance(auto.pin, int | float) else auto.min_density
 
     def validate(self) -> None:
         """Raise a ValueError (a TypeError for a value of the wrong type) naming the argument, what it
@@ -174,7 +278,14 @@ class GMCConfig:
             raise ValueError(
                 f"unknown compressor {compressor!r}; valid names: {', '.join(sorted(COMPRESSORS))}"
             )
-        check_density(self.density)
+        if self.density == "auto":
+            self._validate_auto()
+        else:
+            check_density(self.density)
+            if self.auto_density is not None:
+                raise ValueError(
+                    "auto_density sets the bounds of density='auto'; set density='auto' or drop it"
+                )
         check_bool("ef_scaling", self.ef_scaling, optional=True)
         if self.detach is not None:
             check_detach(self.detach)
@@ -207,6 +318,40 @@ class GMCConfig:
                 )
         self.build()
 
+    def _validate_auto(self) -> None:
+        name = self.method_name
+        if name not in AUTO_DENSITY_METHODS:
+            raise ValueError(
+                f"density='auto' replaces the method's one compressor between steps: it works with "
+                f"{', '.join(AUTO_DENSITY_METHODS)}; method {name!r} "
+                + (
+                    "is dense by definition"
+                    if name == "dmsgd"
+                    else "changes or combines its compressors itself"
+                )
+                + ". Give it a fixed density."
+            )
+        compressor = self.compressor if self.compressor is not None else METHODS[name].default_compressor
+        cls = (
+            type(compressor)
+            if isinstance(compressor, Compressor)
+            else COMPRESSORS.get(str(compressor).lower())
+        )
+        if (
+            cls is None
+            or not dataclasses.is_dataclass(cls)
+            or "density" not in {f.name for f in dataclasses.fields(cls)}
+        ):
+            raise ValueError(
+                f"density='auto' chooses the density of a sparsifier ('topk', 'topk_approx', 'topk_shared', "
+                f"'randk', 'rbgs'); {compressor!r} has none. Give a sparsifier, or no density for it."
+            )
+        if self.hierarchy != "flat":
+            raise ValueError(
+                "density='auto' runs with hierarchy='flat' for now; for hierarchy='node', choose the density "
+                "with `python -m lightning_gmc.plan --nodes N --ranks-per-node G ...` and give it as a number"
+            )
+
     @property
     def compressor_name(self) -> str | None:
         """The compressor's registry name (None for an instance of an unregistered class)."""
@@ -232,7 +377,9 @@ class GMCConfig:
         compressor = self.compressor
         if compressor is None:
             compressor = METHODS[self.method_name].default_compressor
-        built = build_compressor(compressor, density=self.density, **self.compressor_options)
+        built = build_compressor(compressor, density=self.initial_density, **self.compressor_options)
+        if self.auto is not None and getattr(built, "density", None) != self.initial_density:
+            built = dataclasses.replace(built, density=self.initial_density)  # type: ignore[type-var]
         built_wire = getattr(built, "wire_dtype", "fp32")
         if self.wire_dtype != built_wire:
             if not any(f.name == "wire_dtype" for f in dataclasses.fields(built)):  # type: ignore[arg-type]

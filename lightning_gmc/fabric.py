@@ -53,7 +53,7 @@ from lightning_gmc._adapter import (
     warn_no_gmc_state,
 )
 from lightning_gmc.compressors import Compressor, WireDtype
-from lightning_gmc.config import Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
+from lightning_gmc.config import AutoDensity, Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
 from lightning_gmc.hook import gmc_hook
 
 __all__ = ["GMCFabricStrategy"]
@@ -92,7 +92,7 @@ class GMCFabricStrategy(DDPStrategy):
     def __init__(
         self,
         compressor: str | Compressor | None = None,
-        density: float = 0.01,
+        density: float | Literal["auto"] = 0.01,
         detach: float | None = None,
         method: str = "gmc",
         momentum: float | None = None,
@@ -104,6 +104,7 @@ class GMCFabricStrategy(DDPStrategy):
         on_world_size_change: WorldSizeChangePolicy = "error",
         hierarchy: Hierarchy = "flat",
         wire_dtype: WireDtype = "fp32",
+        auto_density: AutoDensity | dict[str, Any] | None = None,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -114,7 +115,7 @@ class GMCFabricStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **ddp_kwargs: Any,
     ) -> None:
-        # The arguments from `compressor` to `wire_dtype` are GMCConfig's fields, by name.
+        # The arguments from `compressor` to `auto_density` are GMCConfig's fields, by name.
         self.gmc_config, self.gmc_state = gmc_config_and_state(type(self), locals(), ddp_kwargs)
         self.last_metrics: dict[str, float] = {}
         self._model: nn.Module | None = None

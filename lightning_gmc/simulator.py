@@ -100,6 +100,11 @@ class Simulator:
                 ef_scaling=ef_scaling,
                 wire_dtype=wire_dtype,
             )
+            if config.auto is not None:
+                raise ValueError(
+                    "the simulator runs a fixed density (density='auto' times a real run's steps and link); "
+                    "give a number, or replace sim.method.compressor between steps to change it"
+                )
             self.method = config.build()
         names = tuple(params)
         shapes = tuple(torch.Size(v.shape if isinstance(v, Tensor) else v) for v in params.values())

@@ -44,7 +44,7 @@ from lightning_gmc._trainer_support import (
     show_traffic_with_units,
 )
 from lightning_gmc.compressors import Compressor, WireDtype
-from lightning_gmc.config import Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
+from lightning_gmc.config import AutoDensity, Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
 from lightning_gmc.hook import gmc_hook
 from lightning_gmc.hook.binding import OptimizerBinding
 from lightning_gmc.methods import Method
@@ -101,7 +101,7 @@ class GMCStrategy(DDPStrategy):
     def __init__(
         self,
         compressor: str | Compressor | None = None,
-        density: float = 0.01,
+        density: float | Literal["auto"] = 0.01,
         detach: float | None = None,
         method: str = "gmc",
         momentum: float | None = None,
@@ -113,6 +113,7 @@ class GMCStrategy(DDPStrategy):
         on_world_size_change: WorldSizeChangePolicy = "error",
         hierarchy: Hierarchy = "flat",
         wire_dtype: WireDtype = "fp32",
+        auto_density: AutoDensity | dict[str, Any] | None = None,
         progress_bar_metrics: bool = True,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
@@ -124,7 +125,7 @@ class GMCStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **ddp_kwargs: Any,
     ) -> None:
-        # The arguments from `compressor` to `wire_dtype` are GMCConfig's fields, by name.
+        # The arguments from `compressor` to `auto_density` are GMCConfig's fields, by name.
         self.gmc_config, self.gmc_state = gmc_config_and_state(type(self), locals(), ddp_kwargs)
         self.gmc_method: Method = self.gmc_state.method
         self._pending_checkpoint_state: dict[str, Any] | None = None

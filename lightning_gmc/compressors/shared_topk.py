@@ -9,7 +9,7 @@ one all-reduce sums them, and error feedback keeps the rest: ``e = u - C(u)`` wi
 the shared support. The broadcast is the caller's (the transport's support agreement); this class
 stays a pure tensor map.
 
-Bytes per rank per step no longer grow with K: ``k`` int32 broadcast plus a ring all-reduce of ``k``
+Bytes per rank per step do not grow with K: ``k`` int32 broadcast plus a ring all-reduce of ``k``
 values, about ``3 (K-1)/K * 4k`` bytes in fp32, against ``(K-1) * 8k`` for the all-gather of
 ``topk``.
 """

@@ -11,7 +11,7 @@ from torch import Tensor
 from lightning_gmc.methods import WorkerState
 from lightning_gmc.transport import CommStats
 
-__all__ = ["HookMetrics", "residual_norm", "sum_over_ranks"]
+__all__ = ["HookMetrics", "residual_norm_squared", "sum_over_ranks"]
 
 
 class HookMetrics:
@@ -71,12 +71,6 @@ def residual_norm_squared(worker: WorkerState | None) -> Tensor | None:
         return None
     norms = torch._foreach_norm(worker.tensors["residual"])
     return torch.stack(norms).to(torch.float64).square().sum()
-
-
-def residual_norm(worker: WorkerState | None) -> float:
-    """L2 norm of a worker's residual (0 for methods without one); reads the device once."""
-    squared = residual_norm_squared(worker)
-    return 0.0 if squared is None else float(squared) ** 0.5
 
 
 def sum_over_ranks(

@@ -13,8 +13,9 @@ from torch import nn
 
 from lightning_gmc import config as gmc_config
 from lightning_gmc._arguments import check_int
-from lightning_gmc.config import GMCConfig, Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
+from lightning_gmc.config import AutoDensity, GMCConfig, Hierarchy, NonFinitePolicy, WorldSizeChangePolicy
 from lightning_gmc.hook import codec
+from lightning_gmc.hook.auto_density import AutoDensityController
 from lightning_gmc.hook.binding import OptimizerBinding, StepClock
 from lightning_gmc.hook.hierarchy import NodeGroups, NodeReducer
 from lightning_gmc.hook.metrics import HookMetrics
@@ -50,6 +51,8 @@ class GMCHookState:
             shared buffers; start every rank's residual from zero).
         hierarchy: ``"flat"`` (every rank is a worker) or ``"node"`` (one worker per node; give the
             groups with :meth:`set_node_groups` before :meth:`attach`; ``docs/algorithms.md`` 3.11).
+        auto_density: the options of ``density="auto"``: the hook then chooses the density between
+            steps (:attr:`auto`, :mod:`~lightning_gmc.hook.auto_density`); flat only.
     """
 
     def __init__(
@@ -61,8 +64,15 @@ class GMCHookState:
         nonfinite: NonFinitePolicy = "skip",
         on_world_size_change: WorldSizeChangePolicy = "error",
         hierarchy: Hierarchy = "flat",
+        auto_density: AutoDensity | None = None,
     ) -> None:
         self.hierarchy = gmc_config.check_hierarchy(hierarchy)
+        if auto_density is not None and self.hierarchy != "flat":
+            raise ValueError(
+                "density='auto' runs with hierarchy='flat' for now; give hierarchy='node' a density"
+            )
+        #: the controller of ``density="auto"`` (None for a fixed density)
+        self.auto = AutoDensityController(auto_density) if auto_density is not None else None
         self.nonfinite = gmc_config.check_nonfinite_policy(nonfinite)
         self.on_world_size_change = gmc_config.check_world_size_policy(on_world_size_change)
         self.method = method
@@ -88,6 +98,7 @@ class GMCHookState:
             nonfinite=config.nonfinite,
             on_world_size_change=config.on_world_size_change,
             hierarchy=config.hierarchy,
+            auto_density=config.auto,
         )
 
     def set_node_groups(self, groups: NodeGroups) -> None:
@@ -134,6 +145,8 @@ class GMCHookState:
         binding.attach(model, optimizer)
         device = binding.params[0].device if binding.params else torch.device("cpu")
         self.worker = self.reducer.attach(self.method, binding.table, device, self.seed)
+        if self.auto is not None:
+            self.auto.attach(self.method, self.clock, self.worker, optimizer, self.process_group)
         residuals = self.worker.tensors.get("residual")
         distributed = dist.is_available() and dist.is_initialized()
         collectives = self.exchange.collectives if distributed else None
@@ -218,7 +231,10 @@ class GMCHookState:
         """This rank's state: step, learning-rate history, shared and local buffers, traffic totals."""
         worker = self._attached_worker("state_dict()")
         self.metrics.flush_nonfinite()
-        return codec.encode_rank_state(self.method, self.clock, worker, self.stats)
+        state = codec.encode_rank_state(self.method, self.clock, worker, self.stats)
+        if self.auto is not None:
+            state["auto_density"] = self.auto.state_dict()
+        return state
 
     def gathered_state_dict(self) -> dict[str, Any]:
         """Every rank's state in one dict, for one checkpoint file (a collective: call on every rank).
@@ -239,9 +255,13 @@ class GMCHookState:
         ``on_world_size_change`` policy); ``load_local=False`` restarts the local buffers
         (:meth:`Method.reset_local`)."""
         worker = self._attached_worker("load_state_dict()")
+        auto_state = None
+        if self.auto is not None:  # the saved density decides which configuration the file is of
+            auto_state = self.auto.check_state_dict(state.get("auto_density"), state.get("method"))
         # The whole file, every rank's entry too: a bad entry fails on every rank alike, before anything
         # is restored.
-        codec.check_checkpoint(state, self.method, worker.table, len(self.binding.group_momentum))
+        with self._running_density(auto_state):
+            codec.check_checkpoint(state, self.method, worker.table, len(self.binding.group_momentum))
         training_parameters = None
         if "per_rank_local" in state:
             world_size = codec.world_size_of(self.process_group)
@@ -260,10 +280,28 @@ class GMCHookState:
         codec.load_rank_state(state, self.method, self.clock, worker, self.stats, load_local)
         if load_local and training_parameters is not None:
             self.binding.load_training_parameters(training_parameters)
+        if self.auto is not None and auto_state is not None:
+            self.auto.load_state_dict(auto_state)  # the method runs the saved density from now on
+
+    @contextlib.contextmanager
+    def _running_density(self, auto_state: dict[str, Any] | None) -> Iterator[None]:
+        """The method with the compressor of a saved ``density="auto"`` state inside the block (to check
+        the file against), the current one again after it."""
+        if self.auto is None or auto_state is None:
+            yield
+            return
+        current = self.method.compressor
+        self.method.compressor = self.auto.compressor_for(auto_state["density"])
+        try:
+            yield
+        finally:
+            self.method.compressor = current
 
     def take_metrics(self) -> dict[str, float]:
         """This step's traffic metrics plus the residual norm; resets the per-step counters. RCC
         counts only the steps whose metrics are taken (``CommStats.defer_rcc``)."""
         metrics = self.metrics.take(self.worker)
         self.reducer.add_metrics(metrics)
+        if self.auto is not None:
+            metrics.update(self.auto.metrics())
         return metrics

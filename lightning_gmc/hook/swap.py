@@ -115,8 +115,8 @@ class ParameterSwap:
 
         One pass over the parameters: ``w - s * residual`` is written into a spare tensor per
         parameter and swapped in as the parameter's data, while ``w`` itself stays untouched aside;
-        leaving swaps it back, so the restore is bit-exact and costs no pass at all (a backup copy,
-        a shift and a copy back were three passes).
+        leaving swaps it back, so the restore is bit-exact and costs no pass at all (against three
+        passes for a backup copy, a shift and a copy back).
         """
         if self.active == "detached" or self.residuals is None:
             return

@@ -9,6 +9,7 @@ from lightning_gmc.methods.base import (
     Method,
     ParameterTable,
     SupportAgreement,
+    Term,
     WorkerState,
 )
 from lightning_gmc.methods.cser import CSER
@@ -53,6 +54,7 @@ __all__ = [
     "MomentumConvention",
     "ParameterTable",
     "SupportAgreement",
+    "Term",
     "WorkerState",
     "build_method",
     "method_option_names",

@@ -7,15 +7,13 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from lightning_gmc.compressors import Compressor, build_compressor
+from lightning_gmc.compressors import Compressor
 from lightning_gmc.methods.base import BucketStep, GroupHyper
 
 __all__ = [
-    "add_into",
     "add_momentum",
     "apply_lr_inside_out",
     "check_lr",
-    "resolve_compressor",
     "with_density",
 ]
 
@@ -36,19 +34,12 @@ def check_lr(method: str, hyper: GroupHyper) -> float:
     return hyper.lr
 
 
-def add_into(target: Tensor, base: Tensor, other: Tensor, alpha: float = 1.0) -> None:
-    """``target = base + alpha * other``: in place when ``target`` is ``base`` (the residual), else
-    written into ``target`` (a staging buffer, :meth:`BucketStep.staging`); the same bits either way."""
-    if target.data_ptr() == base.data_ptr():
-        target.add_(other, alpha=alpha)
-    else:
-        torch.add(base, other, alpha=alpha, out=target)
-
-
 def add_momentum(step: BucketStep, buffer: Tensor, increment: Tensor) -> None:
-    """``buffer <- beta * buffer + increment`` per param group (heavy-ball, no dampening)."""
+    """``buffer <- beta * buffer + increment`` per param group (heavy-ball, no dampening), in one pass:
+    ``torch.add(increment, buffer, alpha=beta)`` rounds once (a fused multiply-add), where
+    ``torch.optim.SGD``'s ``mul_`` + ``add_`` reads and writes the buffer twice and rounds twice."""
     for sl, hyper in step.runs():
-        buffer[sl].mul_(hyper.momentum).add_(increment[sl])
+        torch.add(increment[sl], buffer[sl], alpha=hyper.momentum, out=buffer[sl])
 
 
 def apply_lr_inside_out(method: str, step: BucketStep, delta: Tensor) -> None:
@@ -75,8 +66,3 @@ def with_density(compressor: Compressor, density: float, what: str) -> Compresso
     if not 0.0 < density <= 1.0:
         raise ValueError(f"{what}: density must be in (0, 1], got {density}")
     return dataclasses.replace(compressor, density=density)
-
-
-def resolve_compressor(spec: str | Compressor, density: float | None) -> Compressor:
-    """Build a compressor from a name (with ``density`` when it takes one) or return an instance."""
-    return build_compressor(spec, density=density)

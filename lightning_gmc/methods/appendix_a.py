@@ -37,8 +37,8 @@ from torch import Tensor
 
 from lightning_gmc._arguments import check_float
 from lightning_gmc.compressors import Compressor
-from lightning_gmc.methods._common import add_into, add_momentum, apply_lr_inside_out, check_lr
-from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method
+from lightning_gmc.methods._common import add_momentum, apply_lr_inside_out, check_lr
+from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method, Term
 
 __all__ = ["EFServerMomentum", "GMCLRInside"]
 
@@ -76,14 +76,14 @@ class EFServerMomentum(Method):
         self.detach = float(detach)
 
     def encode(self, step: BucketStep) -> list[Message]:
+        # p_k = e_k + g_k + wd x_k (x_k: the gradient point, the detached one when detach > 0);
+        # send C(p_k); e_k <- p_k - C(p_k). The identity's p_k is staged in the gradient buffer.
         residual = step.buffer("residual")
-        # p_k = e_k + g_k + wd x_k, in the residual; for the identity in the gradient buffer (no
-        # longer needed), which the exchange then sums and decodes into in place.
-        p = step.staging(self.compressor, residual, into=step.grad)
-        add_into(p, residual, step.grad)
-        step.add_weight_decay(p)  # at the gradient point (the detached one when detach > 0)
-        decode_into = None if p is residual else p
-        return [step.send_residual(self.compressor, p, residual, decode_into=decode_into)]
+        return [
+            step.send_error_feedback(
+                self.compressor, residual, step.grad, step.weight_decay(), staging=step.grad
+            )
+        ]
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means
@@ -121,16 +121,21 @@ class GMCLRInside(Method):
         step.add_weight_decay(grad)
         residual = step.buffer("residual")
         last_update = step.buffer("last_update")
-        # u'_k in the residual; for the identity written over last_update (as GMC over its momentum).
-        u = step.staging(self.compressor, residual, into=last_update)
-        for sl, hyper in step.runs():
-            residual[sl].add_(grad[sl], alpha=check_lr(self.name, hyper))
-            if hyper.momentum != 0.0:
-                add_into(u[sl], residual[sl], last_update[sl], alpha=hyper.momentum)
-            elif u is not residual:
-                u[sl].copy_(residual[sl])
-        # The mean is w_t - w_{t+1}, kept for the next step: decoded straight into last_update.
-        return [step.send_residual(self.compressor, u, residual, decode_into=last_update)]
+        # u'_k = e'_k + eta_t (g_k + wd w_t) + beta (w_{t-1} - w_t); send C(u'_k); e'_k <- u'_k - C(u'_k).
+        # The mean is w_t - w_{t+1}, kept for the next step: decoded straight into last_update, where
+        # the identity's u'_k is staged (as GMC's in its momentum).
+        lr_times_grad = Term(grad, lambda hyper: check_lr(self.name, hyper))
+        beta_times_last = Term(last_update, lambda hyper: hyper.momentum)
+        return [
+            step.send_error_feedback(
+                self.compressor,
+                residual,
+                lr_times_grad,
+                beta_times_last,
+                staging=last_update,
+                decode_into=last_update,
+            )
+        ]
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means

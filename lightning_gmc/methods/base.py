@@ -31,6 +31,7 @@ __all__ = [
     "Method",
     "ParameterTable",
     "SupportAgreement",
+    "Term",
     "WorkerState",
 ]
 
@@ -84,6 +85,38 @@ class GroupHyper:
     prev_lr: float
     momentum: float
     weight_decay: float
+
+
+#: A term's coefficient in one param group: a number, or a function of the group's hyper-parameters
+#: (e.g. its learning rate).
+Coefficient = float | Callable[[GroupHyper], float]
+
+
+@dataclass(frozen=True)
+class Term:
+    """``coefficient * tensor``, a summand of an error-feedback vector
+    (:meth:`BucketStep.send_error_feedback`); a plain tensor there is a term with coefficient 1.
+
+    Attributes:
+        tensor: bucket-sized fp32 tensor, or a function returning it (called only when some group's
+            coefficient is not zero).
+        coefficient: per param group; zero leaves the term out of that group.
+    """
+
+    tensor: Tensor | Callable[[], Tensor]
+    coefficient: Coefficient = 1.0
+
+
+def _coefficient(term: Tensor | Term, hyper: GroupHyper) -> float:
+    if isinstance(term, Tensor):
+        return 1.0
+    return term.coefficient(hyper) if callable(term.coefficient) else term.coefficient
+
+
+def _tensor(term: Tensor | Term) -> Tensor:
+    if isinstance(term, Tensor):
+        return term
+    return term.tensor() if callable(term.tensor) else term.tensor
 
 
 @dataclass
@@ -185,42 +218,59 @@ class BucketStep:
         """``x <- x - C(x)`` for a message this worker just produced from ``x``."""
         message.compressor.subtract_own(x, message.payload, message.plan, self.bucket.workspace("decoded"))
 
-    def staging(self, compressor: Compressor, residual: Tensor, into: Tensor | None = None) -> Tensor:
-        """Where an error-feedback method builds the vector ``x`` it sends next and keeps ``x - C(x)``
-        of in ``residual``: ``residual`` itself, except for a compressor that sends its input
-        unchanged (:attr:`Compressor.sends_input`, the identity), whose residual becomes zero: then
-        ``into`` (a buffer the method gives up until the exchange ends, typically the one the mean is
-        decoded into, so that the exchange works in place) or a buffer of the message's slot. Pass the
-        result to :meth:`send_residual`."""
-        if not (compressor.sends_input and compressor.shared_support):
-            return residual
-        if into is not None:
-            return into
-        slot = self.bucket.message_workspace(self._messages)
-        return slot.tensor("staged", self.bucket.numel, torch.float32, self.bucket.device)
+    @staticmethod
+    def sends_unchanged(compressor: Compressor) -> bool:
+        """Whether ``compressor`` sends its input as is (the identity on an fp32 wire,
+        :attr:`Compressor.sends_input`): ``C(x) = x``, so error feedback leaves a zero residual."""
+        return compressor.sends_input and compressor.shared_support
 
-    def send_residual(
+    def weight_decay(self) -> Term:
+        """The coupled-L2 term ``wd * w`` at the gradient's evaluation point, as a summand of
+        :meth:`send_error_feedback` (the parameters are read only if some group's ``wd`` is not zero)."""
+        return Term(self.params, lambda hyper: hyper.weight_decay)
+
+    def send_error_feedback(
         self,
         compressor: Compressor,
-        x: Tensor,
         residual: Tensor,
-        stream_offset: int = 0,
+        *terms: Tensor | Term,
+        staging: Tensor,
         decode_into: Tensor | None = None,
     ) -> Message:
-        """Send ``C(x)`` (``x`` built where :meth:`staging` said) and leave ``x - C(x)`` in
-        ``residual``: :meth:`compress` then :meth:`subtract_own` when ``x`` is the residual; else ``x``
-        itself is the payload (:meth:`Compressor.wrap_input`) and the residual becomes zero."""
-        if x is residual:
-            message = self.compress(compressor, x, stream_offset, decode_into)
+        """Error feedback: ``x = residual + terms[0] + terms[1] + ...``; send ``C(x)``; keep ``x - C(x)``
+        in ``residual``.
+
+        The terms are added left to right per param group, one pass each, in place in ``residual``
+        (a :class:`Term` whose coefficient is zero in a group is left out there), which then is ``x``.
+        A compressor that sends its input unchanged (:attr:`Compressor.sends_input`, the identity)
+        leaves a zero residual: its ``x`` is built in ``staging`` instead, the last term's pass writing
+        ``residual + term`` there (``staging`` may be the buffer that term reads, e.g. GMC's momentum).
+        ``staging`` is a buffer the method gives up until the exchange ends: it is sent without a copy
+        and the mean over workers is decoded into it. Otherwise the mean goes to ``decode_into`` (see
+        :attr:`Message.decode_into`).
+        """
+        staged = self.sends_unchanged(compressor)
+        x = staging if staged else residual
+        for sl, hyper in self.runs():
+            active = [(term, c) for term in terms if (c := _coefficient(term, hyper)) != 0.0]
+            for term, coefficient in active[: -1 if staged else None]:
+                residual[sl].add_(_tensor(term)[sl], alpha=coefficient)
+            if staged and active:
+                term, coefficient = active[-1]
+                torch.add(residual[sl], _tensor(term)[sl], alpha=coefficient, out=x[sl])
+            elif staged:
+                x[sl].copy_(residual[sl])
+        if not staged:
+            message = self.compress(compressor, x, decode_into=decode_into)
             self.subtract_own(message, residual)
             return message
         residual.zero_()  # C(x) = x
-        return self.send_as_is(compressor, x, decode_into)
+        return self.send_as_is(compressor, x, decode_into=x)
 
     def send_as_is(self, compressor: Compressor, x: Tensor, decode_into: Tensor | None = None) -> Message:
         """Send ``x``, which the method gives up until the exchange ends: wrapped without a copy when
         the compressor sends its input unchanged (the identity), else compressed."""
-        if not (compressor.sends_input and compressor.shared_support):
+        if not self.sends_unchanged(compressor):
             return self.compress(compressor, x, decode_into=decode_into)
         plan = self.bucket.plan(compressor)
         self._messages += 1  # the slot is not used, but later messages keep their own

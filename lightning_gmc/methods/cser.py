@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from lightning_gmc._arguments import check_float, check_int, describe_value
-from lightning_gmc.compressors import Compressor
-from lightning_gmc.methods._common import add_momentum, check_lr, resolve_compressor, with_density
+from lightning_gmc.compressors import Compressor, build_compressor
+from lightning_gmc.methods._common import add_momentum, check_lr, with_density
 from lightning_gmc.methods.base import BucketStep, Message, Method
 
 __all__ = ["CSER"]
@@ -87,7 +87,7 @@ class CSER(Method):
             else:
                 reset = with_density(compressor, reset_density, "CSER's reset compressor")
         elif isinstance(reset_compressor, str | Compressor):
-            reset = resolve_compressor(reset_compressor, reset_density)
+            reset = build_compressor(reset_compressor, density=reset_density)
         else:
             raise TypeError(
                 f"reset_compressor must be a compressor name, a Compressor instance or None, got "
@@ -108,38 +108,42 @@ class CSER(Method):
         grad = step.grad
         step.add_weight_decay(grad)  # wd at the worker's own model
         momentum = step.buffer("momentum")
-        add_momentum(step, momentum, grad)
+        add_momentum(step, momentum, grad)  # m_i = beta m_i + g_i
         residual = step.buffer("residual")
-        # r_i before this step, for the model change r_new - r_old in decode.
-        step.bucket.workspace("cser_previous_residual").copy_(residual)
+        if self.is_reset_step(step.step):
+            # r_i before this step, for the model change r_new - r_old of a reset step (decode).
+            step.bucket.workspace("cser_previous_residual").copy_(residual)
         delta = step.bucket.workspace("cser_delta")
         for sl, hyper in step.runs():
             torch.mul(momentum[sl], check_lr(self.name, hyper), out=delta[sl])  # d_i = eta_t m_i
-        first = step.compress(self.compressor, delta)
-        step.subtract_own(first, delta)  # d_i - C1(d_i): the local-only remainder
-        residual.add_(delta)
-        messages = [first]
+        if step.sends_unchanged(self.compressor):
+            # C1(d_i) = d_i: nothing stays local, and dbar is decoded back into d_i's buffer.
+            messages = [step.send_as_is(self.compressor, delta, decode_into=delta)]
+        else:
+            messages = [step.compress(self.compressor, delta)]
+            step.subtract_own(messages[0], delta)  # d_i - C1(d_i): the local-only remainder
+            residual.add_(delta)  # r_i += d_i - C1(d_i)
         if self.is_reset_step(step.step):
-            second = step.compress(self.reset_compressor, residual, stream_offset=1)
-            step.subtract_own(second, residual)  # r_i <- r_i - C2(r_i)
-            messages.append(second)
+            reset = step.compress(self.reset_compressor, residual, stream_offset=1)
+            step.subtract_own(reset, residual)  # r_i <- r_i - C2(r_i)
+            messages.append(reset)
         return messages
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
-        # eta_t * out = dbar (+ ebar) + r_new - r_old, summed in that order straight into out (the
-        # same bits as a copy of dbar followed by in-place adds).
+        # The model moves by dbar (+ ebar) + r_new - r_old, handed to the optimizer over eta_t. Without
+        # a reset r_new - r_old is the remainder d_i - C1(d_i), still in its buffer (zero for a C1 that
+        # sends d_i unchanged, whose dbar is that buffer); a reset step adds ebar and reads r_old.
         change = step.out
-        residual = step.buffer("residual")
         if len(means) > 1:
             torch.add(means[0], means[1], out=change)
-            for mean in means[2:]:
-                change.add_(mean)
-            change.add_(residual)
+            change.add_(step.buffer("residual"))
+            change.sub_(step.bucket.workspace("cser_previous_residual"))
+        elif step.sends_unchanged(self.compressor):
+            change = means[0]
         else:
-            torch.add(means[0], residual, out=change)
-        change.sub_(step.bucket.workspace("cser_previous_residual"))
+            torch.add(means[0], step.bucket.workspace("cser_delta"), out=change)
         for sl, hyper in step.runs():
-            change[sl].div_(check_lr(self.name, hyper))
+            torch.div(change[sl], check_lr(self.name, hyper), out=step.out[sl])
 
     def describe(self) -> str:
         return (

@@ -32,8 +32,8 @@ from torch import Tensor
 
 from lightning_gmc._arguments import check_float
 from lightning_gmc.compressors import Compressor
-from lightning_gmc.methods._common import add_into, add_momentum, apply_lr_inside_out, check_lr
-from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method
+from lightning_gmc.methods._common import add_momentum, apply_lr_inside_out, check_lr
+from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method, Term
 
 __all__ = ["DEFA", "DEFEvaluation"]
 
@@ -80,14 +80,11 @@ class DEFA(Method):
         step.add_weight_decay(grad)  # step.params() is the detached point y_k
         momentum = step.buffer("momentum")
         add_momentum(step, momentum, grad)
+        # p_k = e_k + eta_t m_k; send C(p_k); e_k <- p_k - C(p_k). The identity's p_k is staged in
+        # the gradient buffer.
         residual = step.buffer("residual")
-        # p_k = e_k + eta_t m_k, in the residual; for the identity in the gradient buffer (no longer
-        # needed), which the exchange then sums and decodes into in place.
-        p = step.staging(self.compressor, residual, into=grad)
-        for sl, hyper in step.runs():
-            add_into(p[sl], residual[sl], momentum[sl], alpha=check_lr(self.name, hyper))
-        decode_into = None if p is residual else p
-        return [step.send_residual(self.compressor, p, residual, decode_into=decode_into)]
+        lr_times_momentum = Term(momentum, lambda hyper: check_lr(self.name, hyper))
+        return [step.send_error_feedback(self.compressor, residual, lr_times_momentum, staging=grad)]
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from lightning_gmc._arguments import check_bool, check_float, describe_value
 from lightning_gmc.compressors import Compressor, Identity, SparseCompressor
-from lightning_gmc.methods._common import add_into, add_momentum, with_density
+from lightning_gmc.methods._common import add_momentum, with_density
 from lightning_gmc.methods.base import BucketStep, Message, Method
 
 __all__ = ["DGC", "PAPER_SPARSITY_WARMUP", "WeightDecayMode"]
@@ -158,13 +158,9 @@ class DGC(Method):
             step.add_weight_decay(grad)
         momentum = step.buffer("momentum")
         add_momentum(step, momentum, grad)  # u = beta u + g
+        # v = v + u; send C(v); v <- v - C(v). The identity's v is staged in the gradient buffer.
         accumulation = step.buffer("residual")
-        # v = v + u in place; for the identity in the gradient buffer (no longer needed), which the
-        # exchange then sums and decodes into in place.
-        v = step.staging(self._active, accumulation, into=grad)
-        add_into(v, accumulation, momentum)
-        decode_into = None if v is accumulation else v
-        message = step.send_residual(self._active, v, accumulation, decode_into=decode_into)  # v - C(v)
+        message = step.send_error_feedback(self._active, accumulation, momentum, staging=grad)
         if self.momentum_masking:
             if isinstance(self._active, Identity):
                 momentum.zero_()  # everything was sent

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from lightning_gmc.methods._common import add_into
 from lightning_gmc.methods.base import BucketStep, Message, Method
 
 __all__ = ["ErrorFeedback"]
@@ -50,15 +49,10 @@ class ErrorFeedback(Method):
     takes_over_optimizer = False
 
     def encode(self, step: BucketStep) -> list[Message]:
+        # p_k = e_k + g_k; send C(p_k); e_k <- p_k - C(p_k). The identity's p_k is staged in the
+        # gradient buffer, which is no longer needed.
         residual = step.buffer("residual")
-        # p_k = e_k + g_k in place in the residual; for the identity in the gradient buffer (no
-        # longer needed), which the exchange then sums and decodes into in place.
-        p = step.staging(self.compressor, residual, into=step.grad)
-        add_into(p, residual, step.grad)
-        decode_into = None if p is residual else p
-        return [
-            step.send_residual(self.compressor, p, residual, decode_into=decode_into)
-        ]  # e_k <- p_k - C(p_k)
+        return [step.send_error_feedback(self.compressor, residual, step.grad, staging=step.grad)]
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means

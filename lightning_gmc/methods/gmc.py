@@ -24,12 +24,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 from lightning_gmc._arguments import check_float
 from lightning_gmc.compressors import Compressor
-from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method
+from lightning_gmc.methods.base import BucketStep, GroupHyper, Message, Method, Term
 
 __all__ = ["GMC", "MomentumConvention"]
 
@@ -70,25 +69,26 @@ class GMC(Method):
     def encode(self, step: BucketStep) -> list[Message]:
         residual = step.buffer("residual")
         momentum = step.buffer("momentum")
-        # u_k = (e_k + g_k + wd x_k) + beta c m, the first part in place in the residual. For a
-        # compressor that sends u_k as is (the identity), u_k is written over the momentum buffer
-        # instead (m_{t-1} is not needed once u_k is formed): the exchange then sums in place and the
-        # mean lands where it is kept, so nothing is copied. Otherwise u_k stays in the residual.
-        u = step.staging(self.compressor, residual, into=momentum)
-        residual.add_(step.grad)
-        step.add_weight_decay(residual)
-        for sl, hyper in step.runs():
-            scale = hyper.prev_lr / hyper.lr if self.momentum_lr_convention == "cur" else 1.0
-            if u is residual:
-                if hyper.momentum != 0.0:
-                    u[sl].add_(momentum[sl], alpha=hyper.momentum * scale)
-            elif hyper.momentum != 0.0:
-                # The same bits as residual[sl].add_(momentum[sl], alpha=...) (one fused multiply-add).
-                torch.add(residual[sl], momentum[sl], alpha=hyper.momentum * scale, out=u[sl])
-            else:
-                u[sl].copy_(residual[sl])
-        # m_t, the mean over workers, is decoded straight into the momentum buffer; e_k <- u_k - C(u_k).
-        return [step.send_residual(self.compressor, u, residual, decode_into=momentum)]
+        # u_k = e_k + g_k + wd x_k + beta c_t m_{t-1}; send C(u_k); e_k <- u_k - C(u_k). m_t, the mean
+        # over workers, is decoded straight into the momentum buffer, over which the identity's u_k is
+        # staged (m_{t-1} is not needed once u_k is formed): nothing is copied.
+        momentum_term = Term(momentum, self._momentum_coefficient)
+        return [
+            step.send_error_feedback(
+                self.compressor,
+                residual,
+                step.grad,
+                step.weight_decay(),
+                momentum_term,
+                staging=momentum,
+                decode_into=momentum,
+            )
+        ]
+
+    def _momentum_coefficient(self, hyper: GroupHyper) -> float:
+        """``beta * c_t``: ``c_t = eta_{t-1} / eta_t`` under ``"cur"``, 1 under ``"prev"``."""
+        scale = hyper.prev_lr / hyper.lr if self.momentum_lr_convention == "cur" else 1.0
+        return hyper.momentum * scale
 
     def decode(self, step: BucketStep, means: Sequence[Tensor]) -> None:
         (mean,) = means

@@ -138,6 +138,11 @@ class WorkerState:
         self._buckets[param_indices] = state
         return state
 
+    @property
+    def layouts(self) -> tuple[tuple[int, ...], ...]:
+        """The parameter indices of every bucket layout that currently owns state (DDP's buckets)."""
+        return tuple(self._buckets)
+
     def state_dict(self, scope: BufferScope | None = None) -> dict[str, dict[str, Tensor]]:
         """Buffers by name and parameter FQN (cloned to CPU). ``scope`` filters local/shared buffers."""
         out: dict[str, dict[str, Tensor]] = {}
@@ -180,9 +185,3 @@ class WorkerState:
             if scope is None or self.method.buffers[name] == scope:
                 for t in per_param:
                     t.zero_()
-
-    def squared_norm(self, name: str) -> float:
-        """Sum of squares of one buffer over all parameters (for the residual-norm metric)."""
-        # One read per tensor and no temporaries (a float64 copy of a 25M residual costs more than the
-        # whole compression step); per-tensor norms are summed in double precision.
-        return sum(float(torch.linalg.vector_norm(t)) ** 2 for t in self.tensors[name])

@@ -10,10 +10,15 @@ from lightning_gmc.transport.collectives import Collectives, InProcessCollective
 from lightning_gmc.transport.exchange import CollectiveFailure, Exchange
 from lightning_gmc.transport.routing import (
     Route,
+    all_gather_bytes,
     broadcast_bytes,
     choose_route,
     decode_mean,
+    handed_nbytes,
     ring_allreduce_bytes,
+    support_nbytes,
+    two_level_intra_bytes,
+    wire_bytes,
 )
 from lightning_gmc.transport.stats import CommStats
 from lightning_gmc.transport.support import LeaderSupport, leader_of
@@ -27,9 +32,14 @@ __all__ = [
     "LeaderSupport",
     "Route",
     "TorchCollectives",
+    "all_gather_bytes",
     "broadcast_bytes",
     "choose_route",
     "decode_mean",
+    "handed_nbytes",
     "leader_of",
     "ring_allreduce_bytes",
+    "support_nbytes",
+    "two_level_intra_bytes",
+    "wire_bytes",
 ]

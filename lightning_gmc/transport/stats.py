@@ -15,7 +15,7 @@ supports, a ``unique()`` over every index (a sort, and a device sync on GPU). Wi
 so it only runs on steps whose metrics are taken; a step whose metrics are never taken (its
 successor starts first) drops its RCC numerator and denominator together, and the cumulative
 ``rcc`` is the ratio over the steps that were taken. The Lightning strategy takes the metrics of
-every optimizer step, so its ``rcc`` counts every step, exactly as before. With ``defer_rcc=False``
+every optimizer step, so its ``rcc`` counts every step. With ``defer_rcc=False``
 (the simulator) every step is counted eagerly, whenever the metrics are read.
 """
 
@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lightning_gmc.transport.routing import Route, broadcast_bytes, ring_allreduce_bytes
+from lightning_gmc.transport.routing import Route, broadcast_bytes, ring_allreduce_bytes, wire_bytes
 
 __all__ = ["CommStats"]
 
@@ -100,12 +100,7 @@ class CommStats:
         step: int,
     ) -> None:
         """Count one message: bytes handed to its collective, wire bytes, and RCC upload bits."""
-        if route == "allgather":
-            wire = float((world_size - 1) * handed_bytes)
-        elif route == "local":
-            wire = 0.0
-        else:
-            wire = ring_allreduce_bytes(handed_bytes, world_size)
+        wire = wire_bytes(route, handed_bytes, world_size)
         with self._lock:
             self._enter_step(step)
             self.bytes_to_collectives += handed_bytes if route != "local" else 0

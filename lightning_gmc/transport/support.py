@@ -17,21 +17,16 @@ the hook body in order: the support's broadcast, then the values' all-reduce.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from lightning_gmc.compressors import CompressionPlan, Compressor
+from lightning_gmc.methods import SupportAgreement
 from lightning_gmc.transport.collectives import Collectives
 from lightning_gmc.transport.exchange import CollectiveFailure
 from lightning_gmc.transport.stats import CommStats
 
 __all__ = ["LeaderSupport", "leader_of"]
-
-#: ``(compressor, plan, x, buffer, slot) -> int64 indices`` (``lightning_gmc.methods.SupportAgreement``).
-Agreement = Callable[[Compressor, CompressionPlan, Tensor, Tensor, int], Tensor]
-
 
 def leader_of(step: int, world_size: int) -> int:
     """The worker whose vector chooses the support at ``step``: ``step mod K`` (ScaleCom's cyclic rule)."""
@@ -51,7 +46,7 @@ class LeaderSupport:
         self.stats = stats
         self._agreed: dict[tuple[int, int, int], Tensor] = {}
 
-    def bind(self, step: int, worker: int, bucket_index: int = 0) -> Agreement:
+    def bind(self, step: int, worker: int, bucket_index: int = 0) -> SupportAgreement:
         """The agreement a :class:`~lightning_gmc.methods.BucketStep` of ``worker`` calls at ``step``."""
 
         def agree(

@@ -75,6 +75,7 @@ WRONG_TYPED = {
     "on_world_size_change": 1,
     "hierarchy": None,
     "wire_dtype": 16,
+    "auto_density": "min_density=0.1",
 }
 
 

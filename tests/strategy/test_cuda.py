@@ -1,6 +1,6 @@
 """The hook on one GPU (marked ``cuda``; skipped without a CUDA device).
 
-Run by ``benchmarks/device_check.sh``. With world size 1 Lightning still wraps the model in DDP, so
+Run by ``tools/device_check.sh``. With world size 1 Lightning still wraps the model in DDP, so
 every step runs :func:`~lightning_gmc.gmc_hook`. References:
 
 * the same Lightning run on CPU, for every method and every compressor whose draws do not depend on

@@ -1,6 +1,6 @@
 """The link benchmark's helpers without root: command building, parsing, clean-up on every path, and
-the marginal-bytes arithmetic (benchmarks/netns.py, benchmarks/link_report.py). The measurement itself
-is a benchmark (benchmarks/bench_link.py), not a test."""
+the marginal-bytes arithmetic (benchmarks/link/netns.py, benchmarks/link/link_report.py). The
+measurement itself is a benchmark (benchmarks/link/bench_link.py), not a test."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "link"))
 
 import link_report  # noqa: E402
 import netns  # noqa: E402

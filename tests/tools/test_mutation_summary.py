@@ -1,4 +1,4 @@
-"""The mutation summary's survivor classes (benchmarks/mutation_summary.py) on diffs of real mutants."""
+"""The mutation summary's survivor classes (tools/mutation_summary.py) on diffs of real mutants."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 from mutation_summary import classify, module_of, summarise  # noqa: E402
 

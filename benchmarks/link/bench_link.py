@@ -1,10 +1,10 @@
 """Where compression pays: DDP vs GMC over a real, rate-limited link between two hosts.
 
 Linux, root, iproute2. Builds two "hosts" as network namespaces joined by a veth pair with addresses
-in a private test subnet that only exists inside them (10.77.0.1 and 10.77.0.2, ``benchmarks/netns.py``),
+in a private test subnet that only exists inside them (10.77.0.1 and 10.77.0.2, ``benchmarks/link/netns.py``),
 limits each direction with ``tc tbf`` (optionally adds ``netem`` delay) and runs one Lightning node per
 host (``Trainer(num_nodes=2, devices=1)``, gloo, ``MASTER_ADDR`` on the veth, ``GLOO_SOCKET_IFNAME``
-set; ``benchmarks/link_node.py``). Nothing is sent to any address outside these namespaces, and they
+set; ``benchmarks/link/link_node.py``). Nothing is sent to any address outside these namespaces, and they
 are deleted on every exit path (``finally``, ``atexit``, SIGINT/SIGTERM/SIGHUP).
 
 ``steps`` (default): for each rate, every arm -- DDP, DDP + torch's ``bf16_compress_hook``, GMC with
@@ -22,10 +22,10 @@ time to a target test accuracy and the final accuracy (table) and accuracy vs wa
 
 Run (as root, from the repository root)::
 
-    python benchmarks/bench_link.py                         # rates none 1gbit 100mbit 10mbit
-    python benchmarks/bench_link.py --rates none 2gbit 1gbit 500mbit 100mbit
-    python benchmarks/bench_link.py tta --plot docs/link_tta.png
-    python benchmarks/bench_link.py --quick                 # 2 rates, short runs (smoke test)
+    python benchmarks/link/bench_link.py                         # rates none 1gbit 100mbit 10mbit
+    python benchmarks/link/bench_link.py --rates none 2gbit 1gbit 500mbit 100mbit
+    python benchmarks/link/bench_link.py tta --plot docs/link_tta.png
+    python benchmarks/link/bench_link.py --quick                 # 2 rates, short runs (smoke test)
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import link_report  # noqa: E402
 import netns  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _LAUNCHER_VARS = (
     "LOCAL_RANK",
     "NODE_RANK",
@@ -62,9 +62,16 @@ TTA_LABELS = {"ddp": "DDP", "gmc": "GMC topk_approx 1 %", "gmc_plus": "GMC+ rbgs
 
 
 def run_nodes(
-    link: netns.TwoHostLink, workload_args: list[str], out: Path, port: int, timeout: float, log_dir: Path
+    link: netns.TwoHostLink,
+    workload_args: list[str],
+    out: Path,
+    port: int,
+    timeout: float,
+    log_dir: Path,
+    script: str = "link_node.py",
 ) -> list[dict[str, Any]]:
-    """Start one ``link_node.py`` per host, wait for both, return their records (tagged with the rank)."""
+    """Start one ``benchmarks/link/<script>`` per host, wait for both, return their records (tagged with the
+    rank)."""
     base_env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
@@ -85,7 +92,7 @@ def run_nodes(
             logs.append(log)
             argv = [
                 sys.executable,
-                str(ROOT / "benchmarks" / "link_node.py"),
+                str(ROOT / "benchmarks" / "link" / script),
                 *workload_args,
                 "--out",
                 str(out),
@@ -255,10 +262,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="rates none and 100mbit, short runs, 1 round")
     args = p.parse_args(argv)
-    from link_node import ARMS
+    from link_node import DEFAULT_ARMS
 
     if args.arms is None:
-        args.arms = list(ARMS)
+        args.arms = list(DEFAULT_ARMS)
     if args.quick:
         args.rates, args.tta_rates = ["none", "100mbit"], ["100mbit"]
         args.steps, args.slow_steps, args.repeats, args.epochs = [3, 8], [2, 4], 1, 2
@@ -279,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     link = netns.TwoHostLink(gso=not args.no_gso)
     netns.install_exit_cleanup(link)
     print(header(args))
-    print(f"command: python benchmarks/bench_link.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(f"command: python benchmarks/link/bench_link.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     sys.stdout.flush()
     with link, tempfile.TemporaryDirectory(prefix="bench_link_") as tmp_name:
         try:

@@ -1,6 +1,6 @@
 """Summarise a mutmut run: the score per module, and the surviving mutants sorted into classes.
 
-    python benchmarks/mutation_summary.py          # from the repository root, after `mutmut run`
+    python tools/mutation_summary.py          # from the repository root, after `mutmut run`
 
 Prints a Markdown table per source module (killed, survived, timeout, no tests, ...) with the raw
 score ``killed / (killed + survived + timeout)``; mutants that no test of the fast subset reaches

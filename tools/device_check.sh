@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command GPU check of lightning-gmc (about 5-8 minutes on one GPU):
 #
-#   bash benchmarks/device_check.sh
+#   bash tools/device_check.sh
 #
 # 1. makes a virtual environment (DEVICE_CHECK_VENV, default .venv-device, with the system's site
 #    packages so a preinstalled torch is reused) and runs `pip install -e ".[dev]"` into it; offline,

@@ -34,7 +34,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
-_ROOT = Path(__file__).resolve().parents[1]
+_ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
@@ -50,7 +50,19 @@ ARMS: dict[str, tuple[str, str | None, str | None, float | None]] = {
     "gmc_topk_shared": ("GMC topk_shared", "gmc", "topk_shared", None),
     "gmc_plus_rbgs": ("GMC+ rbgs (detach 0.5)", "gmc", "rbgs", 0.5),
     "ef_topk_approx": ("EF topk_approx", "ef", "topk_approx", None),
+    # density="auto" and a fixed 10 % (bench_plan_link.py's comparison; the density comes from ARM_DENSITY)
+    "gmc_topk_approx_auto": ("GMC topk_approx auto", "gmc", "topk_approx", None),
+    "gmc_plus_rbgs_auto": ("GMC+ rbgs (detach 0.5) auto", "gmc", "rbgs", 0.5),
+    "gmc_topk_approx_10": ("GMC topk_approx", "gmc", "topk_approx", None),
 }
+#: arms whose density is not the command line's --density
+ARM_DENSITY: dict[str, float | str] = {
+    "gmc_topk_approx_auto": "auto",
+    "gmc_plus_rbgs_auto": "auto",
+    "gmc_topk_approx_10": 0.1,
+}
+#: the arms bench_link.py runs by default (the others are bench_plan_link.py's)
+DEFAULT_ARMS = [arm for arm in ARMS if arm not in ARM_DENSITY]
 
 
 def available_arms() -> list[str]:
@@ -77,8 +89,14 @@ def make_strategy(arm: str, density: float) -> Strategy:
     if method is None:
         cls = BF16HookDDPStrategy if compressor == "bf16" else DDPStrategy
         return cls(process_group_backend="gloo")
+    chosen = ARM_DENSITY.get(arm, density)
     return lightning_gmc.GMCStrategy(
-        method=method, compressor=compressor, density=density, detach=detach, process_group_backend="gloo"
+        method=method,
+        compressor=compressor,
+        density=chosen,  # type: ignore[arg-type]
+        detach=detach,
+        auto_density={"warmup_steps": 8} if chosen == "auto" else None,
+        process_group_backend="gloo",
     )
 
 
@@ -193,7 +211,9 @@ def fit_steps(arm: str, steps: int, args: argparse.Namespace) -> dict[str, Any]:
     trainer.fit(MLPModule(args.dims), train_dataloaders=loader)
     after = _synced_tx(args.interface)
     metric = trainer.callback_metrics.get("gmc/bytes_sent_total")
+    auto = getattr(getattr(trainer.strategy, "gmc_state", None), "auto", None)
     return {
+        "auto_history": None if auto is None else auto.history,
         "arm": arm,
         "steps": trainer.global_step,
         "fit_s": clock.end - clock.start,
@@ -263,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("workload", choices=["steps", "tta"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--interface", default="gmc0")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS)
     parser.add_argument("--steps", type=int, nargs=2, default=[10, 40])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 1024, 960, 10])

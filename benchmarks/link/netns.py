@@ -1,6 +1,6 @@
 """Two "hosts" on one Linux machine: network namespaces joined by a veth pair, with a rate limit.
 
-Used by ``benchmarks/bench_link.py``. Needs root and iproute2 (``ip``, ``tc``). Every command goes
+Used by ``benchmarks/link/bench_link.py``. Needs root and iproute2 (``ip``, ``tc``). Every command goes
 through a *runner* (``argv -> stdout``, raising :class:`CommandError` on failure), so the parsing and
 clean-up logic can be tested without root by passing a fake one.
 
@@ -165,7 +165,7 @@ def check_prerequisites(runner: Runner = run_command, euid: int | None = None) -
     if uid != 0:
         raise LinkSetupError(
             "bench_link.py creates network namespaces and must run as root (e.g. sudo -E "
-            "python benchmarks/bench_link.py ...)"
+            "python benchmarks/link/bench_link.py ...)"
         )
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:

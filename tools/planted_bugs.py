@@ -1,6 +1,6 @@
 """Plant known bugs one at a time in a scratch copy of the repository and show which tests fail.
 
-    python benchmarks/planted_bugs.py [--only NAME ...] [--keep]
+    python tools/planted_bugs.py [--only NAME ...] [--keep]
 
 Each bug below is a small source edit (an exact string replaced once) that an earlier version of the
 test suite let through. For every bug the script copies the tracked files of the working tree into a
@@ -110,8 +110,8 @@ BUGS: tuple[PlantedBug, ...] = (
         "gmc_momentum_dropped",
         "GMC's momentum term dropped",
         "lightning_gmc/methods/gmc.py",
-        "u[sl].add_(momentum[sl], alpha=hyper.momentum * scale)",
-        "pass",
+        "return hyper.momentum * scale",
+        "return 0.0",
         (
             "tests/distributed/test_strategy_distributed.py::test_two_ranks_equal_the_simulator",
             "tests/distributed/test_claims_distributed.py::"
