@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import REPO, _free_port, loss_fn, make_dataset, make_model, rank_batch
+from helpers import loss_fn, make_dataset, make_model, rank_batch
+from launch import TESTS, launch_ranks
 
 from lightning_gmc import Simulator
 from lightning_gmc.compressors import Identity
 
-SCRIPT = Path(__file__).resolve().parent / "auto_density_script.py"
+SCRIPT = TESTS / "auto_density_script.py"
 WORLD = 2
 # (step s, latency s, link bit/s) at 1 Mbit/s and 100 Gbit/s; a 0.5 ms step, so that the hook's own
 # cost is visible against the compute of the small model
@@ -63,35 +60,7 @@ CFG: dict[str, Any] = {
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out_dir = tmp_path_factory.mktemp("auto_density")
     (out_dir / "config.json").write_text(json.dumps({**CFG, "out_dir": str(out_dir)}))
-    launcher = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-    base = {k: v for k, v in os.environ.items() if k not in launcher}
-    tests = str(Path(__file__).resolve().parent)
-    base.update(
-        PYTHONPATH=f"{REPO}{os.pathsep}{tests}",
-        OMP_NUM_THREADS="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(SCRIPT), str(out_dir / "config.json")],
-            env={**base, "RANK": str(rank), "WORLD_SIZE": str(WORLD)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(WORLD)
-    ]
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=240))
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-    for rank, (proc, (_, err)) in enumerate(zip(procs, outputs, strict=True)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{err[-4000:]}"
+    launch_ranks([SCRIPT, out_dir / "config.json"], WORLD, timeout=240)
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 

@@ -1,6 +1,6 @@
 """density="auto" in one process: its options and their validation, the Trainer and Fabric wiring,
 metrics and checkpoints, and the controller's schedule (the multi-rank cases are in
-test_auto_density_distributed.py)."""
+tests/distributed/test_auto_density_distributed.py)."""
 
 from __future__ import annotations
 

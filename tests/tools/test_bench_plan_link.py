@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "link"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "link"))
 
 import bench_plan_link  # noqa: E402
 from link_node import ARMS, make_mlp  # noqa: E402
