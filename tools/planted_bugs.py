@@ -52,7 +52,8 @@ BUGS: tuple[PlantedBug, ...] = (
         "on a world-size change, the old residual kept and the momentum dropped",
         "lightning_gmc/hook/codec.py",
         '    if load_local:\n        worker.load_state_dict(state["local"])\n'
-        '    else:\n        worker.reset("local")\n',
+        '    else:\n        method.reset_local(worker)'
+        '  # zero, except what an invariant ties to the shared buffers\n',
         '    worker.load_state_dict(state["local"])\n'
         '    if not load_local:\n        worker.reset("shared")\n',
         (
