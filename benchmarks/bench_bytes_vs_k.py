@@ -6,10 +6,12 @@ Two parts, printed side by side in one run:
   :func:`lightning_gmc.gmc_hook`, one bucket), GMC with ``none`` (dense), ``topk``, ``topk_approx``,
   ``topk_shared`` and ``rbgs`` at 1 % density, fp32 and bf16 values; the hook's ``bytes_sent`` and
   ``bytes_to_collectives`` of the last step are compared with the formula (ratio measured/formula);
-* **formula** up to K = 1024 (ring model, ``docs/algorithms.md`` 3.7 and 3.13): dense
+* **formula** up to K = 1024 (ring model, ``docs/algorithms.md`` 3.7, 3.10, 3.12 and 3.13): dense
   ``2 (K-1)/K 4d``; ``topk``/``topk_approx`` all-gather ``(K-1) 8k`` until it exceeds the dense
   all-reduce, then the dense route; ``topk_shared`` ``(K-1)/K 4k`` (index broadcast) ``+ 2 (K-1)/K 4k``;
-  ``rbgs`` ``2 (K-1)/K 4k``; bf16 halves every value term (indices stay int32).
+  ``rbgs`` ``2 (K-1)/K 4k``; bf16 halves every value term (indices stay int32). A sum taken in rank
+  order (16-bit values; a sparse support's fp32 values with K >= 3) sends its padded vector instead of
+  ``k`` or ``d`` values (:func:`summed`).
 
 Writes a markdown table and ``docs/scaleout_bytes_vs_k.png``::
 
@@ -55,20 +57,47 @@ def selected(sizes: list[int], density: float) -> int:
     return sum(selected_count(density, n) for n in sizes)
 
 
+def owner_padded(counts: list[int], world: int) -> int:
+    """Elements of a 16-bit sum's reduce-scatter: element j of parameter p belongs to worker
+    (p + j) mod K and every worker's share is padded to the longest (docs/algorithms.md 3.12)."""
+    shares = [0] * world
+    for p, n in enumerate(counts):
+        for r in range(world):
+            shares[r] += n // world
+        for j in range(n % world):
+            shares[(p + j) % world] += 1
+    return world * max(shares)
+
+
+def summed(counts: list[int], world: int, value_bytes: int, sparse: bool) -> int:
+    """Elements a summing route hands to its collectives as the first (or only) input: the values in one
+    ring all-reduce (fp32 with K = 2, or a dense fp32 vector), padded to K equal contiguous chunks (a
+    sparse support's fp32 values with K >= 3, in rank order), or padded per owner (16-bit values)."""
+    total = sum(counts)
+    if value_bytes == 2:
+        return owner_padded(counts, world)
+    if sparse and world >= 3:
+        return -(-total // world) * world
+    return total
+
+
 def formula(compressor: str, world: int, sizes: list[int], density: float, value_bytes: int = 4) -> float:
     """Bytes each rank sends per step (ring model), written out independently of the library."""
+    from lightning_gmc.compressors import selected_count
+
     d, k = sum(sizes), selected(sizes, density)
+    counts = [selected_count(density, n) for n in sizes]
     ring = 2 * (world - 1) / world
-    dense = ring * value_bytes * d
+    dense = ring * value_bytes * summed(sizes, world, value_bytes, sparse=False)
     if compressor == "none":
         return dense
     if compressor in ("topk", "topk_approx"):
         gather = (world - 1) * (value_bytes + 4) * k
         return gather if gather <= ring * 4 * d else dense  # the route compares with an fp32 dense all-reduce
     if compressor == "topk_shared":
-        return (world - 1) / world * 4 * k + ring * value_bytes * k
+        return (world - 1) / world * 4 * k + ring * value_bytes * summed(counts, world, value_bytes, True)
     if compressor == "rbgs":
-        return ring * value_bytes * k
+        return ring * value_bytes * summed(counts, world, value_bytes, True)
     raise ValueError(compressor)
 
 

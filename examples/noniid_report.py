@@ -19,6 +19,20 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
+def _cost_line(results: dict[str, list[dict[str, Any]]], labels: list[str]) -> str:
+    """Whether equal density is also equal cost here: the spread of the compressed arms' measured RCC."""
+    costs = {label: float(np.mean([r["rcc"] for r in results[label]])) for label in labels}
+    compressed = [rcc for rcc in costs.values() if rcc < 0.999]
+    if not compressed:
+        return ""
+    low, high = min(compressed), max(compressed)
+    verdict = "equal cost within that spread" if high / low < 1.15 else "NOT equal cost: read the RCC column"
+    return (
+        f"Cost: the compressed arms' measured RCC spans {low * 100:.2f}% to {high * 100:.2f}% "
+        f"(the largest {high / low:.2f}x the smallest), so equal density is also {verdict}."
+    )
+
+
 def write_markdown(
     args: argparse.Namespace,
     results: dict[str, list[dict[str, Any]]],
@@ -79,6 +93,7 @@ def write_markdown(
                 f"| {label} | {acc:.2f}% ± {acc_sd:.2f} | {min(finals):.2f}% | {max(finals):.2f}% | "
                 f"{per_seed} | {paired} | {loss:.3g} ± {loss_sd:.3g} | {rcc * 100:.2f}% |"
             )
+        lines += ["", _cost_line(results, labels)]
         lines += ["", f"![test accuracy per epoch, {suite}](curves_{suite}.png)"]
     lines += ["", "Per-seed fingerprints (initial-model checksum, worker 0's first batch):", ""]
     for seed, fp in fingerprints.items():

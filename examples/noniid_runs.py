@@ -18,11 +18,45 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from examples.data import DigitsDataModule
-from examples.models import DigitsCNN
+from examples.data import DigitsDataModule, SyntheticDataModule
+from examples.models import MLP, DigitsCNN
 from lightning_gmc import Simulator
 
-__all__ = ["SeedPlan", "run_one", "run_one_with_optimizer"]
+__all__ = ["Problem", "SeedPlan", "run_one", "run_one_with_optimizer"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The data set and model of a study: scikit-learn's digits with :class:`DigitsCNN` (default), or
+    the generated Gaussian mixture of :class:`~examples.data.SyntheticDataModule` (``train_size``
+    samples, so that many workers each get enough) with an :class:`MLP`."""
+
+    data: str = "digits"
+    train_size: int = 9600
+    test_size: int = 2000
+    num_features: int = 64
+    num_classes: int = 10
+    separation: float = 0.5
+
+    def model(self) -> nn.Module:
+        if self.data == "digits":
+            return DigitsCNN()
+        return MLP(self.num_features, self.num_classes, hidden=(128,))
+
+    def data_module(self, workers: int, alpha: float, seed: int) -> Any:
+        if self.data == "digits":
+            return DigitsDataModule(partition="dirichlet", alpha=alpha, seed=seed, num_shards=workers)
+        return SyntheticDataModule(
+            num_features=self.num_features,
+            num_classes=self.num_classes,
+            train_size=self.train_size,
+            test_size=self.test_size,
+            separation=self.separation,
+            partition="dirichlet",
+            alpha=alpha,
+            seed=seed,
+            num_shards=workers,
+        )
 
 
 @dataclass(frozen=True)
@@ -30,17 +64,18 @@ class SeedPlan:
     """Everything random in one seed's runs, derived from ``seed`` alone."""
 
     seed: int
+    problem: Problem = Problem()
 
     def init_params(self) -> dict[str, Tensor]:
-        """The DigitsCNN initialisation of this seed (the same for every arm)."""
+        """The model's initialisation of this seed (the same for every arm)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            model = DigitsCNN()
+            model = self.problem.model()
         return {name: p.detach().clone() for name, p in model.named_parameters()}
 
     def shards(self, workers: int, alpha: float) -> tuple[list[tuple[Tensor, Tensor]], tuple[Tensor, Tensor]]:
         """Per-worker training tensors of this seed's Dirichlet partition, and the (fixed) test set."""
-        data = DigitsDataModule(partition="dirichlet", alpha=alpha, seed=self.seed, num_shards=workers)
+        data = self.problem.data_module(workers, alpha, self.seed)
         data.setup("fit")
         shards = [_stack(data.shard(k)) for k in range(workers)]
         assert data.eval_full is not None
@@ -77,7 +112,7 @@ def run_one(
 ) -> dict[str, Any]:
     """Train one arm with one seed; return per-epoch test accuracy and loss, final RCC and wall time."""
     params0 = plan.init_params()
-    model = DigitsCNN()
+    model = plan.problem.model()
     options = dict(spec)
     method = options.pop("method")
     compressor = options.pop("compressor", None)
@@ -145,7 +180,7 @@ def run_one_with_optimizer(
         params0, num_workers=args.workers, method=method, compressor=compressor, density=density,
         seed=plan.seed, **options,
     )  # fmt: skip
-    model = DigitsCNN()
+    model = plan.problem.model()
     _load(model, params0)
     base_lr = args.adamw_lr if optimizer_name == "adamw" else args.lr
     optimizer: torch.optim.Optimizer

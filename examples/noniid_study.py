@@ -88,7 +88,16 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=None, help="subset of arm labels")
     parser.add_argument("--out", type=Path, default=Path("docs/study"))
     parser.add_argument("--quick", action="store_true", help="2 epochs, 1 seed, 3 arms per suite")
+    parser.add_argument(
+        "--report-from",
+        type=Path,
+        default=None,
+        help="rewrite results.md from this results.json (no training)",
+    )
     args = parser.parse_args()
+    if args.report_from is not None:
+        rewrite_report(args.report_from, vars(parser.parse_args([])))
+        return
     suites = list(SUITES) if "all" in args.suite else list(dict.fromkeys(args.suite))
     tables = {suite: suite_arms(suite, args.density) for suite in suites}
     if args.quick:
@@ -135,6 +144,22 @@ def main() -> None:
         if group:
             curves = {label: results[label] for label in group}
             plot(curves, known, args.out / f"curves_{suite}.png", args, suite)
+
+
+def rewrite_report(path: Path, defaults: dict[str, Any]) -> None:
+    """``results.md`` again from a finished run's ``results.json`` (its command, arguments, seeds and
+    results), next to it: the report's text may change, its numbers stay those of the run. Arguments
+    the run did not record take ``defaults``."""
+    saved = json.loads(path.read_text())
+    args = argparse.Namespace(**{**defaults, **saved["args"], "out": path.parent})
+    suites = list(SUITES) if "all" in args.suite else list(dict.fromkeys(args.suite))
+    tables = {suite: suite_arms(suite, args.density) for suite in suites}
+    results = saved["results"]
+    # a suite the run had: every one of its arms has results (suites share the dense and GMC arms)
+    groups = {
+        suite: list(table) for suite, table in tables.items() if all(label in results for label in table)
+    }
+    write_markdown(args, results, groups, saved["seeds"], saved["command"])
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:

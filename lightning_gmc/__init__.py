@@ -18,6 +18,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning_gmc.compressors import COMPRESSORS, Compressor, build_compressor, register_compressor
 from lightning_gmc.config import GMCConfig
 from lightning_gmc.fabric import GMCFabricStrategy
+from lightning_gmc.hierarchical_simulator import HierarchicalSimulator
 from lightning_gmc.hook import GMCHookState, gmc_hook
 from lightning_gmc.methods import METHODS, Method, build_method, register_method
 from lightning_gmc.simulator import Simulator
@@ -36,6 +37,7 @@ __all__ = [
     "GMCFabricStrategy",
     "GMCHookState",
     "GMCStrategy",
+    "HierarchicalSimulator",
     "Method",
     "Simulator",
     "build_compressor",

@@ -106,17 +106,21 @@ ef_scaling: scale unbiased compressors (QSGD, natural, sparse dithering, ...) by
     None (default) does so exactly for methods with error feedback (all but ``dmsgd``).
 nonfinite: ``"skip"`` (a rank's non-finite bucket gradient counts as zero that step) or
     ``"raise"``; see :class:`~lightning_gmc.hook.GMCHookState`.
-on_world_size_change: resuming a checkpoint written by a different number of ranks:
-    ``"error"`` (default) or ``"reset_residuals"`` (keep the step, learning-rate history and
-    global momentum; start every rank's residual from zero).
-hierarchy: ``"flat"`` (default: every rank is a worker) or ``"node"``: gradients are averaged
-    densely inside each node (``num_nodes`` x ``devices`` of the Trainer or Fabric), and the
-    method runs between nodes only, with one worker per node (residual and momentum per node).
-    For clusters whose links between nodes are much slower than inside them; needs at least 2
-    nodes with equal devices (``docs/nodes.md``, ``docs/algorithms.md`` 3.11).
+on_world_size_change: resuming a checkpoint written by a different number of workers (ranks, or
+    nodes under ``hierarchy="node"``): ``"error"`` (default) or ``"reset_residuals"`` (keep the
+    step, learning-rate history and global momentum; start every worker's residual from zero).
+hierarchy: ``"flat"`` (default: every rank is a worker) or ``"node"``: the method runs between
+    nodes only, with one worker per node (``num_nodes`` x ``devices`` of the Trainer or Fabric):
+    inside a node a reduce-scatter averages the gradients, each rank runs the method on its
+    shard (its state is 1/G of the node's) and an all-gather shares the update. For clusters
+    whose links between nodes are much slower than inside them; needs at least 2 nodes with equal
+    devices (``docs/nodes.md``, ``docs/algorithms.md`` 3.11).
 wire_dtype: dtype the compressed values travel in, ``"fp32"`` (default), ``"bf16"`` or
-    ``"fp16"``; the rounding error stays in the residual and decoding accumulates in fp32
-    (``docs/algorithms.md`` section 3.12; fp16 raises on overflow, bf16 cannot overflow).
+    ``"fp16"``. Each rank's own rounding stays in its residual; a sum of 16-bit values over ranks
+    is taken in fp32 and rounded once, and the remainder goes back into the residual of the rank
+    that rounded it (EF21: its estimate), so nothing is lost; decoding accumulates in fp32
+    (``docs/algorithms.md`` section 3.12). fp16: an overflow refuses the step on every rank, with
+    every state as before it; bf16 cannot overflow.
 auto_density: options of ``density="auto"`` (:class:`~lightning_gmc.config.AutoDensity` or a dict
     of its fields): ``min_density`` / ``max_density`` (default 0.01 / 0.1), ``comm_fraction`` (a
     target share of compute time for communication), ``interval`` (steps between decisions,

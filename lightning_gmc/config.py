@@ -213,7 +213,8 @@ class GMCConfig:
             densely inside each node, the method runs with one worker per node between nodes;
             ``docs/algorithms.md`` section 3.11).
         wire_dtype: dtype the compressor's float values travel in: ``"fp32"`` (default), ``"bf16"``
-            or ``"fp16"`` (``docs/algorithms.md`` section 3.12); only for compressors that send
+            or ``"fp16"`` (``docs/algorithms.md`` section 3.12: each worker's rounding and the
+            rounding of a 16-bit sum both stay in the method's state); only for compressors that send
             float values (``none``, ``topk``, ``topk_approx``, ``topk_shared``, ``randk``, ``rbgs``).
         auto_density: options of ``density="auto"`` (:class:`AutoDensity`, or a dict of its fields).
     """

@@ -39,8 +39,23 @@ from torch import Tensor
 
 from lightning_gmc.compressors import Compressor, WireDtype
 from lightning_gmc.config import GMCConfig, check_momentum
-from lightning_gmc.methods import BucketStep, GroupHyper, Message, Method, ParameterTable, WorkerState
-from lightning_gmc.transport import CommStats, Exchange, InProcessCollectives, LeaderSupport, leader_of
+from lightning_gmc.methods import (
+    BucketStep,
+    GroupHyper,
+    Message,
+    Method,
+    ParameterTable,
+    StepSnapshot,
+    WorkerState,
+)
+from lightning_gmc.transport import (
+    CommStats,
+    Exchange,
+    InProcessCollectives,
+    LeaderSupport,
+    WireOverflow,
+    leader_of,
+)
 
 __all__ = ["Simulator"]
 
@@ -125,13 +140,37 @@ class Simulator:
         self.stats = CommStats()
         self.exchange = Exchange(InProcessCollectives(num_workers), self.stats)
         self.support = LeaderSupport(self.exchange.collectives, self.stats)
-        device = torch.device("cpu")
-        self.workers = [
-            WorkerState(self.method, self.table, device, rank, seed) for rank in range(num_workers)
-        ]
+        self.workers = self._build_workers(seed)
         self.step_index = 0
+        # fp16 wire: a step whose sum overflows is refused with every buffer and counter as before it
+        self._snapshot = StepSnapshot() if self.method.sends_fp16() else None
         self._prev_lr: float | None = None
         self._key = tuple(range(len(names)))
+
+    def _build_workers(self, seed: int) -> list[WorkerState]:
+        device = torch.device("cpu")
+        return [WorkerState(self.method, self.table, device, rank, seed) for rank in range(self.num_workers)]
+
+    def _residuals(self, worker: int) -> list[Tensor]:
+        """Worker ``worker``'s full residual per parameter (flat fp32)."""
+        return self.workers[worker].tensors["residual"]
+
+    def worker_state(self, worker: int) -> dict[str, dict[str, Tensor]]:
+        """Worker ``worker``'s buffers by name and parameter (what a gathered checkpoint keeps of it)."""
+        return self.workers[worker].state_dict()
+
+    def load_worker_state(self, worker: int, state: dict[str, dict[str, Tensor]]) -> None:
+        """Give worker ``worker`` the buffers of :meth:`worker_state` (of this or another simulator)."""
+        self.workers[worker].load_state_dict(state)
+
+    def continue_from(self, other: Simulator) -> None:
+        """Take over ``other``'s step, learning-rate history and every worker's buffers: a resume,
+        e.g. of a flat run's K workers as K nodes (:class:`~lightning_gmc.HierarchicalSimulator`)."""
+        if other.num_workers != self.num_workers:
+            raise ValueError(f"{other.num_workers} workers cannot continue as {self.num_workers}")
+        for worker in range(self.num_workers):
+            self.load_worker_state(worker, other.worker_state(worker))
+        self.step_index, self._prev_lr = other.step_index, other._prev_lr
 
     def _hyper(self, lr: float) -> GroupHyper:
         prev = self._prev_lr if self._prev_lr is not None else lr
@@ -142,14 +181,15 @@ class Simulator:
         method, 0 for GMC)."""
         scale = self.method.detach_scale(self._hyper(lr))
         points = []
-        for worker in self.workers:
+        for worker in range(self.num_workers):
+            residuals = self._residuals(worker) if scale else []
             point = {}
             for index, name in enumerate(self.table.names):
                 w = params[name].detach().to(torch.float32)
                 if scale:
                     # The same operation as the hook's detached point (one fused add), so a real
                     # run and the simulator evaluate gradients at the same bits.
-                    point[name] = torch.add(w, worker.tensors["residual"][index].view_as(w), alpha=-scale)
+                    point[name] = torch.add(w, residuals[index].view_as(w), alpha=-scale)
                 else:
                     point[name] = w.clone()
             points.append(point)
@@ -176,15 +216,22 @@ class Simulator:
             points: per worker, the parameter values its gradient was evaluated at (for weight decay;
                 what :meth:`gradient_points` returned).
             lr: this step's learning rate.
+
+        Raises:
+            WireOverflow: with ``wire_dtype="fp16"``, a value or a sum over workers beyond +-65504;
+                the step is refused, every worker's state and the traffic counters as before it.
         """
         if len(grads) != self.num_workers or len(points) != self.num_workers:
             raise ValueError(f"expected {self.num_workers} gradients and points")
         hyper = self._hyper(lr)
+        counters = self.stats.snapshot() if self._snapshot is not None else None
         steps: list[BucketStep | None] = [None] * self.num_workers
         messages: list[list[Message]] = [[] for _ in range(self.num_workers)]
         for rank in self._encode_order():
             worker, grad, point = self.workers[rank], grads[rank], points[rank]
             bucket = worker.bucket(self._key)
+            if self._snapshot is not None:
+                self._snapshot.keep(self.step_index, bucket)
             flat_grad = self._flat(grad)
             flat_point = self._flat(point)
             step = BucketStep(
@@ -203,9 +250,15 @@ class Simulator:
         done = [step for step in steps if step is not None]
         buckets = [step.bucket for step in done]
         # The same exchange as the DDP hook's; each worker decodes from its own copy of the means.
-        means = self.exchange.start(messages, buckets, self.step_index).wait()
-        for step, own in zip(done, means, strict=True):
-            self.method.decode(step, own)
+        try:
+            means = self.exchange.start(messages, buckets, self.step_index).wait()
+        except WireOverflow:
+            if self._snapshot is not None and counters is not None:
+                self._snapshot.restore()
+                self.stats.restore(counters)
+            raise
+        for step, sent, own in zip(done, messages, means, strict=True):
+            self.method.complete(step, sent, own)
         self._prev_lr = float(lr)
         self.step_index += 1
         return [self._unflatten(step.direction()) for step in done]
@@ -242,17 +295,17 @@ class Simulator:
         if point == "mean_params":
             return {name: _mean([p[name].detach() for p in params]) for name in names}
         scale = self.method.evaluation_residual_scale(self._hyper(lr))
+        residuals = [self._residuals(worker) for worker in range(self.num_workers)]
         out = {}
         for index, name in enumerate(names):
             w = params[0][name].detach()
-            mean_residual = _mean([worker.tensors["residual"][index] for worker in self.workers])
+            mean_residual = _mean([residual[index] for residual in residuals])
             out[name] = w - scale * mean_residual.view_as(w)
         return out
 
     def residual(self, worker: int) -> dict[str, Tensor]:
         """Worker ``worker``'s residual per parameter (methods with error feedback)."""
-        state = self.workers[worker].state_dict("local")
-        return state.get("residual", {})
+        return self.worker_state(worker).get("residual", {})
 
 
 def _mean(tensors: Sequence[Tensor]) -> Tensor:

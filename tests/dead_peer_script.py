@@ -2,7 +2,9 @@
 
 ``python dead_peer_script.py COMPRESSOR MODE STEPS`` with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``
 and ``MASTER_PORT`` set. MODE ``exit``: rank 1 leaves with ``os._exit(0)`` before its step-3
-forward (a killed peer). MODE ``nan``: both ranks use ``nonfinite="raise"`` and rank 1 feeds a NaN
+forward (a killed peer); MODE ``exit_save`` too, and rank 0 catches the failure and tries to save its
+GMC state (printing whether the momentum buffer changed in the failed step and whether the save was
+refused). MODE ``nan``: both ranks use ``nonfinite="raise"`` and rank 1 feeds a NaN
 batch at step 3, so its hook raises and its process ends. Each rank prints one line per finished
 step, then ``done``.
 """
@@ -40,10 +42,25 @@ def main() -> None:
         x = torch.randn(8, 16, generator=data)
         y = torch.randint(0, 4, (8,), generator=data)
         if rank == 1 and step == STOP_STEP:
-            if mode == "exit":
+            if mode in ("exit", "exit_save"):
                 os._exit(0)
             x = x * float("nan")
         loss = nn.functional.cross_entropy(ddp(x), y)
+        if mode == "exit_save" and step == STOP_STEP:
+            momentum = [t.clone() for t in state.worker.tensors["momentum"]]
+            try:
+                loss.backward()
+            except RuntimeError as err:
+                print(f"rank {rank} step {step} failed: {str(err)[:200]}", flush=True)
+            after = state.worker.tensors["momentum"]
+            changed = any(not torch.equal(a, b) for a, b in zip(momentum, after, strict=True))
+            print(f"rank {rank} momentum changed in the failed step: {changed}", flush=True)
+            try:
+                state.state_dict()
+                print(f"rank {rank} saved the GMC state", flush=True)
+            except RuntimeError as err:
+                print(f"rank {rank} refused to save: {err}", flush=True)
+            os._exit(3)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

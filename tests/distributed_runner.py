@@ -150,6 +150,15 @@ class CollectiveCounter:
         self._record("broadcast", tensors[0])
         return self.inner.broadcast(tensors, src)
 
+    def reduce_scatter_sum(
+        self,
+        inputs: Sequence[torch.Tensor],
+        outputs: Sequence[torch.Tensor],
+        scratch: torch.Tensor | None = None,
+    ) -> Future[torch.Tensor]:
+        self._record("reduce_scatter", inputs[0])
+        return self.inner.reduce_scatter_sum(inputs, outputs, scratch)
+
 
 class CounterSwitch(L.Callback):
     def __init__(self, counter: CollectiveCounter) -> None:
@@ -225,6 +234,7 @@ def train(cfg: dict[str, Any], out_dir: Path) -> None:
         num_sanity_val_steps=0,
         limit_val_batches=cfg.get("limit_val_batches", 0),
         precision=cfg.get("precision", "32-true"),
+        deterministic=cfg.get("deterministic", False),
         use_distributed_sampler=False,
     )
     module = Module(cfg)

@@ -39,7 +39,7 @@ BUGS: tuple[PlantedBug, ...] = (
     PlantedBug(
         "padded_allgather",
         "the all-gather payload padded by 4 %",
-        "lightning_gmc/transport/exchange.py",
+        "lightning_gmc/transport/exchange/routes.py",
         "        nbytes = plan.payload_nbytes\n",
         "        nbytes = plan.payload_nbytes + max(1, plan.payload_nbytes // 25)\n",
         (
@@ -118,6 +118,70 @@ BUGS: tuple[PlantedBug, ...] = (
             "tests/distributed/test_claims_distributed.py::"
             "test_resume_with_the_cur_convention_is_bitwise_and_equals_the_hand_written_step",
         ),
+    ),
+    PlantedBug(
+        "ef21_absorbs_with_the_wrong_sign",
+        "EF21 adds a 16-bit sum's remainder to its estimate instead of taking it back",
+        "lightning_gmc/methods/ef21.py",
+        'undelivered.add_to(step.buffer("estimate"), sign=-1.0)',
+        'undelivered.add_to(step.buffer("estimate"), sign=1.0)',
+        ("tests/methods/test_wire_rounding_invariants.py::test_ef21_aggregate_stays_the_mean_of_the_estimates",),
+    ),
+    PlantedBug(
+        "owner_ignores_the_parameter_index",
+        "the owner of a 16-bit sum's element depends on its position only, not on its parameter",
+        "lightning_gmc/transport/exchange/ordered.py",
+        "torch.arange(count, dtype=torch.int64).add_(segment.param_index).remainder_(world_size)",
+        "torch.arange(count, dtype=torch.int64).remainder_(world_size)",
+        ("tests/transport/test_rank_ordered_sum.py",),
+    ),
+    PlantedBug(
+        "remainder_with_the_wrong_sign",
+        "the remainder of a rounded 16-bit sum taken as round(S) - S",
+        "lightning_gmc/transport/exchange/ordered.py",
+        "torch.sub(total, near, out=",
+        "torch.sub(near, total, out=",
+        ("tests/methods/test_wire_rounding_invariants.py",),
+    ),
+    PlantedBug(
+        "refusal_keeps_the_refused_counters",
+        "a refused fp16 step's traffic stays in the counters",
+        "lightning_gmc/hook/refusal.py",
+        "            self.stats.restore(self._counters)\n",
+        "            pass\n",
+        ("tests/hook/test_fp16_refusal.py",),
+    ),
+    PlantedBug(
+        "snapshot_keeps_only_the_first_buffer",
+        "a refused step restores the residual but not the momentum",
+        "lightning_gmc/methods/state.py",
+        "        for name, buffer in bucket.buffers.items():\n"
+        '            bucket.workspace(f"snapshot_{name}")',
+        "        for name, buffer in list(bucket.buffers.items())[:1]:\n"
+        '            bucket.workspace(f"snapshot_{name}")',
+        ("tests/hook/test_fp16_refusal.py",),
+    ),
+    PlantedBug(
+        "complete_decodes_before_absorbing",
+        "a 16-bit sum's remainder reaches the method after decode (CSER's model misses it)",
+        "lightning_gmc/methods/base.py",
+        "        for slot, message in enumerate(messages):\n"
+        "            if message.undelivered is not None:\n"
+        "                self.absorb_undelivered(step, slot, message.undelivered)\n"
+        "        self.decode(step, means)\n",
+        "        self.decode(step, means)\n"
+        "        for slot, message in enumerate(messages):\n"
+        "            if message.undelivered is not None:\n"
+        "                self.absorb_undelivered(step, slot, message.undelivered)\n",
+        ("tests/methods/test_wire_rounding_invariants.py::test_cser_average_model_follows_the_mean_update",),
+    ),
+    PlantedBug(
+        "deterministic_mode_ignored",
+        "dense fp32 sums stay on the ring under deterministic algorithms",
+        "lightning_gmc/transport/exchange/core.py",
+        'return "rank" if torch.are_deterministic_algorithms_enabled() else None',
+        "return None",
+        ("tests/transport/test_rank_ordered_sum.py",),
     ),
 )
 

@@ -285,6 +285,12 @@ class Compressor(ABC):
         self.decompress_add(payload, plan, workspace)
         x.sub_(workspace)
 
+    def value_counts(self, plan: CompressionPlan) -> tuple[int, ...]:
+        """Shared-support compressors: how many of the payload's ``values`` each segment contributes,
+        in segment order (the exchange sums ``values`` element-wise and needs to know which
+        parameter each element belongs to). The default is every coordinate (the identity)."""
+        return tuple(seg.numel for seg in plan.segments)
+
     def nnz(self, plan: CompressionPlan) -> int:
         """Coordinates one payload carries (``||C(x)||_0``, up to exact zeros); the achieved density
         metric is ``nnz / numel``."""

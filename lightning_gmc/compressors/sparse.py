@@ -219,6 +219,10 @@ class SparseCompressor(Compressor):
         else:  # x - round(x) at the sent coordinates (exact in fp32): the rounding error stays
             x.index_add_(0, index, payload.tensors["values"].to(x.dtype), alpha=-1.0)
 
+    def value_counts(self, plan: CompressionPlan) -> tuple[int, ...]:
+        assert isinstance(plan, SparsePlan)
+        return plan.counts
+
     def nnz(self, plan: CompressionPlan) -> int:
         assert isinstance(plan, SparsePlan)
         return plan.total

@@ -3,12 +3,15 @@
 ``"fp32"`` (default) sends values as computed. ``"bf16"`` and ``"fp16"`` round each sent value to
 16 bits *inside* the compressor, so ``C(x)`` is the rounded vector: error-feedback methods keep the
 rounding error in their residual ``x - C(x)`` (``docs/algorithms.md`` 3.12), and decoding adds the
-16-bit values into fp32 buffers. An all-reduce of 16-bit values sums in 16 bits inside the collective
-(as torch's ``bf16_compress_hook`` does).
+16-bit values into fp32 buffers. Where 16-bit values are summed over workers (a shared support's
+values, the dense fallback), the transport adds them in fp32 in rank order and rounds each sum once;
+the worker that rounded an element hands the remainder to its method, which keeps it (the residual
+for error feedback, the estimate for EF21), so the aggregate's rounding is not lost either.
 
 fp16 covers only ``|v| <= 65504``: a value or a sum beyond it becomes infinite, and the transport then
-raises :class:`FloatingPointError` on every rank rather than applying it (``docs/algorithms.md``
-3.12). bf16 has fp32's range and is the recommended 16-bit choice.
+raises :class:`~lightning_gmc.transport.WireOverflow` (a :class:`FloatingPointError`) on every rank
+and the hook refuses the step, every state as before it (``docs/algorithms.md`` 3.12). bf16 has
+fp32's range and is the recommended 16-bit choice.
 """
 
 from __future__ import annotations

@@ -18,8 +18,12 @@ Plain DDP (or Fabric, via ``model._forward_module``)::
 
 Pieces (one file each): :mod:`~lightning_gmc.hook.binding` (optimizer takeover, its guard, the step
 clock), :mod:`~lightning_gmc.hook.swap` (detached and evaluation points), :mod:`~lightning_gmc.hook.codec`
-(checkpoint format), :mod:`~lightning_gmc.hook.state` (:class:`GMCHookState`) and
-:mod:`~lightning_gmc.hook.ddp_hook` (:func:`gmc_hook`).
+(checkpoint format), :mod:`~lightning_gmc.hook.state` (:class:`GMCHookState`),
+:mod:`~lightning_gmc.hook.ddp_hook` (:func:`gmc_hook`), :mod:`~lightning_gmc.hook.reducer` (one bucket
+in, its direction out; the flat reducer) and, for ``hierarchy="node"``,
+:mod:`~lightning_gmc.hook.hierarchy` (topology, process groups), :mod:`~lightning_gmc.hook.node_reducer`
+(the sharded 2-D reducer) and :mod:`~lightning_gmc.hook.node_checkpoint` (checkpoints across
+topologies).
 
 Tuning guide:
 

@@ -185,6 +185,11 @@ class StepClock:
         self.last_lrs: list[float] | None = None
         self._current: list[GroupHyper] | None = None
 
+    @property
+    def in_step(self) -> bool:
+        """Whether a step has begun (its first bucket came) and not ended."""
+        return self._current is not None
+
     def peek(self) -> list[GroupHyper]:
         """Hyper-parameters of the step about to run (learning rates read from the optimizer now)."""
         return self.binding.hypers(self.last_lrs)
@@ -203,6 +208,11 @@ class StepClock:
         self.last_lrs = [h.lr for h in self._current]
         self._current = None
         self.step += 1
+
+    def abandon_step(self) -> None:
+        """Forget the step begun by :meth:`begin_step` without advancing (a refused step): the next
+        bucket begins it again, with the hyper-parameters read then."""
+        self._current = None
 
     def load(self, step: int, last_lrs: list[float] | None) -> None:
         self.step = int(step)

@@ -177,11 +177,6 @@ def _per_rank_local(value: object, world_size: int, method: Method, table: Param
 
 def _check_mean_invariants(state: Mapping[str, Any], method: Method) -> None:
     """Each shared buffer of :attr:`Method.mean_of_local` is the mean of the ranks' local buffers."""
-    if any(c.value_dtype != torch.float32 for c in method.compressors()):
-        # A 16-bit wire sums the ranks' values in 16 bits on the all-reduce routes: the aggregate
-        # drifts from the mean of the estimates by ~2^-8 of a step's sum per step (docs/algorithms.md
-        # 2.11), so there is no fp32 bound to check against.
-        return
     entries: Sequence[Mapping[str, Any]] = state["per_rank_local"]
     for shared, local in method.mean_of_local.items():
         for name, kept in state["shared"][shared].items():

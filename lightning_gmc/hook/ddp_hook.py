@@ -9,23 +9,22 @@ from torch import Tensor
 from torch.futures import Future
 
 from lightning_gmc.hook.reducer import BucketWork
+from lightning_gmc.hook.refusal import failed_future
 from lightning_gmc.hook.state import GMCHookState
+from lightning_gmc.methods import GroupHyper
+from lightning_gmc.transport import CollectiveFailure, WireOverflow
 
 __all__ = ["gmc_hook"]
 
 
-def _screen_nonfinite(state: GMCHookState, grad: Tensor, num_params: int) -> None:
+def _screen_nonfinite(state: GMCHookState, grad: Tensor, bucket_index: int, num_params: int) -> None:
     """Apply the ``nonfinite`` policy to this rank's bucket gradient (in place)."""
     # One reduction pass: an inf or NaN anywhere makes the min or the max non-finite (NaN propagates
     # through both); isfinite(grad).all() would allocate gradient-sized temporaries.
     low, high = torch.aminmax(grad)
     skipped = torch.isfinite(low).logical_and(torch.isfinite(high)).logical_not()
     if state.nonfinite == "raise":
-        if bool(skipped):
-            raise FloatingPointError(
-                f"non-finite gradient in a bucket of {num_params} parameters at step {state.step} on "
-                f"{state.exchange.describe_rank()}"
-            )
+        state.reducer.check_finite(skipped, bucket_index, num_params, state.step)
         return
     if grad.device.type == "cpu":
         if bool(skipped):  # no device to keep asynchronous: skip the fill pass when all is finite
@@ -51,11 +50,24 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
     if state.worker is None:
         raise RuntimeError("GMCHookState.attach(model, optimizer) must be called before the first backward")
     state.hook_calls += 1
+    state.refusal.begin_bucket(first_of_step=not state.clock.in_step)
     hypers = state.begin_step()
+    if state.refusal.error is not None:
+        # An earlier bucket of this step overflowed fp16 on every rank: the step is refused, nothing
+        # of it is sent or kept (hook/refusal.py).
+        future = failed_future(state.refusal.error)
+    else:
+        future = _reduce(state, bucket, hypers)
+    if bucket.is_last():
+        state.end_step()
+    return future
+
+
+def _reduce(state: GMCHookState, bucket: dist.GradBucket, hypers: list[GroupHyper]) -> Future[Tensor]:
     params = bucket.parameters()
     buffer = bucket.buffer()
     grad = buffer if buffer.dtype == torch.float32 else buffer.to(torch.float32)
-    _screen_nonfinite(state, grad, len(params))
+    _screen_nonfinite(state, grad, bucket.index(), len(params))
     work = BucketWork(
         index=bucket.index(),
         params=params,
@@ -65,7 +77,10 @@ def gmc_hook(state: GMCHookState, bucket: dist.GradBucket) -> Future[Tensor]:
         hypers=hypers,
         step=state.step,
     )
-    future = state.reducer.reduce(work)
-    if bucket.is_last():
-        state.end_step()
-    return future
+    try:
+        return state.reducer.reduce(work)
+    except WireOverflow as err:
+        return state.refusal.refuse(err)
+    except CollectiveFailure as err:  # raised in this thread (a support broadcast, a waited phase)
+        state.note_failure(err)
+        raise

@@ -32,6 +32,14 @@ class HookMetrics:
             pending if self._nonfinite_pending is None else self._nonfinite_pending + pending
         )
 
+    def pending_nonfinite(self) -> Tensor | None:
+        """The skipped-bucket events not read yet (a device tensor, or None)."""
+        return self._nonfinite_pending
+
+    def set_pending_nonfinite(self, pending: Tensor | None) -> None:
+        """Put back what :meth:`pending_nonfinite` returned (a refused step's events are not counted)."""
+        self._nonfinite_pending = pending
+
     def flush_nonfinite(self) -> None:
         """Fold the skipped-bucket events not read yet into the run total (one host sync), so that
         a checkpoint written between logging steps keeps them."""

@@ -6,12 +6,13 @@ reducers exist:
 
 * :class:`FlatReducer`: every rank is a worker; the method's exchange runs over the whole process
   group (``hierarchy="flat"``);
-* :class:`~lightning_gmc.hook.hierarchy.NodeReducer`: one worker per node, the method between nodes
-  only (``hierarchy="node"``).
+* :class:`~lightning_gmc.hook.node_reducer.NodeReducer`: one worker per node; each rank of a node
+  runs the method on its shard of the bucket, between nodes (``hierarchy="node"``).
 
-A reducer owns what differs between them: the worker state it creates (which parameters, which
-logical rank), the process groups and the exchange over them, and its traffic counters. The hook state
-keeps what they share (the optimizer binding, the step clock, the swap, the checkpoint codec).
+A reducer owns what differs between them: the worker state it creates (which parameters or pieces of
+them, which logical rank), the process groups and the exchange over them, its traffic counters, and
+how its state maps onto a checkpoint's full per-parameter tensors. The hook state keeps what they
+share (the optimizer binding, the step clock, the swap, the checkpoint codec).
 """
 
 from __future__ import annotations
@@ -25,10 +26,22 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.futures import Future
 
-from lightning_gmc.methods import BucketState, BucketStep, GroupHyper, Method, ParameterTable, WorkerState
+from lightning_gmc.hook import codec
+from lightning_gmc.methods import (
+    BucketState,
+    BucketStep,
+    GroupHyper,
+    Method,
+    ParameterTable,
+    StepSnapshot,
+    WorkerState,
+)
 from lightning_gmc.transport import CommStats, Exchange, LeaderSupport, TorchCollectives
 
-__all__ = ["BucketWork", "FlatReducer", "Reducer", "method_step"]
+#: ``{buffer name: {parameter or piece name: tensor}}``, as :meth:`WorkerState.state_dict` gives it
+Buffers = dict[str, dict[str, Tensor]]
+
+__all__ = ["BucketWork", "Buffers", "FlatReducer", "Reducer", "method_step", "read_whole"]
 
 
 @dataclass
@@ -78,6 +91,38 @@ class Reducer(Protocol):
         bucket's update direction."""
         ...
 
+    def restore_step(self) -> None:
+        """Put back the method buffers of every bucket of the current step as they were before it (a
+        refused step, :mod:`~lightning_gmc.hook.refusal`); the reducer keeps them when its method sends
+        fp16."""
+        ...
+
+    def check_finite(self, skipped: Tensor, bucket_index: int, num_params: int, step: int) -> None:
+        """``nonfinite="raise"``: raise FloatingPointError if this rank's bucket gradient was not finite
+        (``skipped``, a bool device scalar), on every rank that must stop (a host sync)."""
+        ...
+
+    def residuals(self) -> Sequence[Tensor] | None:
+        """This rank's worker's full residual per model parameter (flat fp32), or None for a method
+        without one. A collective under ``hierarchy="node"`` (the shards are gathered): call it on
+        every rank at the same point."""
+        ...
+
+    def gather_state(
+        self, rank_state: dict[str, Any], training_parameters: dict[str, Tensor] | None
+    ) -> dict[str, Any]:
+        """The gathered checkpoint block from this rank's ``rank_state`` (a collective): full
+        per-parameter tensors of every worker (``lightning_gmc.hook.codec``)."""
+        ...
+
+    def to_local(self, buffers: dict[str, Any]) -> dict[str, Any]:
+        """Full per-parameter buffers (a checkpoint's) -> what this rank's worker state loads."""
+        ...
+
+    def state_changed(self) -> None:
+        """The worker state was loaded or reset outside a step."""
+        ...
+
     def topology(self) -> dict[str, Any]:
         """How workers map onto ranks (recorded in gathered checkpoints)."""
         ...
@@ -88,7 +133,9 @@ class Reducer(Protocol):
         ...
 
 
-def _read_params(params: Sequence[Tensor]) -> Callable[[Tensor], None]:
+def read_whole(params: Sequence[Tensor]) -> Callable[[Tensor], None]:
+    """Reads the values of whole parameters into a flat fp32 vector (a bucket's, in bucket order)."""
+
     def read(out: Tensor) -> None:
         torch.cat([p.detach().reshape(-1).to(torch.float32) for p in params], out=out)
 
@@ -101,11 +148,11 @@ def method_step(
     support: LeaderSupport,
     bucket_state: BucketState,
     grad: Tensor,
-    params: Sequence[Tensor],
+    read_params: Callable[[Tensor], None],
     work: BucketWork,
 ) -> BucketStep:
-    """This worker's method step on ``grad`` (of the parameters ``params``), in place: ``out`` is
-    ``grad``."""
+    """This worker's method step on ``grad`` (whose parameter values ``read_params`` reads), in
+    place: ``out`` is ``grad``."""
     return BucketStep(
         bucket=bucket_state,
         grad=grad,
@@ -114,7 +161,7 @@ def method_step(
         step=work.step,
         rng=worker.rng,
         world_size=exchange.world_size,
-        read_params=_read_params(params),
+        read_params=read_params,
         agree_support=support.bind(work.step, worker.rank, work.index),
     )
 
@@ -122,9 +169,12 @@ def method_step(
 class FlatReducer:
     """Every rank is a worker: the method runs on the whole bucket, its exchange over ``process_group``.
 
-    Issues exactly one collective per message (one per bucket for every method except at CSER-style
-    reset steps) in the caller's thread, preceded by the support's broadcast for ``topk_shared``;
-    only local decoding runs in the future's callback.
+    Issues one collective per message (one per bucket for every method except at CSER-style reset
+    steps), or two for a sum taken in rank order (a reduce-scatter, waited for, then an all-gather;
+    ``transport/exchange/ordered.py``), in the caller's thread, preceded by the support's broadcast
+    for ``topk_shared``; only local decoding runs in the future's callback. With ``wire_dtype="fp16"``
+    the exchange is waited for in the caller's thread too, and the buffers the step touches are kept
+    so that a refused step can be undone (:meth:`restore_step`).
 
     Args:
         stats: the traffic counters of the exchange.
@@ -137,6 +187,7 @@ class FlatReducer:
         self._support = LeaderSupport(self._exchange.collectives, stats)
         self.method: Method | None = None
         self.worker: WorkerState | None = None
+        self._snapshot: StepSnapshot | None = None
 
     @property
     def exchange(self) -> Exchange:
@@ -155,13 +206,18 @@ class FlatReducer:
         rank = dist.get_rank(self.process_group) if distributed else 0
         self.method = method
         self.worker = WorkerState(method, table, device, rank, seed)
+        self._snapshot = StepSnapshot() if method.sends_fp16() else None
         return self.worker
 
     def reduce(self, work: BucketWork) -> Future[Tensor]:
         method, worker = self.method, self.worker
         assert method is not None and worker is not None, "attach() runs before the first bucket"
         bucket_state = worker.bucket(work.param_indices)
-        step = method_step(worker, self.exchange, self.support, bucket_state, work.grad, work.params, work)
+        if self._snapshot is not None:
+            self._snapshot.keep(work.step, bucket_state)
+        step = method_step(
+            worker, self.exchange, self.support, bucket_state, work.grad, read_whole(work.params), work
+        )
         messages = method.encode(step)
         future = self.exchange.start(
             [messages], [bucket_state], work.step, work.index, dense_element_size=work.buffer.element_size()
@@ -169,7 +225,7 @@ class FlatReducer:
         buffer = work.buffer
 
         def finish(fut: Future[list[list[Tensor]]]) -> Tensor:
-            method.decode(step, fut.value()[0])
+            method.complete(step, messages, fut.value()[0])
             direction = step.direction()
             if direction is buffer:
                 return buffer
@@ -182,6 +238,32 @@ class FlatReducer:
             return buffer
 
         return future.then(finish)
+
+    def restore_step(self) -> None:
+        if self._snapshot is not None:
+            self._snapshot.restore()
+
+    def check_finite(self, skipped: Tensor, bucket_index: int, num_params: int, step: int) -> None:
+        # Only this rank stops; the others fail in this bucket's collective once its process ends.
+        if bool(skipped):
+            raise FloatingPointError(
+                f"non-finite gradient in a bucket of {num_params} parameters at step {step} on "
+                f"{self.exchange.describe_rank()}"
+            )
+
+    def residuals(self) -> Sequence[Tensor] | None:
+        return None if self.worker is None else self.worker.tensors.get("residual")
+
+    def gather_state(
+        self, rank_state: dict[str, Any], training_parameters: dict[str, Tensor] | None
+    ) -> dict[str, Any]:
+        return codec.gather_state(rank_state, training_parameters, self.process_group)
+
+    def to_local(self, buffers: dict[str, Any]) -> dict[str, Any]:
+        return buffers
+
+    def state_changed(self) -> None:
+        return None
 
     def topology(self) -> dict[str, Any]:
         return {"hierarchy": "flat"}

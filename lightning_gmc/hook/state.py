@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -17,12 +17,16 @@ from lightning_gmc.config import AutoDensity, GMCConfig, Hierarchy, NonFinitePol
 from lightning_gmc.hook import codec
 from lightning_gmc.hook.auto_density import AutoDensityController
 from lightning_gmc.hook.binding import OptimizerBinding, StepClock
-from lightning_gmc.hook.hierarchy import NodeGroups, NodeReducer
+from lightning_gmc.hook.hierarchy import NodeGroups
 from lightning_gmc.hook.metrics import HookMetrics
+from lightning_gmc.hook.node_checkpoint import select_worker_entry
+from lightning_gmc.hook.node_reducer import NodeReducer
 from lightning_gmc.hook.reducer import FlatReducer, Reducer
+from lightning_gmc.hook.refusal import StepRefusal
 from lightning_gmc.hook.swap import ParameterSwap
-from lightning_gmc.methods import GroupHyper, Method, WorkerState
-from lightning_gmc.transport import CommStats, Exchange, LeaderSupport
+from lightning_gmc.methods import GroupHyper, Method, ParameterTable, WorkerState
+from lightning_gmc.methods.shards import DEFAULT_MIN_PIECE
+from lightning_gmc.transport import CollectiveFailure, CommStats, Exchange, LeaderSupport
 
 __all__ = ["GMCHookState"]
 
@@ -86,6 +90,11 @@ class GMCHookState:
         self.worker: WorkerState | None = None
         self.swap: ParameterSwap | None = None
         self.metrics = HookMetrics(self.stats)
+        self.refusal = StepRefusal(False, self.clock, self.stats, self.metrics, self._restore_buffers)
+        self._failure: CollectiveFailure | None = None
+
+    def _restore_buffers(self) -> None:
+        self.reducer.restore_step()
 
     @classmethod
     def from_config(cls, config: GMCConfig, process_group: dist.ProcessGroup | None = None) -> GMCHookState:
@@ -101,16 +110,18 @@ class GMCHookState:
             auto_density=config.auto,
         )
 
-    def set_node_groups(self, groups: NodeGroups) -> None:
+    def set_node_groups(self, groups: NodeGroups, min_piece: int = DEFAULT_MIN_PIECE) -> None:
         """Run hierarchically over these groups (from :func:`~lightning_gmc.hook.build_node_groups`):
-        the method's exchange goes over ``groups.inter``, with one worker per node."""
+        one worker per node, each local rank running the method on its shard of every bucket, over
+        ``groups.inter``. ``min_piece``: parameters of at least ``G * min_piece`` elements are split
+        across the node's G ranks, smaller ones stay whole (:mod:`~lightning_gmc.methods.shards`)."""
         if self.hierarchy != "node":
             raise ValueError("set_node_groups() is for hierarchy='node'; this state was built flat")
         if self.process_group is not None:
             raise ValueError("hierarchy='node' builds its groups from the default process group; pass none")
         if self.worker is not None:
             raise RuntimeError("set_node_groups() must run before attach()")
-        self.reducer = NodeReducer(self.stats, groups)
+        self.reducer = NodeReducer(self.stats, groups, min_piece)
 
     @property
     def node_groups(self) -> NodeGroups | None:
@@ -145,11 +156,13 @@ class GMCHookState:
         binding.attach(model, optimizer)
         device = binding.params[0].device if binding.params else torch.device("cpu")
         self.worker = self.reducer.attach(self.method, binding.table, device, self.seed)
+        self.refusal.enabled = self.method.sends_fp16()
         if self.auto is not None:
             self.auto.attach(self.method, self.clock, self.worker, optimizer, self.process_group)
-        residuals = self.worker.tensors.get("residual")
         distributed = dist.is_available() and dist.is_initialized()
         collectives = self.exchange.collectives if distributed else None
+        # The reducer gives the full residual (under hierarchy="node" gathered from the node's shards).
+        residuals = self.reducer.residuals if "residual" in self.worker.tensors else None
         self.swap = ParameterSwap(self.method, binding.params, binding.table, residuals, collectives)
         if binding.takes_over:
             log.info(
@@ -178,8 +191,10 @@ class GMCHookState:
         return self.clock.begin_step()
 
     def end_step(self) -> None:
-        """Advance the step clock (the hook calls it at the step's last bucket)."""
-        self.clock.end_step()
+        """Advance the step clock (the hook calls it at the step's last bucket), unless the step was
+        refused (:mod:`~lightning_gmc.hook.refusal`)."""
+        if not self.refusal.end_step():
+            self.clock.end_step()
 
     @contextlib.contextmanager
     def detached_point(self) -> Iterator[None]:
@@ -227,9 +242,32 @@ class GMCHookState:
             raise RuntimeError(f"attach() must run before {action}")
         return self.worker
 
+    @property
+    def collective_failure(self) -> CollectiveFailure | None:
+        """The collective that failed in a step of this state, if one did: that step's buffers may be
+        half-summed (e.g. the identity's sum runs in place in GMC's momentum), so the state is not
+        saved until a checkpoint is loaded."""
+        return self._failure or self.exchange.failed
+
+    def note_failure(self, error: CollectiveFailure) -> None:
+        """Record a failed collective of the hook body (see :attr:`collective_failure`)."""
+        self._failure = error
+
     def state_dict(self) -> dict[str, Any]:
-        """This rank's state: step, learning-rate history, shared and local buffers, traffic totals."""
+        """This rank's state: step, learning-rate history, shared and local buffers, traffic totals.
+
+        Raises:
+            RuntimeError: a collective failed in a step of this state (:attr:`collective_failure`):
+                nothing of it may reach a checkpoint.
+        """
         worker = self._attached_worker("state_dict()")
+        failure = self.collective_failure
+        if failure is not None:
+            raise RuntimeError(
+                f"lightning_gmc: the GMC state cannot be saved: a collective failed during step {self.step} "
+                f"and that step's residuals and momentum may be half-summed ({failure}). Resume from the "
+                f"last checkpoint written before the failure."
+            )
         self.metrics.flush_nonfinite()
         state = codec.encode_rank_state(self.method, self.clock, worker, self.stats)
         if self.auto is not None:
@@ -242,7 +280,7 @@ class GMCHookState:
         swap = self.swap  # during validation the parameters are the evaluation model: use the backup
         values = swap.training_values() if swap and swap.evaluation_differs else None
         params = None if values is None else self.binding.training_parameters(values)
-        state = codec.gather_state(self.state_dict(), params, self.process_group)
+        state = self.reducer.gather_state(self.state_dict(), params)
         state["topology"] = self.topology()
         return state
 
@@ -251,33 +289,40 @@ class GMCHookState:
         return self.reducer.topology()
 
     def load_state_dict(self, state: dict[str, Any], load_local: bool = True) -> None:
-        """Restore :meth:`state_dict` or :meth:`gathered_state_dict` output (the latter under the
-        ``on_world_size_change`` policy); ``load_local=False`` restarts the local buffers
-        (:meth:`Method.reset_local`)."""
+        """Restore :meth:`state_dict` or :meth:`gathered_state_dict` output; ``load_local=False`` restarts
+        the local buffers (:meth:`Method.reset_local`).
+
+        A gathered state resumes any topology with the same number of workers K (flat with N ranks,
+        or N nodes of any G: each worker keeps its residuals; :mod:`~lightning_gmc.hook.node_checkpoint`);
+        another K follows the ``on_world_size_change`` policy."""
         worker = self._attached_worker("load_state_dict()")
         auto_state = None
         if self.auto is not None:  # the saved density decides which configuration the file is of
             auto_state = self.auto.check_state_dict(state.get("auto_density"), state.get("method"))
         # The whole file, every rank's entry too: a bad entry fails on every rank alike, before anything
-        # is restored.
+        # is restored. Gathered states hold the model's parameters; a rank state under
+        # hierarchy="node" holds the pieces of the rank's table.
+        table = self.binding.table
+        if _holds_pieces_of(state, worker.table):
+            table = worker.table
         with self._running_density(auto_state):
-            codec.check_checkpoint(state, self.method, worker.table, len(self.binding.group_momentum))
+            codec.check_checkpoint(state, self.method, table, len(self.binding.group_momentum))
+        self._failure = self.exchange.failed = None  # the loaded state is whole
         training_parameters = None
         if "per_rank_local" in state:
             world_size = codec.world_size_of(self.process_group)
             rank = dist.get_rank(self.process_group) if world_size > 1 else 0
-            saved_topology = state.get("topology", {"hierarchy": "flat"})
-            if saved_topology == self.topology():
-                entry = codec.select_rank_local(state, rank, world_size, self.on_world_size_change)
-            else:  # residuals belong to workers (ranks or nodes): another mapping cannot reuse them
-                policy = self.on_world_size_change
-                entry = codec.reject_topology_change(saved_topology, self.topology(), policy)
+            entry = select_worker_entry(state, self.topology(), rank, world_size, self.on_world_size_change)
             load_local = load_local and entry is not None
             training_parameters = entry.get("training_parameters") if entry is not None else None
             state = {**state, "local": entry["buffers"] if entry is not None else {}}
             if entry is not None and "stats" in entry:
                 state["stats"] = entry["stats"]
+        # Full per-parameter tensors become this rank's pieces under hierarchy="node".
+        local = self.reducer.to_local(state["local"]) if load_local else state["local"]
+        state = {**state, "shared": self.reducer.to_local(state["shared"]), "local": local}
         codec.load_rank_state(state, self.method, self.clock, worker, self.stats, load_local)
+        self.reducer.state_changed()
         if load_local and training_parameters is not None:
             self.binding.load_training_parameters(training_parameters)
         if self.auto is not None and auto_state is not None:
@@ -297,6 +342,12 @@ class GMCHookState:
         finally:
             self.method.compressor = current
 
+    @property
+    def method_state_bytes(self) -> int:
+        """Bytes of method state (residuals, momentum, ...) this rank holds: the whole model's for
+        ``hierarchy="flat"``, the rank's shard of its node's (about 1/G) for ``"node"``."""
+        return 0 if self.worker is None else self.worker.nbytes
+
     def take_metrics(self) -> dict[str, float]:
         """This step's traffic metrics plus the residual norm; resets the per-step counters. RCC
         counts only the steps whose metrics are taken (``CommStats.defer_rcc``)."""
@@ -305,3 +356,16 @@ class GMCHookState:
         if self.auto is not None:
             metrics.update(self.auto.metrics())
         return metrics
+
+
+def _holds_pieces_of(state: object, table: ParameterTable) -> bool:
+    """Whether ``state`` is a rank state whose buffers are keyed by this table's names (a rank's
+    pieces); anything else is checked against the model's table."""
+    if not isinstance(state, Mapping) or "per_rank_local" in state:
+        return False
+    scopes = [state.get(scope) for scope in ("shared", "local")]
+    buffers = [by_name for scope in scopes if isinstance(scope, Mapping) for by_name in scope.values()]
+    if not all(isinstance(scope, Mapping) for scope in scopes):
+        return False
+    names = set(table.names)
+    return bool(buffers) and all(isinstance(b, Mapping) and set(b) == names for b in buffers)

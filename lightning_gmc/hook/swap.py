@@ -17,7 +17,7 @@ backup buffer. Only one swap can be active at a time.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +47,9 @@ class ParameterSwap:
         method: decides the scale of the detached point and the kind of evaluation point.
         params: the trainable parameters (in the :class:`ParameterTable` order).
         table: their names, shapes and param groups.
-        residuals: this rank's residual per parameter (flat fp32), or None for methods without one.
+        residuals: this rank's residual per parameter (flat fp32), or a function returning it when
+            it is needed (a collective under ``hierarchy="node"``, where it is gathered from the node's
+            shards: called on every rank at the same point), or None for methods without one.
         collectives: where the evaluation point averages (None: a single worker).
     """
 
@@ -56,7 +58,7 @@ class ParameterSwap:
         method: Method,
         params: Sequence[nn.Parameter],
         table: ParameterTable,
-        residuals: Sequence[Tensor] | None,
+        residuals: Sequence[Tensor] | Callable[[], Sequence[Tensor] | None] | None,
         collectives: Collectives | None = None,
     ) -> None:
         self.method = method
@@ -69,6 +71,11 @@ class ParameterSwap:
         # Detached point: one spare tensor per parameter, and the training tensors held aside.
         self._spares: list[Tensor] | None = None
         self._held: list[tuple[nn.Parameter, Tensor]] = []
+
+    def _residuals(self) -> Sequence[Tensor]:
+        residuals = self.residuals() if callable(self.residuals) else self.residuals
+        assert residuals is not None, "a method with a detached or residual evaluation point keeps a residual"
+        return residuals
 
     # ------------------------------------------------------------------ backup and restore
     def _save(self, kind: str) -> None:
@@ -127,8 +134,9 @@ class ParameterSwap:
         if self._spares is None:
             self._spares = [torch.empty_like(p) for p in self.params]
         held: list[tuple[nn.Parameter, Tensor]] = []
+        residuals = self._residuals()
         with torch.no_grad():
-            shifts = zip(self.params, self.residuals, scales, self._spares, strict=True)
+            shifts = zip(self.params, residuals, scales, self._spares, strict=True)
             for p, residual, scale, spare in shifts:
                 if scale:
                     # The same bits as p.add_(residual.to(p.dtype), alpha=-scale) in place.
@@ -169,11 +177,10 @@ class ParameterSwap:
             if mean_params:
                 flat = torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self.params])
             else:  # params_minus_mean_residual
-                assert self.residuals is not None
                 flat = torch.cat(
                     [
                         r * self.method.evaluation_residual_scale(hypers[group])
-                        for r, group in zip(self.residuals, self.table.groups, strict=True)
+                        for r, group in zip(self._residuals(), self.table.groups, strict=True)
                     ]
                 )
             all_reduce_mean(flat, self.collectives)

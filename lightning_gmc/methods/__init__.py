@@ -8,8 +8,10 @@ from lightning_gmc.methods.base import (
     Message,
     Method,
     ParameterTable,
+    StepSnapshot,
     SupportAgreement,
     Term,
+    Undelivered,
     WorkerState,
 )
 from lightning_gmc.methods.cser import CSER
@@ -53,7 +55,9 @@ __all__ = [
     "Method",
     "MomentumConvention",
     "ParameterTable",
+    "StepSnapshot",
     "SupportAgreement",
+    "Undelivered",
     "Term",
     "WorkerState",
     "build_method",

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from lightning_gmc.compressors import CompressionPlan, Compressor, Payload, RandomStreams
-from lightning_gmc.methods.state import BucketState, WorkerState
+from lightning_gmc.methods.state import BucketState, StepSnapshot, WorkerState
 
 __all__ = [
     "BucketState",
@@ -30,7 +30,9 @@ __all__ = [
     "Message",
     "Method",
     "ParameterTable",
+    "StepSnapshot",
     "SupportAgreement",
+    "Undelivered",
     "Term",
     "WorkerState",
 ]
@@ -48,19 +50,30 @@ EvaluationPoint = Literal["params", "mean_params", "params_minus_mean_residual"]
 class ParameterTable:
     """The model's trainable parameters in a fixed global order, shared by every rank.
 
+    A table may also list *pieces* of parameters (``hierarchy="node"`` keeps one rank's shard of the
+    model in a table of the pieces it owns, :mod:`~lightning_gmc.methods.shards`); ``keys`` then gives
+    each entry the randomness key of its compressor segment.
+
     Attributes:
         names: fully-qualified parameter names.
         shapes: parameter shapes.
         groups: index of each parameter's optimizer param group.
+        keys: the randomness key of each entry (:attr:`~lightning_gmc.compressors.Segment.param_index`);
+            empty (the default) means each entry's position, the model's parameter order.
     """
 
     names: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
     groups: tuple[int, ...]
+    keys: tuple[int, ...] = ()
 
     @property
     def numels(self) -> tuple[int, ...]:
         return tuple(int(torch.Size(s).numel()) for s in self.shapes)
+
+    def key(self, index: int) -> int:
+        """The randomness key of entry ``index``."""
+        return self.keys[index] if self.keys else index
 
     @property
     def numel(self) -> int:
@@ -87,6 +100,36 @@ class GroupHyper:
     weight_decay: float
 
 
+@dataclass(frozen=True)
+class Undelivered:
+    """What the transport's one rounding of a 16-bit sum did not deliver, on the part of the sum this
+    worker owns (``docs/algorithms.md`` 3.12).
+
+    A summing route adds the workers' 16-bit values in fp32 and the worker that owns a chunk of the
+    sum rounds it to 16 bits once: every worker decodes ``round(S)`` where the workers sent ``S``.
+    The owner keeps ``r = S - round(S)``, so a method can put it where its invariant needs it
+    (:meth:`Method.absorb_undelivered`): summed over the workers, the remainders are exactly what the
+    aggregate misses, ``sum_k C(u_k) - K * mean``.
+
+    Attributes:
+        values: ``r`` (fp32) in the layout of the summed tensor, zero outside this worker's chunk.
+        decode_add: ``(values, target)``: adds the decoded vector of ``values`` to ``target``, in the
+            message's decoded (bucket) space; linear in ``values``.
+    """
+
+    values: Tensor
+    decode_add: Callable[[Tensor, Tensor], None]
+
+    def add_to(self, target: Tensor, sign: float = 1.0) -> None:
+        """``target += sign * r`` (``sign`` +1 or -1), decoded into the bucket's coordinates. A negative
+        sign negates ``values`` in place and back (exact; no allocation)."""
+        if sign == 1.0:
+            self.decode_add(self.values, target)
+        elif sign == -1.0:
+            self.decode_add(self.values.neg_(), target)
+            self.values.neg_()
+        else:
+            raise ValueError(f"sign must be +1 or -1, got {sign}")
 #: A term's coefficient in one param group: a number, or a function of the group's hyper-parameters
 #: (e.g. its learning rate).
 Coefficient = float | Callable[[GroupHyper], float]
@@ -129,6 +172,9 @@ class Message:
     #: Where the transport writes this message's mean over workers (a state buffer the method keeps
     #: it in anyway, saving a copy); None uses a transport workspace.
     decode_into: Tensor | None = None
+    #: Set by the transport when it rounded the sum of this message's slot to 16 bits: what the
+    #: rounding did not deliver on the part this worker owns (None: nothing, e.g. fp32 or top-k).
+    undelivered: Undelivered | None = None
 
 
 @dataclass
@@ -341,6 +387,11 @@ class Method(ABC):
         """Every compressor this method sends with (for validation and reporting)."""
         return [self.compressor]
 
+    def sends_fp16(self) -> bool:
+        """Whether a step can overflow the wire and be refused (a compressor sends fp16 values,
+        ``docs/algorithms.md`` 3.12)."""
+        return any(compressor.value_dtype == torch.float16 for compressor in self.compressors())
+
     @abstractmethod
     def encode(self, step: BucketStep) -> list[Message]:
         """Update local state from ``step.grad`` and return the messages to exchange."""
@@ -350,6 +401,25 @@ class Method(ABC):
         """Given the mean over workers of each decoded message, write the update direction into
         ``step.out`` (or name the state buffer holding it, :meth:`BucketStep.use_direction`) and update
         state."""
+
+    def absorb_undelivered(self, step: BucketStep, slot: int, undelivered: Undelivered) -> None:
+        """Keep what the transport's rounding of the 16-bit sum of message ``slot`` did not deliver
+        (:class:`Undelivered`, the part this worker owns), so that the method's invariant holds
+        exactly. Called before :meth:`decode`. The default adds it to the ``residual`` buffer of an
+        error-feedback method (what the workers sent is delivered or kept, like what the compressor
+        dropped) and drops it for a method without one (``dmsgd``: the aggregate is rounded once);
+        EF21 subtracts it from the worker's estimate (``h = mean_k h_k``). ``docs/algorithms.md``
+        3.12 lists each method's choice."""
+        if "residual" in self.buffers:
+            undelivered.add_to(step.buffer("residual"))
+
+    def complete(self, step: BucketStep, messages: Sequence[Message], means: Sequence[Tensor]) -> None:
+        """Finish the step once the exchange yielded ``means``: every message's undelivered rounding
+        to :meth:`absorb_undelivered`, then :meth:`decode`. Reducers call this, not ``decode``."""
+        for slot, message in enumerate(messages):
+            if message.undelivered is not None:
+                self.absorb_undelivered(step, slot, message.undelivered)
+        self.decode(step, means)
 
     def detach_scale(self, hyper: GroupHyper) -> float:
         """Coefficient ``s`` of the detached gradient point ``w - s * residual`` (0: plain ``w``)."""

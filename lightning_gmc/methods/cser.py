@@ -38,7 +38,7 @@ from torch import Tensor
 from lightning_gmc._arguments import check_float, check_int, describe_value
 from lightning_gmc.compressors import Compressor, build_compressor
 from lightning_gmc.methods._common import add_momentum, check_lr, with_density
-from lightning_gmc.methods.base import BucketStep, Message, Method
+from lightning_gmc.methods.base import BucketStep, Message, Method, Undelivered
 
 __all__ = ["CSER"]
 
@@ -144,6 +144,15 @@ class CSER(Method):
             torch.add(means[0], step.bucket.workspace("cser_delta"), out=change)
         for sl, hyper in step.runs():
             torch.div(change[sl], check_lr(self.name, hyper), out=step.out[sl])
+
+    def absorb_undelivered(self, step: BucketStep, slot: int, undelivered: Undelivered) -> None:
+        # Into the residual, and into the model change decode reads (r_new - r_old: the residual itself
+        # at a reset step, else the remainder in cser_delta, which also holds dbar when C1 sends d_i
+        # unchanged): the worker's model moves by the remainder too, so x_i = x_hat - r_i still holds
+        # and the mean model moves by exactly the mean of the d_i.
+        undelivered.add_to(step.buffer("residual"))
+        if not self.is_reset_step(step.step):
+            undelivered.add_to(step.bucket.workspace("cser_delta"))
 
     def describe(self) -> str:
         return (

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_gmc.methods.base import BucketStep, Message, Method
+from lightning_gmc.methods.base import BucketStep, Message, Method, Undelivered
 
 __all__ = ["EF21"]
 
@@ -69,3 +69,8 @@ class EF21(Method):
         aggregate = step.buffer("aggregate")
         aggregate.add_(mean)
         step.use_direction(aggregate)  # the optimizer's gradient, handed over without a copy
+
+    def absorb_undelivered(self, step: BucketStep, slot: int, undelivered: Undelivered) -> None:
+        # h received round(S)/K, the workers added S/K to their estimates on average: the owner of each
+        # chunk takes back the remainder, so sum_k h_k moves by round(S) and h = mean_k h_k holds.
+        undelivered.add_to(step.buffer("estimate"), sign=-1.0)

@@ -18,7 +18,7 @@ from lightning_gmc.compressors import CompressionPlan, Compressor, RandomStreams
 if TYPE_CHECKING:
     from lightning_gmc.methods.base import BufferScope, Method, ParameterTable
 
-__all__ = ["BucketState", "WorkerState"]
+__all__ = ["BucketState", "StepSnapshot", "WorkerState"]
 
 
 class BucketState:
@@ -36,7 +36,7 @@ class BucketState:
         segments = []
         offset = 0
         for index in param_indices:
-            segments.append(Segment(offset, numels[index], index))
+            segments.append(Segment(offset, numels[index], worker.table.key(index)))
             offset += numels[index]
         self.segments: tuple[Segment, ...] = tuple(segments)
         self.numel = offset
@@ -126,10 +126,10 @@ class WorkerState:
         state = BucketState(self, param_indices)
         for name, per_param in self.tensors.items():
             storage = torch.empty(state.numel, dtype=torch.float32, device=self.device)
-            for seg in state.segments:
+            for index, seg in zip(param_indices, state.segments, strict=True):
                 view = storage[seg.offset : seg.offset + seg.numel]
-                view.copy_(per_param[seg.param_index])
-                per_param[seg.param_index] = view
+                view.copy_(per_param[index])
+                per_param[index] = view
             state.buffers[name] = storage
         # Layouts sharing a parameter with the new one no longer own its storage.
         claimed = set(param_indices)
@@ -185,3 +185,42 @@ class WorkerState:
             if scope is None or self.method.buffers[name] == scope:
                 for t in per_param:
                     t.zero_()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of method state this worker holds (every buffer, fp32)."""
+        return 4 * len(self.tensors) * self.table.numel
+
+
+
+class StepSnapshot:
+    """The method buffers of every bucket one step touched, as they were before it, so that a step can
+    be refused without a trace (``wire_dtype="fp16"``, ``docs/algorithms.md`` 3.12).
+
+    :meth:`keep` copies a bucket's buffers before its first encode of the step into workspaces of the
+    bucket (allocated once: one more copy of the method state, and one pass over it per step);
+    :meth:`restore` copies them back for every bucket of the step.
+    """
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self._buckets: list[BucketState] = []
+
+    def keep(self, step: int, bucket: BucketState) -> None:
+        """Copy ``bucket``'s buffers, once per step, before the step changes them."""
+        if step != self.step:
+            self.step = step
+            self._buckets = []
+        if any(kept is bucket for kept in self._buckets):
+            return
+        for name, buffer in bucket.buffers.items():
+            bucket.workspace(f"snapshot_{name}").copy_(buffer)
+        self._buckets.append(bucket)
+
+    def restore(self) -> None:
+        """Put back every kept bucket's buffers (the state before the step) and forget them."""
+        for bucket in self._buckets:
+            for name, buffer in bucket.buffers.items():
+                buffer.copy_(bucket.workspace(f"snapshot_{name}"))
+        self._buckets = []
+        self.step = None

@@ -103,8 +103,9 @@ def _method_runner(options: dict[str, Any], numels: Sequence[int]) -> Runner:
     def run() -> None:
         grad.copy_(fresh)
         step = BucketStep(bucket, grad, grad, [_HYPER], clock[0], worker.rng, 1, read_params)
-        means = exchange.start([method.encode(step)], [bucket], clock[0]).wait()
-        method.decode(step, means[0])
+        messages = method.encode(step)
+        means = exchange.start([messages], [bucket], clock[0]).wait()
+        method.complete(step, messages, means[0])
         if scale:  # the hook's detached point: one shifted copy of the parameters
             torch.add(params, bucket.buffers["residual"], alpha=-scale, out=spare)
         clock[0] += 1

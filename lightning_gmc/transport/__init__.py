@@ -7,15 +7,20 @@ in one process; the simulator).
 """
 
 from lightning_gmc.transport.collectives import Collectives, InProcessCollectives, TorchCollectives
-from lightning_gmc.transport.exchange import CollectiveFailure, Exchange
+from lightning_gmc.transport.exchange import CollectiveFailure, Exchange, WireOverflow
 from lightning_gmc.transport.routing import (
     Route,
+    SumOrder,
     all_gather_bytes,
     broadcast_bytes,
+    check_sum_order,
     choose_route,
     decode_mean,
     handed_nbytes,
+    ordered_sum_chunk,
+    residual_gather_bytes,
     ring_allreduce_bytes,
+    sums_in_rank_order,
     support_nbytes,
     two_level_intra_bytes,
     wire_bytes,
@@ -31,14 +36,20 @@ __all__ = [
     "InProcessCollectives",
     "LeaderSupport",
     "Route",
+    "SumOrder",
     "TorchCollectives",
+    "WireOverflow",
     "all_gather_bytes",
     "broadcast_bytes",
+    "check_sum_order",
     "choose_route",
     "decode_mean",
     "handed_nbytes",
     "leader_of",
+    "ordered_sum_chunk",
+    "residual_gather_bytes",
     "ring_allreduce_bytes",
+    "sums_in_rank_order",
     "support_nbytes",
     "two_level_intra_bytes",
     "wire_bytes",

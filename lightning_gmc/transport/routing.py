@@ -22,24 +22,34 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from lightning_gmc.compressors import CompressionPlan, Compressor, Payload
 
 __all__ = [
     "Route",
+    "SumOrder",
     "all_gather_bytes",
     "broadcast_bytes",
+    "check_sum_order",
     "choose_route",
     "decode_mean",
     "handed_nbytes",
+    "ordered_sum_chunk",
+    "residual_gather_bytes",
     "ring_allreduce_bytes",
+    "sums_in_rank_order",
     "support_nbytes",
     "two_level_intra_bytes",
     "wire_bytes",
 ]
 
 Route = Literal["local", "allreduce", "allgather", "dense"]
+#: How a summing route (``allreduce``, ``dense``) adds fp32 values: ``"ring"``, one all-reduce of the
+#: back-end (gloo and NCCL add each chunk in ring order), or ``"rank"``, in rank order (a reduce-scatter
+#: that adds in rank order, then an all-gather; ``transport/exchange/ordered.py``).
+SumOrder = Literal["ring", "rank"]
 
 
 def ring_allreduce_bytes(nbytes: int, world_size: int) -> float:
@@ -90,28 +100,42 @@ def support_nbytes(compressor: Compressor, plan: CompressionPlan) -> int:
     return 4 * compressor.support_numel(plan) if compressor.leader_support else 0
 
 
-def two_level_intra_bytes(
-    shard_numel: int, ranks_per_node: int, element_size: int = 4, shift: bool = False
-) -> float:
-    """Bytes each rank sends inside its node per bucket under the sharded 2-D reducer
-    (``hierarchy="node"``; ``docs/algorithms.md`` 3.11).
+def two_level_intra_bytes(chunk_numel: int, ranks_per_node: int, element_size: int = 4) -> float:
+    """Bytes each rank sends inside its node for one DDP bucket under the sharded 2-D reducer
+    (``hierarchy="node"``; ``docs/algorithms.md`` 3.11): ``(G-1) e (2 S + 1)``.
 
-    The node's G ranks reduce-scatter the bucket's gradient into G shards of ``shard_numel``
-    elements (each rank sends the G-1 shards it does not own: ``(G-1) s e`` bytes), run the method on
-    their own shard, and all-gather the direction (``(G-1) s e`` again): ``2 (G-1) s e``, which for
-    ``s = n / G`` is the ring all-reduce's ``2 (G-1)/G * e n``. Methods with a detached point
-    (``shift=True``: GMC+, DEF-A, ``ef_server_momentum`` with ``detach > 0``) also all-gather the
-    residual shift in fp32 before the forward: ``(G-1) s 4`` more.
+    The bucket's gradient is packed shard-major into G chunks of ``S = chunk_numel`` elements (the
+    bucket's largest shard; shorter shards are zero-padded to it) and reduce-scattered: each rank sends
+    the G-1 chunks it does not own, ``(G-1) S e`` bytes. After the method, the direction is
+    all-gathered with one status element riding behind each shard: chunks of ``S + 1`` elements,
+    ``(G-1) (S + 1) e`` bytes. With equal shards (``G S = n``) this is the ring all-reduce's
+    ``2 (G-1)/G e n`` (the 2-D floor) plus ``(G-1) e`` for the statuses.
+
+    The node reducer and :class:`~lightning_gmc.HierarchicalSimulator` count their intra-node bytes
+    with this function, and the cost model (:mod:`lightning_gmc.plan`) predicts with it.
 
     Args:
-        shard_numel: elements of one shard as the collectives see it (padded to the bucket's largest
-            shard when shards are unequal).
+        chunk_numel: ``S``, the bucket's largest shard (``BucketShards.chunk``).
         ranks_per_node: G.
-        element_size: bytes per element of the reduce-scatter and the all-gather (4 for fp32).
-        shift: add the all-gather of the residual shift.
+        element_size: bytes per element of the bucket (DDP's gradient dtype: 4 for fp32).
     """
-    per_phase = (ranks_per_node - 1) * shard_numel
-    return float(2 * per_phase * element_size + (per_phase * 4 if shift else 0))
+    return float((ranks_per_node - 1) * element_size * (2 * chunk_numel + 1))
+
+
+def residual_gather_bytes(chunk_numel: int, ranks_per_node: int) -> float:
+    """Bytes each rank sends inside its node for the all-gather of the residual under the sharded 2-D
+    reducer (``hierarchy="node"``; ``docs/algorithms.md`` 3.11): ``(G-1) 4 S``.
+
+    Methods with a detached gradient point (GMC+, DEF-A, ``ef_server_momentum`` with ``detach > 0``)
+    need the node's whole residual on every rank before the forward: once per step, each rank
+    all-gathers its share of the model's residual in fp32, padded to the largest rank's share
+    ``S = chunk_numel`` (``ShardPlan.largest_share``).
+
+    Args:
+        chunk_numel: ``S``, the largest local rank's share of the model, elements.
+        ranks_per_node: G.
+    """
+    return all_gather_bytes(4 * chunk_numel, ranks_per_node)
 
 
 def choose_route(compressor: Compressor, plan: CompressionPlan, world_size: int) -> Route:
@@ -123,6 +147,60 @@ def choose_route(compressor: Compressor, plan: CompressionPlan, world_size: int)
     if all_gather_bytes(plan.payload_nbytes, world_size) > ring_allreduce_bytes(4 * plan.numel, world_size):
         return "dense"
     return "allgather"
+
+
+def check_sum_order(order: object) -> SumOrder:
+    """``order`` if it is ``"rank"`` or ``"ring"``, else a ValueError naming both."""
+    if order not in ("rank", "ring"):
+        raise ValueError(f"fp32_order must be 'rank' or 'ring', got {order!r}")
+    return order  # type: ignore[return-value]
+
+
+def sums_in_rank_order(
+    dtype: torch.dtype, world_size: int, fp32_order: SumOrder | None, sparse: bool
+) -> bool:
+    """Whether a summing route adds values of ``dtype`` in rank order (``docs/algorithms.md`` 3.10):
+
+    * 16-bit values, always (fp32 accumulation, one rounding, the remainder known to its owner: 3.12);
+    * fp32 values with ``K >= 3`` (a ring of two adds ``a + b``, rank order's bits): as ``fp32_order``
+      says, or, when it is None, for ``sparse`` vectors (a sparse shared support's values, a few
+      percent of the bucket: the extra collective and wait cost nothing measurable) and not for dense
+      ones (the identity, the dense fallback: measured +34 % to +57 % step time).
+    """
+    if world_size < 2:
+        return False
+    if dtype != torch.float32:
+        return True
+    if world_size < 3:
+        return False
+    return sparse if fp32_order is None else fp32_order == "rank"
+
+
+def ordered_sum_chunk(
+    numel: int, world_size: int, owner_counts: Sequence[tuple[int, int]] | None = None
+) -> int:
+    """Elements of one worker's chunk in a sum taken in rank order (``transport/exchange/ordered.py``):
+    the reduce-scatter is handed ``K * chunk`` elements per worker.
+
+    fp32 vectors (``owner_counts`` None) are cut into K contiguous chunks: ``ceil(n / K)``. 16-bit
+    vectors are laid out owner by owner, element ``j`` of parameter ``p`` owned by worker
+    ``(p + j) mod K``: the chunk is the largest owner's share (at least 1).
+
+    Args:
+        numel: elements of the summed vector.
+        world_size: K.
+        owner_counts: for 16-bit values, ``(parameter index, summed elements)`` of every segment.
+    """
+    if owner_counts is None:
+        return -(-numel // world_size)
+    shares = [0] * world_size
+    for param_index, count in owner_counts:
+        whole, extra = divmod(count, world_size)
+        for worker in range(world_size):
+            shares[worker] += whole
+        for j in range(extra):
+            shares[(param_index + j) % world_size] += 1
+    return max(1, max(shares))
 
 
 def decode_mean(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from lightning_gmc.transport.routing import Route, broadcast_bytes, ring_allreduce_bytes, wire_bytes
 
@@ -109,6 +109,26 @@ class CommStats:
             self.nnz += nnz
             self.rcc_bits += world_size * upload_bits
 
+    def record_rank_ordered_sum(
+        self,
+        route: Route,
+        world_size: int,
+        padded_bytes: int,
+        nnz: int,
+        upload_bits: float,
+        step: int,
+    ) -> None:
+        """Count one message summed in rank order: a reduce-scatter of ``padded_bytes`` (the vector padded
+        to ``K`` equal chunks) and an all-gather of one chunk, two collectives; on the wire ``(K-1)/K``
+        of the padded vector each, a ring all-reduce's ``2 (K-1)/K``."""
+        with self._lock:
+            self._enter_step(step)
+            self.bytes_to_collectives += padded_bytes + padded_bytes // world_size
+            self.collectives += 2
+            self.bytes_sent += ring_allreduce_bytes(padded_bytes, world_size)
+            self.nnz += nnz
+            self.rcc_bits += world_size * upload_bits
+
     def record_support(self, handed_bytes: int, world_size: int, step: int) -> None:
         """Count the broadcast of an agreed support (``topk_shared``'s leader indices).
 
@@ -162,6 +182,20 @@ class CommStats:
             self.bytes_sent = self.dense_bytes = self.rcc_bits = self.rcc_dense_bits = 0.0
             self.numel = self.nnz = self.collectives = self.bytes_to_collectives = 0
             return metrics
+
+    def snapshot(self) -> dict[str, object]:
+        """Every counter, per step and run totals, as it is now (to undo a refused step with
+        :meth:`restore`)."""
+        with self._lock:
+            saved = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_lock"}
+            saved["_rcc_pending"] = list(self._rcc_pending)
+            return saved
+
+    def restore(self, saved: dict[str, object]) -> None:
+        """Put back the counters of :meth:`snapshot`."""
+        with self._lock:
+            for name, value in saved.items():
+                setattr(self, name, list(value) if isinstance(value, list) else value)
 
     def state_dict(self) -> dict[str, float]:
         """Run totals (what a checkpoint keeps)."""

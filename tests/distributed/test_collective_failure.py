@@ -35,6 +35,19 @@ def test_a_dead_peer_stops_the_surviving_rank(compressor: str, collective: str) 
     assert "no update was applied" in survivor.stderr
 
 
+def test_nothing_of_a_half_summed_step_reaches_a_checkpoint() -> None:
+    # compressor "none": GMC stages u_k in its momentum buffer and the all-reduce sums in place, so a
+    # failed all-reduce leaves the momentum half-summed; the state then refuses to be saved (a Lightning
+    # checkpoint, OnExceptionCheckpoint's included, goes through state_dict() on every rank), and a
+    # resume can only start from a checkpoint written before the failure.
+    survivor, _ = _run_pair("none", "exit_save")
+    assert "rank 0 step 3 failed" in survivor.stdout, survivor.stdout + survivor.stderr[-3000:]
+    assert "rank 0 momentum changed in the failed step: True" in survivor.stdout  # what would be saved
+    assert "rank 0 refused to save: lightning_gmc: the GMC state cannot be saved" in survivor.stdout
+    assert "Resume from the last checkpoint written before the failure" in survivor.stdout
+    assert "saved the GMC state" not in survivor.stdout
+
+
 def test_a_nonfinite_raise_on_one_rank_stops_the_other() -> None:
     survivor, raising = _run_pair("topk", "nan")
     assert raising.returncode != 0 and "FloatingPointError" in raising.stderr

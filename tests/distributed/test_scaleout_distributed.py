@@ -32,8 +32,9 @@ CASES: dict[str, dict[str, Any]] = {
 def launched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """topk_shared interrupted and resumed (the leader is step mod K after the resume too), top-k in
     one uninterrupted run (keeps the suite short): two launches for every case."""
-    interrupted = {case: config(s) for case, s in CASES.items() if s["compressor"] == "topk_shared"}
-    straight = {case: config(s) for case, s in CASES.items() if s["compressor"] != "topk_shared"}
+    counted = {"count_collectives": True}
+    interrupted = {case: config(s, counted) for case, s in CASES.items() if s["compressor"] == "topk_shared"}
+    straight = {case: config(s, counted) for case, s in CASES.items() if s["compressor"] != "topk_shared"}
     return run_interrupted(tmp_path_factory.mktemp("scaleout"), interrupted, straight)
 
 
@@ -58,11 +59,27 @@ def test_two_ranks_equal_the_simulator_bit_for_bit_and_resume(
     assert rcc == pytest.approx(expected["rcc"], rel=1e-6)  # logged through Lightning in fp32
     # bytes on the wire per step (K = 2), from the formulas: topk_shared, k int32 broadcast + ring
     # all-reduce of k values; topk, an all-gather of k values and k int32 indices
-    k = sum(max(1, int(0.05 * p.numel() + 1e-9)) for p in _small_params())
+    counts = [max(1, int(0.05 * p.numel() + 1e-9)) for p in _small_params()]
+    k = sum(counts)
     value_bytes = 2 if strategy.get("wire_dtype") == "bf16" else 4
     sent = [m["gmc/bytes_sent"] for r, _ in runs for m in r[0]["metrics"] if "gmc/bytes_sent" in m]
     if strategy["compressor"] == "topk_shared":
-        assert sent == [0.5 * 4 * k + 2 * 0.5 * value_bytes * k] * STEPS
+        # 16-bit values are summed in rank order: element j of parameter p is owned by worker
+        # (p + j) mod K, every worker's share padded to the longest (docs/algorithms.md 3.12)
+        shares = [sum((p + j) % 2 == r for p, n in enumerate(counts) for j in range(n)) for r in range(2)]
+        summed = 2 * max(shares) if value_bytes == 2 else k
+        assert sent == [0.5 * 4 * k + 2 * 0.5 * value_bytes * summed] * STEPS
+        # what the exchange really handed to the collectives per step (one bucket; the support's
+        # broadcast goes through its own back-end): one all-reduce, or in 16 bits a reduce-scatter of
+        # the padded values and an all-gather of half of them
+        values = (
+            [("all_reduce", 4 * k)]
+            if value_bytes == 4
+            else [("reduce_scatter", 2 * summed), ("all_gather", summed)]
+        )
+        for result, step in runs:
+            steps_run = step - (STEPS // 2 if step == STEPS else 0)
+            assert result[0]["collective_calls"] == values * steps_run
     else:
         assert sent == [(value_bytes + 4) * k] * STEPS
 

@@ -1,6 +1,6 @@
-"""``hierarchy="node"`` in one process: parameter ownership, the topology checks and their errors, as
-the hook, GMCStrategy and GMCFabricStrategy run them (the 2 nodes x 2 ranks runs:
-``tests/distributed/test_hierarchy.py``)."""
+"""``hierarchy="node"`` in one process: the topology checks and their errors, as the hook,
+GMCStrategy and GMCFabricStrategy run them (the shard plan: ``tests/methods/test_shards.py``; the
+multi-process runs: ``tests/distributed/test_hierarchy.py`` and ``test_node_reducer.py``)."""
 
 from __future__ import annotations
 
@@ -14,17 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gmc import GMCConfig, GMCFabricStrategy, GMCHookState, GMCStrategy
 from lightning_gmc._adapter import check_node_layout
-from lightning_gmc.hook.hierarchy import assign_owners, check_topology
-from lightning_gmc.methods import ParameterTable
-
-
-def test_owners_are_contiguous_and_balanced_by_size() -> None:
-    table = ParameterTable(("a", "b", "c", "d"), tuple(torch.Size([n]) for n in (10, 10, 60, 20)), (0,) * 4)
-    # midpoints 5, 15 | 50, 90 of 100 elements: halves [0, 50) and [50, 100)
-    assert assign_owners(table, 2) == (0, 0, 1, 1)
-    assert assign_owners(table, 1) == (0, 0, 0, 0)
-    owners = assign_owners(ParameterTable(tuple("abcd"), (torch.Size([5]),) * 4, (0,) * 4), 4)
-    assert owners == (0, 1, 2, 3)
+from lightning_gmc.hook.hierarchy import check_topology
 
 
 def test_bad_topologies_are_rejected_with_the_fix() -> None:

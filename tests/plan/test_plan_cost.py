@@ -117,10 +117,11 @@ def test_node_hierarchy_pipeline_runs_on_the_shard() -> None:
     arm = Arm("gmc", "rbgs", 0.01, hierarchy="node")
     traffic = arm_traffic(arm, [N], nodes=2, ranks_per_node=2)
     assert pipeline_seconds(PROFILE, arm, traffic, ranks_per_node=2) == pytest.approx(0.008)
-    # intra: reduce-scatter + all-gather, 2 * 1 * 5e5 * 4 B = 4 MB at 100 Gbit/s = 0.32 ms, 2 collectives
-    # of 100 us + 1 hop of 2 us; inter: the node's 2 shards, 10,000 values all-reduced at K = 2:
-    # 2 * 20,000 B at 100 Mbit/s = 3.2 ms, 1 collective of 100 us + 2 hops of 20 us
-    expected = 0.32e-3 + 2 * (1e-4 + 2e-6) + 3.2e-3 + (1e-4 + 2 * 2e-5)
+    # intra: reduce-scatter of 5e5 + all-gather of 5e5 + 1 (the status) fp32, 1 * 4 * (1e6 + 1) B at
+    # 100 Gbit/s = 0.32 ms, 2 collectives of 100 us + 1 hop of 2 us; inter: the node's 2 shards,
+    # 10,000 values all-reduced at K = 2: 2 * 20,000 B at 100 Mbit/s = 3.2 ms, 1 collective of 100 us
+    # + 2 hops of 20 us (the two shards' exchanges run side by side)
+    expected = 8 * 4 * 1_000_001 / 1e11 + 2 * (1e-4 + 2e-6) + 3.2e-3 + (1e-4 + 2 * 2e-5)
     assert comm_seconds(traffic, cluster, PROFILE) == pytest.approx(expected)
 
 

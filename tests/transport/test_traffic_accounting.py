@@ -67,7 +67,13 @@ CASES: dict[str, tuple[dict[str, object], int, Callable[[int], Expected]]] = {
     # top-k: 4 fp32 values + 4 int32 indices = 32 bytes, all-gathered.
     "topk_allgather": ({"compressor": "topk", "density": 0.1}, 3, lambda t: (32, 2 * 32, 256, 1, 4)),
     # RBGS: one shared block per parameter; 4 fp32 values all-reduced (the offsets are drawn, not sent).
-    "rbgs_allreduce": ({"compressor": "rbgs", "density": 0.1}, 3, lambda t: (16, _ring(16, 3), 128, 1, 4)),
+    # With K = 3 they are summed in rank order (docs/algorithms.md 3.10): the 4 values padded to 3
+    # chunks of 2 (24 bytes) go to a reduce-scatter, one chunk (8 bytes) to an all-gather.
+    "rbgs_allreduce": (
+        {"compressor": "rbgs", "density": 0.1},
+        3,
+        lambda t: (24 + 8, _ring(24, 3), 128, 2, 4),
+    ),
     # top-k at density 0.9 (27 + 9 = 36 coordinates, 288 bytes): an all-gather would send 2 * 288 bytes,
     # more than a ring all-reduce of the 160-byte dense bucket, so the dense vector is all-reduced.
     "topk_dense_fallback": (
@@ -93,11 +99,12 @@ CASES: dict[str, tuple[dict[str, object], int, Callable[[int], Expected]]] = {
     ),
     # topk_shared alone: its own top-k, nothing broadcast or reduced; RCC counts the 4 values.
     "topk_shared_one_worker": ({"compressor": "topk_shared", "density": 0.1}, 1, lambda t: (0, 0, 128, 0, 4)),
-    # topk_shared: the leader broadcasts 4 int32 indices, then 4 fp32 values are all-reduced.
+    # topk_shared: the leader broadcasts 4 int32 indices,
     "topk_shared": (
         {"compressor": "topk_shared", "density": 0.1},
         4,
-        lambda t: (16 + 16, 3 / 4 * 16 + _ring(16, 4), 128, 2, 4),
+        # then the 4 fp32 values in rank order: a reduce-scatter (4 chunks of 1), an all-gather of one
+        lambda t: (16 + 16 + 4, 3 / 4 * 16 + _ring(16, 4), 128, 3, 4),
     ),
 }
 
