@@ -1,4 +1,5 @@
-"""One rank of the plain-DDP ``density="auto"`` runs (started by tests/test_auto_density_distributed.py).
+"""One rank of the plain-DDP ``density="auto"`` runs (started by
+tests/distributed/test_auto_density_distributed.py).
 
 Ranks come from the environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``). Cases,
 one launch:

@@ -2,7 +2,9 @@
 
 Lightning launches the second rank by re-running this script (``start_method="popen"``, as a user's
 training script would be). Each rank writes ``rank{r}.pt`` with its final parameters, GMC state and
-what it observed; see ``helpers.run_distributed`` for the config keys' meaning.
+what it observed; see ``helpers.run_distributed`` for the config keys' meaning. A config with
+``cases`` (name -> keys that override the rest) runs one fit per case in the same processes and
+writes ``{name}/rank{r}.pt`` (``helpers.run_distributed_cases``).
 """
 
 from __future__ import annotations
@@ -15,16 +17,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from helpers import loss_fn, make_dataset, make_model
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import DDPStrategy
 from torch.futures import Future
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import loss_fn, make_dataset, make_model  # noqa: E402
-
-import lightning_gmc  # noqa: E402
-from lightning_gmc.transport import Collectives  # noqa: E402
+import lightning_gmc
+from lightning_gmc.transport import Collectives
 
 
 class MemoryLogger(Logger):
@@ -186,6 +186,19 @@ class StartState(L.Callback):
 def main() -> None:
     cfg = json.loads(Path(sys.argv[1]).read_text())
     out_dir = Path(cfg["out_dir"])
+    cases = cfg.pop("cases", None)
+    if cases is None:
+        train(cfg, out_dir)
+        return
+    # Several runs, one after another in the same processes (one launch instead of one per case):
+    # each has its own strategy, Trainer, model and data; the process group of the first is reused.
+    for name, overrides in cases.items():
+        (out_dir / name).mkdir(exist_ok=True)
+        train({**cfg, **overrides}, out_dir / name)
+
+
+def train(cfg: dict[str, Any], out_dir: Path) -> None:
+    """One fit of ``cfg``; every rank writes ``out_dir / rank{r}.pt``."""
     kwargs = dict(cfg.get("strategy_kwargs", {}))
     kwargs.setdefault("bucket_cap_mb", cfg.get("bucket_cap_mb", 0.25))
     counter = None

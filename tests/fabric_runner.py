@@ -14,11 +14,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from helpers import loss_fn, make_dataset, make_model, rank_batch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import loss_fn, make_dataset, make_model, rank_batch  # noqa: E402
-
-from lightning_gmc import GMCFabricStrategy  # noqa: E402
+from lightning_gmc import GMCFabricStrategy
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Shared pieces of the multi-process tests: deterministic models, data, LR schedule, and a launcher.
+"""Shared pieces of the multi-process tests: deterministic models, data, LR schedule, a launcher, and
+replays of a run by the hand-written rules of ``tests/reference.py``.
 
 A distributed test writes a JSON config, runs ``tests/distributed_runner.py`` in a subprocess (which
 starts Lightning with ``devices=2`` on gloo, the way a user script would), and reads back each rank's
@@ -8,21 +9,19 @@ with an independent reference (``torch.optim.SGD``, the simulator, a hand-writte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+import reference
 import torch
+from launch import TESTS, launch_nodes
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-RUNNER = Path(__file__).resolve().parent / "distributed_runner.py"
-
-_LAUNCHER_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+RUNNER = TESTS / "distributed_runner.py"
+FABRIC_RUNNER = TESTS / "fabric_runner.py"
 
 NUM_FEATURES = 24
 NUM_CLASSES = 6
@@ -88,45 +87,52 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def run_distributed(
     tmp_path: Path, config: dict[str, Any], timeout: float = 240.0, runner: Path = RUNNER
 ) -> list[dict[str, Any]]:
-    """Run ``distributed_runner.py`` (or another ``runner`` script) with ``config`` and return each
-    rank's result dict.
+    """Run ``distributed_runner.py`` (or another ``runner`` script, e.g. ``fabric_runner.py``) with
+    ``config`` and return each rank's result dict, in rank order.
 
+    One process per node (``num_nodes``, default 1) is started (:func:`launch.launch_nodes`), and
+    Lightning or Fabric starts each node's ``devices`` (default 2) ranks, as in a user's script.
     ``record_start_state: true`` adds ``start_state``: the GMC hook state as training starts, after
     a checkpoint was restored.
 
     Raises:
-        AssertionError: the run failed; the message carries its output tail.
+        AssertionError: the run failed or hung; the message carries every process's output tail.
     """
+    out_dir = _launch_runner(tmp_path, config, timeout, runner)
+    return _rank_results(out_dir, config)
+
+
+def run_distributed_cases(
+    tmp_path: Path, cases: dict[str, dict[str, Any]], timeout: float | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Run several ``distributed_runner.py`` configs in one launch, one fit after another in the same
+    processes, and return each case's per-rank results (as :func:`run_distributed` would). Saves a
+    process start-up per case; every case needs the same ``devices`` and ``num_nodes``."""
+    layouts = {(c.get("devices", 2), c.get("num_nodes", 1)) for c in cases.values()}
+    if len(layouts) != 1:
+        raise ValueError(f"cases of one launch need one rank layout, got {sorted(layouts)}")
+    ((devices, num_nodes),) = layouts
+    if timeout is None:
+        timeout = 120.0 * max(2, len(cases))
+    config = {"devices": devices, "num_nodes": num_nodes, "cases": cases}
+    out_dir = _launch_runner(tmp_path, config, timeout, RUNNER)
+    return {name: _rank_results(out_dir / name, config) for name, config in cases.items()}
+
+
+def _launch_runner(tmp_path: Path, config: dict[str, Any], timeout: float, runner: Path) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     out_dir = tmp_path / f"run_{len(list(tmp_path.glob('run_*')))}"
     out_dir.mkdir()
     config = {**config, "out_dir": str(out_dir)}
     config_path = out_dir / "config.json"
     config_path.write_text(json.dumps(config))
-    # Lightning must start the ranks itself: drop anything an enclosing launcher (or an in-process
-    # Trainer of an earlier test) left behind.
-    inherited = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
-    env = {
-        **inherited,
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-    }
-    proc = subprocess.run(
-        [sys.executable, str(runner), str(config_path)],
-        cwd=out_dir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"distributed run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-        )
-    devices = int(config.get("devices", 2))
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(devices)]
+    launch_nodes([runner, config_path], int(config.get("num_nodes", 1)), cwd=out_dir, timeout=timeout)
+    return out_dir
+
+
+def _rank_results(out_dir: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+    ranks = int(config.get("devices", 2)) * int(config.get("num_nodes", 1))
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(ranks)]
 
 
 def run_distributed_error(tmp_path: Path, config: dict[str, Any], timeout: float = 240.0) -> str:
@@ -138,12 +144,92 @@ def run_distributed_error(tmp_path: Path, config: dict[str, Any], timeout: float
     raise AssertionError("the run was expected to fail but succeeded")
 
 
-def _free_port() -> int:
-    import socket
+# ------------------------------------------------- replays of a run by the hand-written rules
+def runner_problem(
+    cfg: dict[str, Any], world_size: int = 2, autocast_bf16: bool = False
+) -> reference.Problem:
+    """A runner config as a :class:`reference.Problem`: the runner's model (fp32, one thread, as the
+    ranks compute), and rank k's gradient at step t on the batches the runner gives it (averaged over
+    ``accumulate_grad_batches``; forward and loss under CPU bf16 autocast for ``autocast_bf16``)."""
+    torch.set_num_threads(1)  # the runner's ranks use one thread: same matmul rounding
+    model = make_model(cfg.get("model", "small"), cfg.get("model_seed", 0))
+    data = make_dataset(cfg.get("num_samples", 256), cfg.get("data_seed", 1))
+    acc = cfg.get("accumulate_grad_batches", 1)
+    params = list(model.parameters())
+    numels = [p.numel() for p in params]
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    def gradient(rank: int, x: torch.Tensor, step: int) -> torch.Tensor:
+        with torch.no_grad():
+            for p, value in zip(params, x.split(numels), strict=True):
+                p.copy_(value.view_as(p))
+        model.zero_grad()
+        for micro in range(acc):
+            xb, yb = rank_batch(data, rank, world_size, cfg["batch_size"], step * acc + micro)
+            autocast = (
+                torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
+            )
+            with autocast:
+                loss = loss_fn(model, xb, yb)
+            (loss / acc).backward()
+        return torch.cat([p.grad.detach().reshape(-1) for p in params])
+
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    w0 = torch.cat([p.detach().reshape(-1) for p in params])
+    return reference.Problem(shapes, w0, gradient, world_size)
+
+
+def replay_gmc(
+    cfg: dict[str, Any],
+    lrs: list[float],
+    compress: reference.Compressor,
+    world_size: int = 2,
+    zero_gradient: tuple[int, int] | None = None,
+    autocast_bf16: bool = False,
+) -> dict[str, Any]:
+    """GMC / GMC+ by hand (:func:`reference.gmc`) on a runner config (``model``, ``batch_size``,
+    ``momentum``, ``weight_decay``, ``strategy_kwargs.detach`` and
+    ``method_options.momentum_lr_convention``) for the given per-step learning rates.
+
+    Args:
+        zero_gradient: ``(step, rank)`` whose gradient counts as zero (a skipped non-finite bucket).
+        autocast_bf16: evaluate forward and loss under CPU bf16 autocast (``precision="bf16-mixed"``).
+
+    Returns:
+        ``params`` (final w), ``residual`` (per rank) and ``momentum``, each by parameter name.
+    """
+    problem = runner_problem(cfg, world_size, autocast_bf16)
+    strategy = cfg.get("strategy_kwargs", {})
+    run = reference.gmc(
+        problem,
+        lrs,
+        compress,
+        beta=float(cfg["momentum"]),
+        wd=float(cfg.get("weight_decay", 0.0)),
+        detach=float(strategy.get("detach", 0.0)),
+        convention=strategy.get("method_options", {}).get("momentum_lr_convention", "prev"),
+        zero_gradient=zero_gradient,
+    )
+    return {
+        "params": problem.split(run.w),
+        "residual": [problem.split(e) for e in run.residual],
+        "momentum": problem.split(run.momentum),
+    }
+
+
+def replay_sgd(cfg: dict[str, Any], lrs: list[float], world_size: int = 2) -> dict[str, torch.Tensor]:
+    """Plain DDP with ``torch.optim.SGD(momentum, weight_decay)`` (:func:`reference.sgd`) on a runner
+    config: the dense methods' degeneracy."""
+    problem = runner_problem(cfg, world_size)
+    w = reference.sgd(problem, lrs, momentum=float(cfg["momentum"]), wd=cfg.get("weight_decay", 0.0))
+    return problem.split(w)
+
+
+def assert_close(
+    actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], rtol: float = 1e-5, atol: float = 1e-6
+) -> None:
+    """Every tensor of ``expected`` (by name) close to ``actual``'s."""
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name].to(tensor.dtype), tensor, msg=name, rtol=rtol, atol=atol)
 
 
 # ------------------------------------------------- assertions on run_distributed results

@@ -7,9 +7,9 @@
 #    packages so a preinstalled torch is reused) and runs `pip install -e ".[dev]"` into it; offline,
 #    it goes on with what is installed (the repository is put on PYTHONPATH either way);
 # 2. stops cleanly with "no CUDA device" on a machine without one;
-# 3. runs the tests marked `cuda` (tests/test_cuda.py: every method and compressor through the hook
-#    with Lightning on one GPU against the CPU run, bf16-mixed, checkpoint/resume bitwise, two gloo
-#    ranks with CUDA tensors);
+# 3. runs the tests marked `cuda` (tests/strategy/test_cuda.py: every method and compressor through
+#    the hook with Lightning on one GPU against the CPU run, bf16-mixed, checkpoint/resume bitwise,
+#    two gloo ranks with CUDA tensors);
 # 4. runs the benchmarks on the GPU and prints their ratios: sampled top-k vs copy_/clone() and vs
 #    torch.topk, the per-bucket pipeline vs clone() (bench_compressors.py), and every method's step
 #    time through DDP vs DDP + SGD(momentum) in copies and clones of the gradient (bench_pipeline.py).
@@ -50,7 +50,7 @@ EOF
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
     echo "== device_check: tests marked cuda"
-    timeout 330 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider || status=1
+    timeout 330 "$PY" -m pytest -q -m cuda tests/strategy/test_cuda.py -p no:cacheprovider || status=1
 fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then

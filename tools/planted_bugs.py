@@ -43,8 +43,8 @@ BUGS: tuple[PlantedBug, ...] = (
         "        nbytes = plan.payload_nbytes\n",
         "        nbytes = plan.payload_nbytes + max(1, plan.payload_nbytes // 25)\n",
         (
-            "tests/test_strategy_distributed.py::test_two_ranks_equal_the_simulator[gmc-topk]",
-            "tests/test_claims_distributed.py::test_quantizer_on_two_ranks_equals_the_hand_written_quantized_step",
+            "tests/distributed/test_strategy_distributed.py::test_two_ranks_equal_the_simulator[gmc-topk]",
+            "tests/distributed/test_claims_distributed.py::test_quantizer_on_two_ranks_equals_the_hand_written_quantized_step",
         ),
     ),
     PlantedBug(
@@ -52,12 +52,13 @@ BUGS: tuple[PlantedBug, ...] = (
         "on a world-size change, the old residual kept and the momentum dropped",
         "lightning_gmc/hook/codec.py",
         '    if load_local:\n        worker.load_state_dict(state["local"])\n'
-        '    else:\n        worker.reset("local")\n',
+        '    else:\n        method.reset_local(worker)'
+        '  # zero, except what an invariant ties to the shared buffers\n',
         '    worker.load_state_dict(state["local"])\n'
         '    if not load_local:\n        worker.reset("shared")\n',
         (
-            "tests/test_claims_hook.py::test_reset_residuals_zeroes_them_and_keeps_the_momentum",
-            "tests/test_strategy_distributed.py::test_world_size_change_errors_or_resets_residuals",
+            "tests/hook/test_claims_hook.py::test_reset_residuals_zeroes_them_and_keeps_the_momentum",
+            "tests/distributed/test_strategy_distributed.py::test_world_size_change_errors_or_resets_residuals",
         ),
     ),
     PlantedBug(
@@ -67,8 +68,8 @@ BUGS: tuple[PlantedBug, ...] = (
         "prev = prev_lrs if prev_lrs is not None else lrs",
         "prev = lrs",
         (
-            "tests/test_claims_hook.py::test_hook_equals_the_hand_written_gmc_step",
-            "tests/test_claims_distributed.py::"
+            "tests/hook/test_claims_hook.py::test_hook_equals_the_hand_written_gmc_step",
+            "tests/distributed/test_claims_distributed.py::"
             "test_resume_with_the_cur_convention_is_bitwise_and_equals_the_hand_written_step",
         ),
     ),
@@ -79,8 +80,8 @@ BUGS: tuple[PlantedBug, ...] = (
         '"last_lrs": clock.last_lrs,',
         '"last_lrs": None,',
         (
-            "tests/test_claims_hook.py::test_resume_through_the_hook_is_bitwise_equal",
-            "tests/test_claims_distributed.py::"
+            "tests/hook/test_claims_hook.py::test_resume_through_the_hook_is_bitwise_equal",
+            "tests/distributed/test_claims_distributed.py::"
             "test_resume_with_the_cur_convention_is_bitwise_and_equals_the_hand_written_step",
         ),
     ),
@@ -91,8 +92,8 @@ BUGS: tuple[PlantedBug, ...] = (
         "self.detach = float(detach)",
         "self.detach = float(detach) or 0.5",
         (
-            "tests/test_gmc_math.py::test_gmc_plus_with_detach_zero_is_the_hand_written_gmc_step",
-            "tests/test_claims_hook.py::test_gmc_plus_equals_the_hand_written_step_and_detach_zero_is_gmc",
+            "tests/methods/test_gmc_math.py::test_gmc_plus_with_detach_zero_is_the_hand_written_gmc_step",
+            "tests/hook/test_claims_hook.py::test_gmc_plus_equals_the_hand_written_step_and_detach_zero_is_gmc",
         ),
     ),
     PlantedBug(
@@ -102,8 +103,8 @@ BUGS: tuple[PlantedBug, ...] = (
         "            grad.zero_()\n",
         "            grad.zero_()\n            state.worker.reset()  # type: ignore[union-attr]\n",
         (
-            "tests/test_claims_hook.py::test_nonfinite_bucket_contributes_zero_and_keeps_the_state",
-            "tests/test_strategy_distributed.py::test_nonfinite_gradient_is_skipped_without_poisoning_state",
+            "tests/hook/test_claims_hook.py::test_nonfinite_bucket_contributes_zero_and_keeps_the_state",
+            "tests/distributed/test_strategy_distributed.py::test_nonfinite_gradient_is_skipped_without_poisoning_state",
         ),
     ),
     PlantedBug(
@@ -113,8 +114,8 @@ BUGS: tuple[PlantedBug, ...] = (
         "return hyper.momentum * scale",
         "return 0.0",
         (
-            "tests/test_strategy_distributed.py::test_two_ranks_equal_the_simulator",
-            "tests/test_claims_distributed.py::"
+            "tests/distributed/test_strategy_distributed.py::test_two_ranks_equal_the_simulator",
+            "tests/distributed/test_claims_distributed.py::"
             "test_resume_with_the_cur_convention_is_bitwise_and_equals_the_hand_written_step",
         ),
     ),

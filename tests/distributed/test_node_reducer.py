@@ -12,24 +12,21 @@ DDP builds several buckets), so the default shard plan splits its three large we
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import REPO, _free_port, loss_fn, lr_at, make_dataset, make_model, rank_batch
+from helpers import loss_fn, lr_at, make_dataset, make_model, rank_batch
+from launch import TESTS, launch_ranks
 
 from lightning_gmc import HierarchicalSimulator, Simulator
 from lightning_gmc.methods import GroupHyper, ParameterTable
 from lightning_gmc.methods.shards import DEFAULT_MIN_PIECE, plan_shards
 from lightning_gmc.plan import Arm, arm_traffic
 
-TESTS = Path(__file__).resolve().parents[1]
 SCRIPT = TESTS / "hierarchy_script.py"
 FAILURE_SCRIPT = TESTS / "hierarchy_failure_script.py"
 NODES = 2
@@ -85,35 +82,8 @@ OWNED = {
 def _launch(out_dir: Path, per_node: int, cases: dict[str, Any]) -> list[dict[str, Any]]:
     cfg = {**BASE, "ranks_per_node": per_node, "cases": cases, "out_dir": str(out_dir)}
     (out_dir / "config.json").write_text(json.dumps(cfg))
-    launcher = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-    base = {k: v for k, v in os.environ.items() if k not in launcher}
-    base.update(
-        PYTHONPATH=f"{REPO}{os.pathsep}{TESTS}",
-        OMP_NUM_THREADS="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-    )
     world = NODES * per_node
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(SCRIPT), str(out_dir / "config.json")],
-            env={**base, "RANK": str(rank), "WORLD_SIZE": str(world)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(world)
-    ]
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=900))
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-    for rank, (proc, (_, err)) in enumerate(zip(procs, outputs, strict=True)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{err[-4000:]}"
+    launch_ranks([SCRIPT, out_dir / "config.json"], world, ranks_per_node=per_node, timeout=900)
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
 
 
@@ -375,29 +345,9 @@ def test_a_dead_rank_stops_every_rank_with_a_named_error() -> None:
     """Global rank 3 (node 1, local rank 1) disappears before step 3. Its node's other rank fails in
     the intra-node reduce-scatter; node 0's ranks see their inter-node exchanges fail and stop
     together after the all-gather's status, with one message. Nobody finishes step 3."""
-    base = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
-    base.update(
-        PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(FAILURE_SCRIPT)],
-            env={**base, "RANK": str(rank), "WORLD_SIZE": "4"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(4)
-    ]
-    runs = []
-    for rank, proc in enumerate(procs):
-        try:
-            out, err = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise AssertionError(f"rank {rank} hung after a peer died") from None
-        runs.append((proc.returncode, out, err))
+    # A rank still running after 300 s hung after its peer died: the launch fails and names it.
+    finished = launch_ranks([FAILURE_SCRIPT], 4, ranks_per_node=2, timeout=300, check=False)
+    runs = [(f.returncode, f.stdout, f.stderr) for f in finished]
     assert runs[3][0] == 0 and "finished step 2" in runs[3][1] and "finished step 3" not in runs[3][1]
     for rank in range(3):
         code, out, err = runs[rank]

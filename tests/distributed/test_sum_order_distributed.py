@@ -17,49 +17,23 @@ layout: the two layouts differ (what the docs say, and proof that this test can 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sum_order_script as script
 import torch
-from helpers import REPO, _free_port
+from launch import TESTS, launch_ranks
 from torch import nn
 
 from lightning_gmc import Simulator
 
-SCRIPT = Path(__file__).resolve().parent / "sum_order_script.py"
+SCRIPT = TESTS / "sum_order_script.py"
 WORLD = 3
-
-sys.path.insert(0, str(SCRIPT.parent))
-import sum_order_script as script  # noqa: E402
 
 
 def _launch(out_dir: Path, timeout: float = 300.0) -> list[dict[str, Any]]:
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
-    env.update(
-        PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(SCRIPT), str(out_dir)],
-            env={**env, "RANK": str(rank), "WORLD_SIZE": str(WORLD)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(WORLD)
-    ]
-    for rank, proc in enumerate(procs):
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise AssertionError(f"rank {rank} timed out") from None
-        assert proc.returncode == 0, f"rank {rank} failed ({proc.returncode}):\n{out[-2000:]}\n{err[-4000:]}"
+    launch_ranks([SCRIPT, out_dir], WORLD, timeout=timeout)
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 

@@ -4,13 +4,12 @@ configs by name, the test accuracy after fit, and a cosine period that follows t
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import types
 from pathlib import Path
 
 import pytest
+from launch import run_script
 
 from lightning_gmc import cli
 
@@ -18,8 +17,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from examples.train import cli_main  # noqa: E402
-
-_LAUNCH_VARS = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(autouse=True)
@@ -135,18 +132,14 @@ def test_the_cosine_period_follows_the_trainer_unless_set(tmp_path: Path) -> Non
 
 def test_a_cli_fit_prints_the_test_accuracy(tmp_path: Path) -> None:
     # The console script's path: `lightning-gmc fit NAME overrides` runs examples/train.py of the clone.
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     command = [
-        sys.executable,
         "-m",
         "lightning_gmc.cli",
         "fit",
         "digits/gmc_noniid",
         *_short_fit_args(tmp_path),
     ]
-    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_script(command, cwd=tmp_path, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("final test accuracy: ")]
     assert len(lines) == 1, proc.stdout[-3000:]
     accuracy = float(lines[0].split()[3].rstrip("%"))

@@ -15,16 +15,13 @@ sizes; nothing here shrinks them.
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from launch import free_port, run_script
 
 REPO = Path(__file__).resolve().parents[2]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
@@ -32,7 +29,6 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 _BLOCK = re.compile(r"^(?P<indent>[ \t]*)```python[ \t]*\n(?P<code>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
 _MARKER = re.compile(r"<!--\s*snippet:\s*(?P<kind>[\w-]+)\s*(?P<reason>.*?)\s*-->\s*$")
 _KINDS = ("2-process", "skip")
-_LAUNCH_VARS = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -63,12 +59,6 @@ def extract(page: Path) -> list[Snippet]:
 
 
 SNIPPETS = [snippet for page in PAGES for snippet in extract(page)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_the_pages_have_python_blocks_and_markers_are_known() -> None:
@@ -105,7 +95,7 @@ def test_snippet_runs_in_process(snippet: Snippet, tmp_path: Path, monkeypatch: 
     monkeypatch.chdir(tmp_path)
     # A snippet that starts a one-process group (plain DDP) reads these; a free port avoids clashes.
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     code = compile(snippet.code, snippet.name, "exec")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -116,11 +106,6 @@ def test_snippet_runs_in_process(snippet: Snippet, tmp_path: Path, monkeypatch: 
 def test_snippet_runs_on_two_processes(snippet: Snippet, tmp_path: Path) -> None:
     script = tmp_path / "snippet.py"
     script.write_text(snippet.code + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, f"{snippet.name} failed:\n{proc.stderr[-4000:]}"
-    output = proc.stdout + proc.stderr
+    proc = run_script([script], cwd=tmp_path, env={"PYTHONWARNINGS": "ignore"}, timeout=300)
+    output = proc.output
     assert "MEMBER: 2/2" in output, f"{snippet.name} did not start 2 processes:\n{output[-2000:]}"

@@ -5,9 +5,6 @@ share (registered names) is one table. Also the progress bar's byte count with a
 from __future__ import annotations
 
 import inspect
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +12,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from launch import run_script
 from lightning.fabric.strategies import STRATEGY_REGISTRY as FABRIC_REGISTRY
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.strategies import StrategyRegistry
@@ -27,7 +25,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gmc import METHODS, GMCFabricStrategy, GMCStrategy
 from lightning_gmc._adapter import format_bytes
 
-REPO = Path(__file__).resolve().parents[2]
 STRATEGIES = [GMCStrategy, GMCFabricStrategy]
 
 
@@ -201,12 +198,8 @@ def test_adam_with_gmc_on_two_processes_fails_before_launch(tmp_path: Path) -> N
     """The user study's case, as a script: the error comes from the launching process alone."""
     script = tmp_path / "adam.py"
     script.write_text(_ADAM_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
-    )
+    proc = run_script([script], cwd=tmp_path, timeout=180, check=False)
     elapsed = time.perf_counter() - start
     assert proc.returncode != 0
     assert "TypeError: method 'gmc' supports torch.optim.SGD" in proc.stderr, proc.stderr[-3000:]

@@ -1,4 +1,5 @@
-"""``reduce_scatter_sum`` and ``all_gather`` of both collective back-ends.
+"""``reduce_scatter_sum`` and ``all_gather`` of the in-process collective back-end (gloo's, on 3
+processes: ``tests/distributed/test_collectives_order_distributed.py``).
 
 The reference is written out by hand: numpy float32 additions in rank order. Values are chosen so that
 any other order of addition, or 16-bit accumulation, gives other bits, so the tests fail if either
@@ -7,33 +8,15 @@ back-end reorders or rounds.
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from collectives_script import CHUNK, WORLD
+from collectives_script import inputs as _inputs
 
-from lightning_gmc.transport import InProcessCollectives, TorchCollectives
-
-WORLD, CHUNK = 3, 4
-
-
-def _inputs(dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    # Per element, one worker sends a large value, one its negative and one a small value: the sum
-    # depends on the order of addition ((big + small) - big = 0 in fp32, big + (small - big) = small).
-    # All three are exact in fp16 and bf16 too, and big + small needs 29 bits (fp32 has 24).
-    big, small = 2.0**15, 2.0**-14
-    values = [big, small, -big]
-    out = []
-    for rank in range(WORLD):
-        row = [values[(rank + i) % WORLD] * (1 - 0.5 * (i % 2)) for i in range(WORLD * CHUNK)]
-        out.append(torch.tensor(row, dtype=torch.float32).to(dtype))
-    return out
+from lightning_gmc.transport import InProcessCollectives
 
 
 def _rank_order_by_hand(inputs: list[torch.Tensor]) -> list[np.ndarray]:
@@ -81,45 +64,6 @@ def test_in_process_all_gather_concatenates_in_rank_order() -> None:
     output = torch.empty(WORLD * CHUNK, dtype=torch.bfloat16)
     InProcessCollectives(WORLD).all_gather(inputs, output).wait()
     assert output.tolist() == [float(rank) for rank in range(WORLD) for _ in range(CHUNK)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _gloo_rank(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        backend = TorchCollectives()
-        results = {}
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            send = _inputs(dtype)[rank]
-            out = torch.empty(CHUNK)
-            backend.reduce_scatter_sum([send], [out]).wait()
-            gathered = torch.empty(WORLD * CHUNK)
-            backend.all_gather([out], gathered).wait()
-            results[str(dtype)] = gathered
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_gloo_reduce_scatter_equals_the_in_process_back_end_bitwise(tmp_path: Path) -> None:
-    # gloo's own reduce_scatter and all_reduce add in ring order, which differs from rank order for
-    # K >= 3 on these values; the back-end's all-to-all plus local sum must not.
-    mp.start_processes(_gloo_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        inputs = _inputs(dtype)
-        outputs = [torch.empty(CHUNK) for _ in range(WORLD)]
-        InProcessCollectives(WORLD).reduce_scatter_sum(inputs, outputs).wait()
-        expected = torch.cat(outputs)
-        for rank in range(WORLD):
-            got = torch.load(tmp_path / f"rank{rank}.pt")[str(dtype)]
-            assert torch.equal(got, expected), (dtype, rank)
 
 
 if __name__ == "__main__":  # pragma: no cover
