@@ -19,21 +19,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-@dataclass(frozen=True)
-class PlantedBug:
-    name: str
-    what: str
-    path: str
-    old: str
-    new: str
-    tests: tuple[str, ...]
-
+from planted_bug import PlantedBug  # noqa: E402
+from planted_bugs_edges import EDGE_BUGS  # noqa: E402
 
 BUGS: tuple[PlantedBug, ...] = (
     PlantedBug(
@@ -183,7 +175,7 @@ BUGS: tuple[PlantedBug, ...] = (
         "return None",
         ("tests/transport/test_rank_ordered_sum.py",),
     ),
-)
+) + EDGE_BUGS
 
 
 def _tracked_files() -> list[str]:
