@@ -79,7 +79,9 @@ def ownership(
     )
     order = torch.sort(owners, stable=True).indices  # positions grouped by owner, in vector order
     shares = torch.bincount(owners, minlength=world_size)
-    chunk = max(1, int(shares.max()))
+    # The planner pads with the same formula (routing.ordered_sum_chunk): one source for the bytes.
+    owner_counts = [(segment.param_index, count) for segment, count in zip(segments, counts, strict=True)]
+    chunk = ordered_sum_chunk(owners.numel(), world_size, owner_counts)
     starts = torch.cumsum(shares, 0) - shares
     grouped = owners[order]
     rank_in_chunk = torch.arange(owners.numel(), dtype=torch.int64) - starts[grouped]
