@@ -232,11 +232,8 @@ def bytes_report(warmup: int, steps: int) -> None:
 def steps_report(rates: list[str], rounds: int, warmup: int, steps: int) -> None:
     import netns
 
-    netns.check_prerequisites()
-    netns.remove_stale()
-    link = netns.TwoHostLink()
+    link = netns.prepare_link()
     link.setup()
-    netns.install_exit_cleanup(link)
     arms = ["ddp", "flat4", "node2x2"]
     case = "gmc topk 1%"
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}

@@ -277,14 +277,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        netns.check_prerequisites()
+        link = netns.prepare_link(gso=not args.no_gso)
     except netns.LinkSetupError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for ns in netns.remove_stale():
-        print(f"removed namespace {ns} left behind by an earlier run")
-    link = netns.TwoHostLink(gso=not args.no_gso)
-    netns.install_exit_cleanup(link)
     print(header(args))
     print(f"command: python benchmarks/link/bench_link.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     sys.stdout.flush()

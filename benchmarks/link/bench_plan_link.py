@@ -262,13 +262,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        netns.check_prerequisites()
+        link = netns.prepare_link()
     except netns.LinkSetupError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    netns.remove_stale()
-    link = netns.TwoHostLink()
-    netns.install_exit_cleanup(link)
     print(bench_link.header(argparse.Namespace(delay_ms=0.0, density=args.density, no_gso=False)))
     given = sys.argv[1:] if argv is None else argv
     print(f"command: python benchmarks/link/bench_plan_link.py {' '.join(given)}")

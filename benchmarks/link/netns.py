@@ -304,3 +304,15 @@ def install_exit_cleanup(link: TwoHostLink) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
+
+
+def prepare_link(gso: bool = True) -> TwoHostLink:
+    """What every link benchmark does first: check the prerequisites (raises :class:`LinkSetupError`
+    naming what is missing), tear down namespaces an earlier run left, and return a link (not yet set
+    up) that is torn down at exit and on SIGINT/SIGTERM/SIGHUP. Prints the namespaces it removed."""
+    check_prerequisites()
+    for ns in remove_stale():
+        print(f"removed namespace {ns} left behind by an earlier run")
+    link = TwoHostLink(gso=gso)
+    install_exit_cleanup(link)
+    return link
