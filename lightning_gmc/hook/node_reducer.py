@@ -92,6 +92,8 @@ class NodeReducer:
         self.groups = groups
         self.min_piece = int(min_piece)
         self._exchange = Exchange(TorchCollectives(groups.inter), stats, groups.topology.rank_label())
+        #: the error of a step whose shards kept their half-updated state (see :attr:`failure`)
+        self._failed: Exception | None = None
         self._support = LeaderSupport(self._exchange.collectives, stats)
         self.intra = TorchCollectives(groups.intra)
         self.intra_traffic = IntraNodeTraffic()
@@ -222,10 +224,7 @@ class NodeReducer:
                 try:
                     _raise_on_status(bucket.statuses(), work, self.groups.topology, failure)
                 except (FloatingPointError, CollectiveFailure) as err:
-                    # The shards' state of this step is not undone: the hook state refuses to be saved.
-                    self._exchange.failed = (
-                        err if isinstance(err, CollectiveFailure) else CollectiveFailure(str(err))
-                    )
+                    self._failed = err  # the shards' state of this step is not undone
                     raise
             shards.unpack(bucket.gathered, bucket.stride, buffer)
             return buffer
@@ -270,6 +269,13 @@ class NodeReducer:
                 f"non-finite gradient in bucket {bucket_index} ({num_params} parameters) at step {step} on "
                 f"global rank {where}; no update was applied (nonfinite='raise')"
             )
+
+    @property
+    def failure(self) -> Exception | None:
+        return self._failed or self._exchange.failed
+
+    def clear_failure(self) -> None:
+        self._failed = self._exchange.failed = None
 
     def restore_step(self) -> None:
         # Never called: an fp16 overflow in a shard's exchange travels as the shard's status through

@@ -91,6 +91,17 @@ class Reducer(Protocol):
         bucket's update direction."""
         ...
 
+    @property
+    def failure(self) -> Exception | None:
+        """The error of a step whose method state this reducer could not keep whole (a failed
+        collective; under ``hierarchy="node"`` also an fp16 overflow), until :meth:`clear_failure`.
+        The hook state refuses to be saved while there is one."""
+        ...
+
+    def clear_failure(self) -> None:
+        """The state was loaded from a checkpoint: it is whole again."""
+        ...
+
     def restore_step(self) -> None:
         """Put back the method buffers of every bucket of the current step as they were before it (a
         refused step, :mod:`~lightning_gmc.hook.refusal`); the reducer keeps them when its method sends
@@ -238,6 +249,13 @@ class FlatReducer:
             return buffer
 
         return future.then(finish)
+
+    @property
+    def failure(self) -> Exception | None:
+        return self._exchange.failed
+
+    def clear_failure(self) -> None:
+        self._exchange.failed = None
 
     def restore_step(self) -> None:
         if self._snapshot is not None:

@@ -52,11 +52,12 @@ class StateCheckpoints:
     _failure: CollectiveFailure | None = None
 
     @property
-    def collective_failure(self) -> CollectiveFailure | None:
-        """The collective that failed in a step of this state, if one did: that step's buffers may be
-        half-summed (e.g. the identity's sum runs in place in GMC's momentum), so the state is not
-        saved until a checkpoint is loaded."""
-        return self._failure or self.reducer.exchange.failed
+    def collective_failure(self) -> Exception | None:
+        """The failure of a step of this state, if one failed: a collective (that step's buffers may be
+        half-summed, e.g. the identity's sum runs in place in GMC's momentum), or under
+        ``hierarchy="node"`` an fp16 overflow the shards cannot undo. The state is not saved until a
+        checkpoint is loaded."""
+        return self._failure or self.reducer.failure
 
     def note_failure(self, error: CollectiveFailure) -> None:
         """Record a failed collective of the hook body (see :attr:`collective_failure`)."""
@@ -112,7 +113,8 @@ class StateCheckpoints:
         another K follows the ``on_world_size_change`` policy."""
         worker = self._attached_worker("load_state_dict()")
         auto_state = self._check_saved(state, worker)
-        self._failure = self.reducer.exchange.failed = None  # the loaded state is whole
+        self._failure = None  # the loaded state is whole
+        self.reducer.clear_failure()
         self._restore_saved(state, worker, load_local)
         if self.auto is not None and auto_state is not None:
             self.auto.load_state_dict(auto_state)  # the method runs the saved density from now on
