@@ -179,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         assert args.result is not None
         worker(args.worker, epochs, args.quick, args.result, progress=not args.no_progress)
+        # Lightning leaves the gloo group up after fit/test; its threads still running as the
+        # interpreter exits can abort the process ("terminate called without an active exception").
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
         return 0
 
     results: list[dict[str, Any]] = []
