@@ -179,7 +179,8 @@ class GMCFabricStrategy(DDPStrategy):
     def optimizer_step(self, optimizer: Optimizable, **kwargs: Any) -> Any:
         self.gmc_state.exit_detached_point()  # loss.backward() called without fabric.backward
         output = super().optimizer_step(optimizer, **kwargs)
-        self.last_metrics = self.gmc_state.take_metrics()
+        # The residual norm and the skipped buckets are read when gmc_metrics() is called.
+        self.last_metrics = self.gmc_state.take_metrics(device_values=False)
         return output
 
     @override
@@ -205,10 +206,11 @@ class GMCFabricStrategy(DDPStrategy):
         With ``sum_over_ranks`` (a collective: call it on every rank at the same step) also
         ``gmc/<traffic>_sum_ranks`` and ``gmc/nonfinite_skips``, summed over all ranks.
         """
-        metrics = logged_metrics(self.last_metrics, LOGGED_METRICS)
+        taken = {**self.last_metrics, **self.gmc_state.device_metrics()}
+        metrics = logged_metrics(taken, LOGGED_METRICS)
         if sum_over_ranks:
             group = self.gmc_state.process_group
-            metrics.update(rank_aggregated_metrics(self.last_metrics, group, self.root_device))
+            metrics.update(rank_aggregated_metrics(taken, group, self.root_device))
         return metrics
 
     # ---------------------------------------------------------------------------- checkpoints

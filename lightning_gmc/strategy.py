@@ -74,9 +74,12 @@ class GMCStrategy(DDPStrategy):
         **ddp_kwargs: forwarded to :class:`torch.nn.parallel.DistributedDataParallel`
             (``bucket_cap_mb``, ``find_unused_parameters``, ``static_graph``, ...).
 
-    Metrics (per step, see docs/metrics.md): ``gmc/bytes_sent``, ``gmc/rcc``, ... per
-    rank; at logging steps (``Trainer(log_every_n_steps)``) also ``gmc/<traffic>_sum_ranks`` and
-    ``gmc/nonfinite_skips`` summed over all ranks (one small all-reduce).
+    Metrics (see docs/metrics.md): ``gmc/bytes_sent``, ``gmc/rcc``, ... per rank, every step in
+    ``strategy.last_metrics``; to Lightning's loggers and ``trainer.callback_metrics`` at logging steps
+    (``Trainer(log_every_n_steps)``), the first step and the last of the fit or of an epoch (each
+    ``self.log`` costs about half a millisecond on a CPU), the progress bar's two every step. At
+    logging steps also ``gmc/<traffic>_sum_ranks`` and ``gmc/nonfinite_skips`` summed over all ranks
+    (one small all-reduce).
 
     Raises:
         TypeError: a keyword that is neither an argument of the strategy nor of ``DistributedDataParallel``
@@ -268,17 +271,20 @@ class GMCStrategy(DDPStrategy):
 
     # ---------------------------------------------------------------------------------- metrics
     def _log_metrics(self) -> None:
-        metrics = self.gmc_state.take_metrics()
-        self.last_metrics = metrics
         module = self.lightning_module
-        if module is None or module._trainer is None:
+        trainer = None if module is None or module._trainer is None else module.trainer
+        # Lightning's self.log costs about half a millisecond per metric on a CPU, ten metrics a
+        # large share of a small model's step: each step's values go to last_metrics, and to
+        # Lightning only where somebody reads them (module docstring, docs/metrics.md).
+        handed = trainer is not None and _hands_metrics_to_lightning(trainer)
+        metrics = self.gmc_state.take_metrics(device_values=handed)
+        self.last_metrics = metrics
+        if trainer is None:
             return
-        trainer = module.trainer
-        # Always into the trainer's callback metrics (callbacks and scripts read them there); to the
-        # loggers when there are any (logging to none would only warn).
+        # To the loggers when there are any (logging to none would only warn).
         to_logger = bool(trainer.loggers)
-        shown = PROGRESS_BAR_METRICS if self.progress_bar_metrics else ()
-        others = tuple(name for name in LOGGED_METRICS if name not in shown)
+        shown = PROGRESS_BAR_METRICS if self.progress_bar_metrics and trainer.progress_bar_callback else ()
+        others = tuple(name for name in LOGGED_METRICS if name not in shown) if handed else ()
         for names, prog_bar in ((shown, True), (others, False)):
             if names:
                 values = logged_metrics(metrics, names)
@@ -377,6 +383,16 @@ class GMCStrategy(DDPStrategy):
 
 def _optimizers_found(count: int) -> str:
     return f"configure_optimizers returned {count}"
+
+
+def _hands_metrics_to_lightning(trainer: Trainer) -> bool:
+    """Whether this step's metrics go to Lightning (loggers, ``trainer.callback_metrics``): at the
+    loggers' steps, the first step, and the last one of the fit or of an epoch (so that
+    ``callback_metrics`` holds the run's final values)."""
+    loop = trainer.fit_loop.epoch_loop
+    step = loop._batches_that_stepped
+    last = loop.batch_progress.is_last_batch or (0 < trainer.max_steps <= trainer.global_step + 1)
+    return step == 0 or last or _is_logging_step(trainer)
 
 
 def _is_logging_step(trainer: Trainer) -> bool:

@@ -47,12 +47,19 @@ class HookMetrics:
         if pending is not None:
             self.stats.nonfinite_skips += int(pending.item())
 
-    def take(self, worker: WorkerState | None) -> dict[str, float]:
-        """This step's traffic metrics plus the residual norm; resets the per-step counters.
+    def take(self, worker: WorkerState | None, device_values: bool = True) -> dict[str, float]:
+        """This step's traffic metrics, with :meth:`device_values` unless ``device_values`` is False
+        (then without ``residual_norm`` and ``nonfinite_skips``: no pass over the residual and no host
+        synchronisation, for steps whose metrics nobody reads); resets the per-step counters."""
+        metrics = self.stats.take_step()
+        del metrics["nonfinite_skips"]
+        if device_values:
+            metrics.update(self.device_values(worker))
+        return metrics
 
-        The device-side values (skipped buckets, the residual norm) are read back together, in one
-        host synchronisation per call.
-        """
+    def device_values(self, worker: WorkerState | None) -> dict[str, float]:
+        """The residual norm as it is now and the run's skipped non-finite buckets, read back together
+        in one host synchronisation (the skipped-bucket events pending on the device are folded in)."""
         parts: list[Tensor] = []
         norm = residual_norm_squared(worker)
         if norm is not None:
@@ -64,9 +71,10 @@ class HookMetrics:
         values = torch.stack(parts).tolist() if parts else []
         if pending is not None:
             self.stats.nonfinite_skips += int(values.pop())
-        metrics = self.stats.take_step()
-        metrics["residual_norm"] = float(values[0]) ** 0.5 if norm is not None else 0.0
-        return metrics
+        return {
+            "residual_norm": float(values[0]) ** 0.5 if norm is not None else 0.0,
+            "nonfinite_skips": float(self.stats.nonfinite_skips),
+        }
 
 
 def residual_norm_squared(worker: WorkerState | None) -> Tensor | None:

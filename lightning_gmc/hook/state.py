@@ -190,11 +190,21 @@ class GMCHookState(ParameterPoints, StateCheckpoints):
         ``hierarchy="flat"``, the rank's shard of its node's (about 1/G) for ``"node"``."""
         return 0 if self.worker is None else self.worker.nbytes
 
-    def take_metrics(self) -> dict[str, float]:
-        """This step's traffic metrics plus the residual norm; resets the per-step counters. RCC
-        counts only the steps whose metrics are taken (``CommStats.defer_rcc``)."""
-        metrics = self.metrics.take(self.worker)
+    def take_metrics(self, device_values: bool = True) -> dict[str, float]:
+        """This step's traffic metrics; resets the per-step counters (call it once per optimizer step:
+        RCC counts only the steps whose metrics are taken, ``CommStats.defer_rcc``).
+
+        ``device_values``: also the residual norm and the run's skipped non-finite buckets (one pass
+        over the residual and one host synchronisation); False leaves both out, for steps whose
+        metrics nobody reads.
+        """
+        metrics = self.metrics.take(self.worker, device_values)
         self.reducer.add_metrics(metrics)
         if self.auto is not None:
             metrics.update(self.auto.metrics())
         return metrics
+
+    def device_metrics(self) -> dict[str, float]:
+        """``residual_norm`` (as the residual is now) and ``nonfinite_skips`` (the run's total), which
+        :meth:`take_metrics` leaves out with ``device_values=False``; one host synchronisation."""
+        return self.metrics.device_values(self.worker)
