@@ -135,7 +135,9 @@ class AutoDensity:
             the one the rule picks.
         warmup_steps: steps before the first decision (the first two after a start or a switch are
             not timed).
-        interval: steps between later decisions; 0 decides once.
+        interval: steps between later rounds of decisions; 0 runs one round. A decision that switches
+            to a setting not measured yet is a trial, confirmed or undone by measurement at another
+            decision ``warmup_steps`` later, within the same round.
         pin: a density, or ``"none"`` for the dense route, to run regardless of the measurements
             (they are still taken and logged); change it during a run with ``state.auto.pin(...)``.
         profile: the device profile of per-element costs (a shipped name or a ``--calibrate`` JSON);

@@ -279,7 +279,7 @@ class GMCStrategy(DDPStrategy):
         handed = trainer is not None and _hands_metrics_to_lightning(trainer)
         metrics = self.gmc_state.take_metrics(device_values=handed)
         self.last_metrics = metrics
-        if trainer is None:
+        if trainer is None or module is None:
             return
         # To the loggers when there are any (logging to none would only warn).
         to_logger = bool(trainer.loggers)

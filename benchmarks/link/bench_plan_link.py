@@ -85,6 +85,8 @@ def calibrate_hosts(
     )
     profile = DeviceProfile.from_mapping(records[0]["profile"])
     compute = statistics.fmean(r["compute_s"] for r in records)
+    bare = statistics.fmean(r["bare_compute_s"] for r in records)
+    print(f"compute per step: a single-device Trainer step {compute * 1e3:.1f} ms (bare {bare * 1e3:.1f} ms)")
     return profile, compute
 
 
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         if args.what in ("all", "validate"):
             profile, compute_s = calibrate_hosts(link, args, tmp)
-            print(f"\ncalibrated on both hosts at once: compute {compute_s * 1e3:.1f} ms per step")
+            print(f"calibrated on both hosts at once: compute {compute_s * 1e3:.1f} ms per step")
             print(f"profile: {profile.source}")
             topk, gmc = profile.compressors_ns["topk"]["0.01"], profile.methods_ns["gmc"]
             print(f"e.g. topk 1 %: {topk:.1f} ns/element, the gmc method: {gmc:.1f} ns/element")

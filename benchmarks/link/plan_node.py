@@ -4,8 +4,10 @@ Workloads (each host writes ``<out>.rank<N>.json``):
 
 * ``calibrate``: both hosts at once (so they contend for the CPUs as they do in a run), one thread
   each: the planner's device profile (``lightning_gmc.plan.calibrate``, without the loopback latency)
-  and the compute time of one step of the benchmark's MLP (forward, backward, ``SGD(momentum)``), no
-  communication;
+  and the compute time of one step of the benchmark's MLP without communication: a single-device
+  ``Trainer`` step (what every arm's step holds besides its hook and its collectives: the loop,
+  forward, backward, ``SGD(momentum)``; the difference of two run lengths), and for reference the bare
+  forward, backward and optimizer step;
 * ``probe``: the link between the hosts as the planner sees it: the median time of a 4-byte gloo
   all-reduce (the per-collective latency) and of an all-reduce of ``--probe-bytes`` (the rate).
 """
@@ -30,19 +32,44 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from link_node import make_mlp  # noqa: E402
+from lightning.pytorch import Trainer, seed_everything  # noqa: E402
+from link_node import MLPModule, StepClock, make_mlp  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from lightning_gmc.plan.calibrate import calibrate  # noqa: E402
 from lightning_gmc.plan.models import measure_compute  # noqa: E402
 from lightning_gmc.transport import ring_allreduce_bytes  # noqa: E402
 
 
+def trainer_fit_seconds(args: argparse.Namespace, steps: int) -> float:
+    """Seconds of a single-device fit of ``steps`` steps of the benchmark's module (no communication)."""
+    seed_everything(0)
+    samples = steps * args.batch
+    x, y = torch.randn(samples, args.dims[0]), torch.randint(0, args.dims[-1], (samples,))
+    clock = StepClock()
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        callbacks=[clock],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(MLPModule(args.dims), DataLoader(TensorDataset(x, y), batch_size=args.batch))
+    return clock.end - clock.start
+
+
 def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     profile = calibrate(min_run_time=args.min_run_time, latency=False)
     example = torch.randn(args.batch, args.dims[0])
     # the loss of the benchmark's module is a cross-entropy; the outputs' sum costs the same backward
-    compute = [measure_compute(lambda: make_mlp(args.dims), example, steps=7) for _ in range(3)]
-    return {"profile": asdict(profile), "compute_s": statistics.median(compute)}
+    bare = [measure_compute(lambda: make_mlp(args.dims), example, steps=7) for _ in range(3)]
+    short, long = (10, 60)
+    fits = [(trainer_fit_seconds(args, short), trainer_fit_seconds(args, long)) for _ in range(3)]
+    trainer_step = statistics.median((b - a) / (long - short) for a, b in fits)
+    return {"profile": asdict(profile), "compute_s": trainer_step, "bare_compute_s": statistics.median(bare)}
 
 
 def run_probe(args: argparse.Namespace) -> dict[str, Any]:

@@ -17,6 +17,13 @@ between two steps, on every rank at the same step of the shared step clock. At e
 3. every rank replaces the method's compressor (a ``dataclasses.replace``d value with its own cached
    plan per bucket, or the identity for the dense route) before the next step.
 
+**Predictions are confirmed by measurement.** A decision that switches to a setting not measured yet
+is a trial: the next decision comes ``warmup_steps`` later and uses the measured step of every
+setting run since the round began (the interval's first decision) instead of its prediction, so a
+setting the cost model thought faster but is not is left again after one trial. When a decision
+keeps a measured setting the round ends: the next one is ``interval`` steps later and starts afresh
+(the link and the load may have changed).
+
 What a change of density does to the method's state: nothing is reset. Residuals are in gradient
 units (``docs/algorithms.md`` 2.2), so they keep their meaning under another density and are sent as
 the new compressor selects them; with the dense route (``compressor="none"``) the whole residual is
@@ -86,6 +93,10 @@ def default_profile(device: torch.device) -> DeviceProfile:
     return load_profile("h100")
 
 
+def _is_measured_pair(pair: object) -> bool:
+    return isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[1], float)
+
+
 def _timed(call: Callable[[], Any], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -109,6 +120,8 @@ class AutoDensityController:
         self.next_decision = options.warmup_steps
         self.pinned: float | str | None = options.pin
         self.density: float | None = None  # None: the dense route
+        #: measured step (seconds) of each setting run in this round of decisions (None: dense route)
+        self.measured_steps: dict[float | None, float] = {}
         self.last: Measurement | None = None
         self.compute_s = 0.0
         #: what the decision step measures; tests replace it with fixed measurements
@@ -240,15 +253,21 @@ class AutoDensityController:
             p = predict(arm, numels, cluster, 0.0, profile, traffic=traffic)
             extra[density] = (p.step_s, p.comm_s)
         compute = max(measured.step_s - extra[self.density][0], 0.0)
-        options = [Option(d, compute + extra[d][0], extra[d][1]) for d in candidates]
-        running = Option(self.density, compute + extra[self.density][0], extra[self.density][1])
-        return options, running, compute
+
+        def option(density: float | None) -> Option:
+            # a setting measured in this round counts with its measured step, not its prediction
+            step_s = self.measured_steps.get(density, compute + extra[density][0])
+            return Option(density, step_s, extra[density][1])
+
+        return [option(d) for d in candidates], option(self.density), compute
 
     def decide(self) -> None:
         """Measure, choose on rank 0, broadcast, switch (a collective: every rank calls it)."""
         assert self._clock is not None
         step = self._clock.step
         measured = self.measure()
+        if measured.step_s > 0:  # identical on every rank (the maxima over ranks)
+            self.measured_steps[self.density] = measured.step_s
         decision: dict[str, Any] | None = None
         rank = dist.get_rank(self._group) if self.world_size > 1 else 0
         if rank == 0:
@@ -271,6 +290,7 @@ class AutoDensityController:
                 "compute_s": compute,
                 "predicted_step_s": chosen.step_s,
                 "reason": reason,
+                "trial": chosen.density != self.density and chosen.density not in self.measured_steps,
             }
         if self.world_size > 1:
             box = [decision]
@@ -281,8 +301,7 @@ class AutoDensityController:
         self.history.append(decision)
         self._intervals = []  # the next decision times the steps after this one
         self.last, self.compute_s = measured, float(decision["compute_s"])
-        interval = self.options.interval
-        self.next_decision = step + interval if interval else 2**62
+        self._schedule(step, bool(decision["trial"]))
         if rank == 0:
             log.info(
                 "lightning_gmc: density='auto' at step %d: %s (%s); link %.4g Mbit/s, latency %.3g ms, "
@@ -298,6 +317,15 @@ class AutoDensityController:
                 decision["predicted_step_s"] * 1e3,
             )
         self._apply(decision["density"])
+
+    def _schedule(self, step: int, trial: bool) -> None:
+        """The next decision: after a trial's ``warmup_steps``, or the next round's ``interval``."""
+        if trial:
+            self.next_decision = step + self.options.warmup_steps
+            return
+        self.measured_steps = {}
+        interval = self.options.interval
+        self.next_decision = step + interval if interval else 2**62
 
     def _apply(self, density: float | None) -> None:
         """Run ``density`` (None: the dense route) from the next step on; nothing when it runs already."""
@@ -318,6 +346,7 @@ class AutoDensityController:
             "pinned": self.pinned,
             "next_decision": self.next_decision,
             "history": [dict(entry) for entry in self.history],
+            "measured_steps": [[density, step_s] for density, step_s in self.measured_steps.items()],
         }
 
     def check_state_dict(self, state: object, written_by: object = None) -> dict[str, Any]:
@@ -338,11 +367,7 @@ class AutoDensityController:
             raise ValueError(
                 f"density='auto' state: density is {density!r}, expected None or a float in (0, 1]"
             )
-        if (
-            pinned is not None
-            and pinned != "none"
-            and not (isinstance(pinned, float) and 0.0 < pinned <= 1.0)
-        ):
+        if pinned not in (None, "none") and not (isinstance(pinned, float) and 0.0 < pinned <= 1.0):
             raise ValueError(
                 f"density='auto' state: pinned is {pinned!r}, expected None, 'none' or a density"
             )
@@ -351,6 +376,9 @@ class AutoDensityController:
         history = state.get("history")
         if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
             raise ValueError("density='auto' state: history must be a list of decisions")
+        measured = state.get("measured_steps", [])  # absent from checkpoints before trials
+        if not isinstance(measured, list) or not all(_is_measured_pair(pair) for pair in measured):
+            raise ValueError("density='auto' state: measured_steps must be a list of [density, seconds]")
         return state
 
     def compressor_for(self, density: float | None) -> Compressor:
@@ -363,6 +391,7 @@ class AutoDensityController:
         self.pinned = state["pinned"]
         self.next_decision = int(state["next_decision"])
         self.history = [dict(entry) for entry in state["history"]]
+        self.measured_steps = {density: float(step_s) for density, step_s in state.get("measured_steps", [])}
         self._apply(None if state["density"] is None else float(state["density"]))
         self._intervals, self._skip, self._last_time = [], _SKIP_AFTER_SWITCH, None
 

@@ -10,7 +10,10 @@ What is timed (``torch.utils.benchmark``, median of blocked runs, one worker, a 
 * one pass over the elements and torch's bf16 compression hook; ``SGD(momentum, weight_decay)``'s
   step minus plain SGD's is the pass's cost times the bytes it moves more (a memory-bound step; the
   difference of two timings would amplify the noise of a busy machine);
-* one 4-byte all-reduce between two gloo processes on loopback (the fixed cost of a collective).
+* one 4-byte all-reduce between two gloo processes on loopback (the fixed cost of a collective);
+* the fixed cost of a bucket: GMC's step with the identity, and each compressor at 1 %, on a bucket of
+  :data:`TINY_NUMELS` elements (the Python work that does not grow with the bucket); the per-element
+  costs are measured beyond it.
 
 Every timed call starts from a fresh copy of its input, whose pass is subtracted. The bytes each
 pipeline reads and writes are counted too (:mod:`~lightning_gmc.plan.bytecount`); :func:`derive_gpu_profile`
@@ -73,6 +76,8 @@ CALIBRATED_COMPRESSORS = (
     "qsgd",
 )
 DENSITIES = (0.001, 0.01, 0.1)
+#: a bucket of two small tensors: what a pipeline costs whatever the size
+TINY_NUMELS = (64, 64)
 _HYPER = GroupHyper(lr=0.1, prev_lr=0.1, momentum=0.9, weight_decay=1e-4)
 
 Runner = Callable[[], object]
@@ -102,6 +107,7 @@ def _method_runner(options: dict[str, Any], numels: Sequence[int]) -> Runner:
 
     def run() -> None:
         grad.copy_(fresh)
+        torch.aminmax(grad)  # the hook screens every bucket for non-finite values
         step = BucketStep(bucket, grad, grad, [_HYPER], clock[0], worker.rng, 1, read_params)
         messages = method.encode(step)
         means = exchange.start([messages], [bucket], clock[0]).wait()
@@ -240,18 +246,26 @@ def calibrate(
             tables[name].append(f"{density:g}")
             if density == (0.01 if has_density else 1.0):
                 timed[f"decode:{name}"] = (decode_more, nnz, False)
+    timed["fixed:method"] = (_method_runner(CALIBRATED_METHODS["gmc"], TINY_NUMELS), 1, False)
+    for name in compressors:
+        density = 0.01 if tables[name] != ["1"] else 1.0
+        timed[f"fixed:compressor:{name}"] = (_compressor_runners(name, density, TINY_NUMELS)[0], 1, False)
     samples: dict[str, list[float]] = {key: [] for key in timed}
     for _ in range(rounds):
         for key, (run, _, _) in timed.items():
             samples[key].append(_median_seconds(run, min_run_time / rounds))
     seconds = {key: statistics.median(values) for key, values in samples.items()}
+    fixed = {key[len("fixed:") :]: seconds.pop(key) for key in list(seconds) if key.startswith("fixed:")}
     bytes_per: dict[str, float] = {}
     ns: dict[str, float] = {}
     for key, (run, items, copies) in timed.items():
-        minus = seconds["copy"] if copies else 0.0
+        if key.startswith("fixed:"):
+            continue
+        minus = (seconds["copy"] if copies else 0.0) + _fixed_part(key, fixed)
         ns[key] = max(seconds[key] - minus, 0.0) * 1e9 / items
         bytes_per[key] = (count_bytes(run) - (8.0 * n if copies else 0.0)) / items
     bytes_per.pop("copy")
+    identity = fixed["compressor:none"]
     momentum_bytes = count_bytes(_optimizer_runner(True, n)) - count_bytes(_optimizer_runner(False, n))
     bytes_per["optimizer_momentum"] = momentum_bytes / n
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
@@ -275,7 +289,20 @@ def calibrate(
         decode_ns_per_nnz={name: ns[f"decode:{name}"] for name in compressors},
         collective_latency_s=gloo_latency() if latency else 0.0,
         bytes_per_element=bytes_per,
+        bucket_overhead_s=fixed["method"],
+        compressor_overhead_s={
+            name: max(fixed[f"compressor:{name}"] - identity, 0.0) for name in compressors
+        },
     )
+
+
+def _fixed_part(key: str, fixed: dict[str, float]) -> float:
+    """The size-independent seconds inside the timing ``key`` (measured on a tiny bucket)."""
+    if key.startswith("method:"):
+        return fixed["method"]
+    if key.startswith("compressor:"):
+        return fixed["compressor:" + key.split(":")[1]]
+    return 0.0
 
 
 def derive_gpu_profile(
@@ -303,7 +330,8 @@ def derive_gpu_profile(
         f"NOT MEASURED: derived from memory bandwidth ({memory_bytes_per_s / 1e12:g} TB/s{spec}, "
         f"{efficiency:g} of it reached) and the bytes each pipeline moves per element, counted on "
         f"the CPU calibration ({measured.source}); collective latency {collective_latency_s * 1e6:g} us "
-        f"assumed. Run `python -m lightning_gmc.plan --calibrate` on the GPU to measure it."
+        f"assumed; the fixed costs per bucket (host-side Python) are the CPU's. Run "
+        f"`python -m lightning_gmc.plan --calibrate` on the GPU to measure it."
     )
     return replace(
         measured,

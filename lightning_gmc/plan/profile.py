@@ -60,6 +60,12 @@ class DeviceProfile:
             processes on the device's usual back-end: gloo on loopback for the CPU).
         bytes_per_element: bytes each timed pipeline reads and writes per element (counted on the
             calibration run; what GPU profiles are derived from).
+        bucket_overhead_s: the fixed cost of the hook on one bucket, whatever its size (screening, the
+            method's and the exchange's Python work, launching the collective): the method step with
+            the identity on a bucket of a few elements. The per-element costs above are measured
+            beyond it.
+        compressor_overhead_s: per compressor, its fixed cost per bucket beyond the identity's (per
+            segment selection, index bookkeeping), at 1 % density on a bucket of a few elements.
     """
 
     name: str
@@ -74,6 +80,8 @@ class DeviceProfile:
     decode_ns_per_nnz: Mapping[str, float]
     collective_latency_s: float
     bytes_per_element: Mapping[str, float] = field(default_factory=dict)
+    bucket_overhead_s: float = 0.0
+    compressor_overhead_s: Mapping[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -143,7 +151,8 @@ def pipeline_seconds(profile: DeviceProfile, arm: Arm, traffic: Traffic, ranks_p
     or its shard under ``hierarchy="node"``), plus decoding the other workers' payloads when they are
     all-gathered, plus two passes for the dense route (zeroing and the division) and, under
     ``hierarchy="node"``, packing, unpacking and the division by G; minus the momentum step the
-    optimizer no longer does for methods that take it over.
+    optimizer no longer does for methods that take it over; plus the fixed cost of each bucket (the
+    hook's and the compressor's, :attr:`DeviceProfile.bucket_overhead_s`).
     """
     n = traffic.numel
     if arm.method == "ddp":
@@ -167,4 +176,5 @@ def pipeline_seconds(profile: DeviceProfile, arm: Arm, traffic: Traffic, ranks_p
         ns += profile.pass_ns * (2 * n + shard)
     if METHODS[arm.method].takes_over_optimizer:
         ns -= profile.optimizer_momentum_ns * n
-    return ns * 1e-9
+    fixed = profile.bucket_overhead_s + profile.compressor_overhead_s.get(arm.compressor, 0.0)
+    return ns * 1e-9 + traffic.buckets * fixed

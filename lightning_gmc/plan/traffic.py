@@ -164,6 +164,7 @@ class Traffic:
             False).
         routes: the route of every message.
         workers: K, the workers the method sees.
+        buckets: DDP buckets per step (the hook runs once per bucket).
     """
 
     bytes_sent: float = 0.0
@@ -182,6 +183,7 @@ class Traffic:
     rcc_exact: bool = True
     routes: list[Route] = field(default_factory=list)
     workers: int = 1
+    buckets: int = 0
 
     @property
     def rcc(self) -> float:
@@ -340,7 +342,7 @@ def arm_traffic(
     hierarchical = arm.hierarchy == "node" and nodes > 1 and ranks_per_node > 1
     world = nodes * ranks_per_node
     workers = nodes if hierarchical else world
-    traffic = Traffic(workers=workers)
+    traffic = Traffic(workers=workers, buckets=len(buckets))
     for bucket in buckets:
         bucket_numel = sum(int(numels[i]) for i in bucket)
         traffic.numel += bucket_numel

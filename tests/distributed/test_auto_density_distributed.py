@@ -21,6 +21,8 @@ WORLD = 2
 # (step s, latency s, link bit/s) at 1 Mbit/s and 100 Gbit/s; a 0.5 ms step, so that the hook's own
 # cost is visible against the compute of the small model
 SLOW, FAST = [5e-4, 1e-4, 1e6], [5e-4, 1e-4, 1e11]
+# the dense route's step measured at 1 Mbit/s: ten times the compressed one
+DENSE_ON_SLOW = [5e-3, 1e-4, 1e6]
 AUTO = {"warmup_steps": 4, "interval": 4}
 PINS = {"3": 0.2, "6": "none", "9": 0.02}
 CFG: dict[str, Any] = {
@@ -49,7 +51,7 @@ CFG: dict[str, Any] = {
                 "detach": 0.5,
                 "auto_density": {**AUTO, "hysteresis": 0.0},
             },
-            "measurements": [SLOW, FAST, SLOW],
+            "measurements": [SLOW, FAST, DENSE_ON_SLOW],
             "checkpoint_at": 6,
         },
     },
@@ -151,7 +153,8 @@ def test_resume_restores_the_decisions_and_continues_bitwise(results: list[dict[
     run = results[0]["resumed"]["run"]
     densities = [entry["metrics"]["auto_density"] for entry in run]
     # start at min_density 1 %; the decision after step 4 (1 Mbit/s) keeps compressing, the one after
-    # step 8 (100 Gbit/s) goes dense, the one after step 12 compresses again (metrics follow the decision)
+    # step 8 (100 Gbit/s) tries the dense route, the one after step 12 measures it ten times slower
+    # and compresses again (metrics follow the decision)
     assert densities == [0.01] * 7 + [1.0] * 4 + [0.01], densities
     for result in results:
         straight, resumed = result["resumed"]["run"], result["resumed"]["resumed"]

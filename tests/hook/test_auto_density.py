@@ -109,10 +109,65 @@ def test_decisions_follow_the_schedule_and_switch_between_steps() -> None:
     _step(state, optimizer)  # step 4: the first decision, one worker: no communication, dense is fastest
     assert [d["step"] for d in auto.history] == [4] and auto.history[0]["density"] is None
     assert state.method.compressor == Identity() and auto.metrics()["auto_density"] == 1.0
+    assert auto.history[0]["trial"] and auto.next_decision == 8  # unmeasured: confirmed after warm-up
+    for _ in range(4):
+        _step(state, optimizer)
+    assert [d["step"] for d in auto.history] == [4, 8] and not auto.history[1]["trial"]
+    assert auto.history[1]["density"] is None and state.method.compressor == Identity()
+    assert auto.next_decision == 13 and auto.measured_steps == {}  # the round ended
     for _ in range(5):
         _step(state, optimizer)
-    assert [d["step"] for d in auto.history] == [4, 9]
-    assert auto.history[1]["density"] is None and state.method.compressor == Identity()
+    assert [d["step"] for d in auto.history] == [4, 8, 13]
+
+
+def _measured_by_density(auto: Any, steps: dict[float | None, float]) -> None:
+    """Measurements whose step time depends on the setting that ran (the link is free: one worker)."""
+    auto.measure = lambda: Measurement(step_s=steps[auto.density], latency_s=0.0, link_bps=float("inf"))
+
+
+def test_a_trial_the_measurement_refutes_is_left_again() -> None:
+    state, optimizer, _ = _attached({"warmup_steps": 4, "interval": 20})
+    auto = state.auto
+    assert auto is not None
+    # the cost model predicts the dense route fastest on one worker; measured, it is 2.5x slower
+    _measured_by_density(auto, {0.01: 0.02, None: 0.05})
+    for _ in range(8):
+        _step(state, optimizer)
+    assert [(d["step"], d["density"], d["trial"]) for d in auto.history] == [
+        (4, None, True),
+        (8, 0.01, False),
+    ]
+    assert auto.history[1]["predicted_step_s"] == 0.02  # the measured step, not a prediction
+    assert state.method.compressor == TopK(density=0.01) and auto.next_decision == 28
+    assert auto.measured_steps == {}
+
+
+def test_a_trial_the_measurement_confirms_stays_and_ends_the_round() -> None:
+    state, optimizer, _ = _attached({"warmup_steps": 4, "interval": 20})
+    auto = state.auto
+    assert auto is not None
+    _measured_by_density(auto, {0.01: 0.05, None: 0.02})
+    for _ in range(8):
+        _step(state, optimizer)
+    assert [(d["density"], d["trial"]) for d in auto.history] == [(None, True), (None, False)]
+    assert state.method.compressor == Identity() and auto.next_decision == 28
+
+
+def test_a_checkpoint_within_a_trial_keeps_what_was_measured() -> None:
+    state, optimizer, _ = _attached({"warmup_steps": 4, "interval": 20})
+    auto = state.auto
+    assert auto is not None
+    _measured_by_density(auto, {0.01: 0.02, None: 0.05})
+    for _ in range(4):
+        _step(state, optimizer)
+    saved = state.state_dict()
+    assert saved["auto_density"]["measured_steps"] == [[0.01, 0.02]]
+    fresh, fresh_optimizer, _ = _attached({"warmup_steps": 4, "interval": 20})
+    fresh.load_state_dict(saved)
+    assert fresh.auto is not None and fresh.auto.measured_steps == {0.01: 0.02}
+    saved["auto_density"]["measured_steps"] = [[0.01, "fast"]]
+    with pytest.raises(ValueError, match=r"measured_steps must be a list of \[density, seconds\]"):
+        fresh.load_state_dict(saved)
 
 
 def test_only_timed_steps_enter_the_measurement() -> None:
@@ -125,7 +180,10 @@ def test_only_timed_steps_enter_the_measurement() -> None:
     optimizer.step()  # an optimizer step without a gradient exchange: the clock did not move
     assert len(auto._intervals) == 2
     _step(state, optimizer)
-    assert len(auto.history) == 1 and auto.next_decision > 10**9  # interval 0: decided once
+    assert len(auto.history) == 1 and auto.next_decision == 12  # a trial of the dense route ...
+    for _ in range(6):
+        _step(state, optimizer)
+    assert len(auto.history) == 2 and auto.next_decision > 10**9  # ... then interval 0: no more rounds
 
 
 def test_each_decision_times_only_the_steps_since_the_last_one() -> None:

@@ -117,6 +117,9 @@ def test_calibration_and_the_gpu_derivation() -> None:
         "1"
     }
     assert profile.methods_ns["gmc"] > 0 and profile.decode_ns_per_nnz["topk"] > 0
+    # a bucket's fixed cost: the hook's work on a tiny bucket, some microseconds on any CPU
+    assert 1e-6 < profile.bucket_overhead_s < 1e-2
+    assert profile.compressor_overhead_s["none"] == 0.0 and profile.compressor_overhead_s["topk"] >= 0.0
     gpu = derive_gpu_profile(profile, "test-gpu", memory_bytes_per_s=2e12, efficiency=0.5)
     # ns per element = bytes per element / (0.5 * 2e12 B/s) = bytes / 1000 ns
     assert gpu.pass_ns == pytest.approx(8 / 1000)
@@ -125,6 +128,7 @@ def test_calibration_and_the_gpu_derivation() -> None:
         profile.bytes_per_element["compressor:topk:0.01"] / 1000
     )
     assert not gpu.measured and gpu.source.startswith("NOT MEASURED")
+    assert gpu.bucket_overhead_s == profile.bucket_overhead_s  # host-side Python, carried over
 
 
 def test_the_planner_imports_only_the_layers_below_the_hook() -> None:

@@ -72,6 +72,22 @@ def test_compressed_step_by_hand() -> None:
     assert p.step_s == pytest.approx(0.05 + 0.0381 + 0.0065)
 
 
+def test_fixed_costs_per_bucket_by_hand() -> None:
+    # 50 us of the hook and 20 us of top-k per bucket, 3 buckets: 3 * 70 us = 0.21 ms on top of the
+    # per-element pipeline of test_compressed_step_by_hand (38.1 ms); DDP pays none of it
+    fixed = replace(PROFILE, bucket_overhead_s=5e-5, compressor_overhead_s={"topk": 2e-5})
+    buckets = [[0], [1], [2]]
+    numels = [N // 2, N // 4, N // 4]
+    p = predict(Arm("gmc", "topk", 0.01), numels, LINK, compute_s=0.05, profile=fixed, buckets=buckets)
+    assert p.traffic.buckets == 3
+    assert p.pipeline_s == pytest.approx(0.040 + 0.0001 - 0.002 + 3 * 7e-5)
+    dense = predict(Arm("gmc"), numels, LINK, compute_s=0.05, profile=fixed, buckets=buckets)
+    assert dense.pipeline_s == pytest.approx(
+        predict(Arm("gmc"), numels, LINK, 0.05, PROFILE, buckets).pipeline_s + 1.5e-4
+    )
+    assert predict(Arm("ddp"), numels, LINK, 0.05, fixed, buckets).pipeline_s == 0.0
+
+
 def test_overlap_hides_communication_under_compute() -> None:
     # DDP: comm 320.1 ms, half of the 50 ms compute hides 25 ms of it
     p = predict(Arm("ddp"), [N], LINK, compute_s=0.05, profile=PROFILE, overlap=0.5)
