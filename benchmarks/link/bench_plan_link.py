@@ -11,9 +11,10 @@ the MLP 64-1024-960-10 of ``bench_link.py``), K = 2. One command produces both t
    lengths), and the planner predicts each arm's step from the profile, the compute time, the nominal
    rate (the probed one for the unshaped veth) and the probed latency. The table compares the ratio to
    DDP's step, predicted and measured (goal: within 25 %).
-2. **auto** (100mbit, 1gbit, none): DDP, fixed GMC ``topk_approx`` 1 % and 10 %, GMC+ ``rbgs`` 1 %
-   and the same two compressors with ``density="auto"``, interleaved; each auto arm's step over the
-   best of DDP and the fixed arms (goal: <= 1.1), and what auto chose.
+2. **auto** (100mbit, 1gbit, none): DDP, fixed GMC ``topk_approx`` 1 % and 10 %, GMC+ ``rbgs`` 1 %,
+   GMC's dense route (what auto falls back to) and the same two compressors with ``density="auto"``,
+   interleaved; each auto arm's step over the best of DDP and the fixed arms (goal: <= 1.1), and what
+   auto chose.
 
 Run (as root, from the repository root)::
 
@@ -48,6 +49,7 @@ AUTO_ARMS = [
     "gmc_topk_approx",
     "gmc_topk_approx_10",
     "gmc_plus_rbgs",
+    "gmc_dense",
     "gmc_topk_approx_auto",
     "gmc_plus_rbgs_auto",
 ]
@@ -72,7 +74,8 @@ def mlp_numels(dims: list[int]) -> list[int]:
 def label(arm: str, density: float) -> str:
     name, method, _, _ = ARMS[arm]
     chosen = ARM_DENSITY.get(arm, density)
-    return name if method is None or chosen == "auto" else f"{name} {float(chosen):.0%}"
+    shown = method is not None and chosen != "auto" and ARMS[arm][2] != "none"
+    return f"{name} {float(chosen):.0%}" if shown else name
 
 
 def calibrate_hosts(

@@ -53,16 +53,19 @@ ARMS: dict[str, tuple[str, str | None, str | None, float | None]] = {
     "gmc_topk_shared": ("GMC topk_shared", "gmc", "topk_shared", None),
     "gmc_plus_rbgs": ("GMC+ rbgs (detach 0.5)", "gmc", "rbgs", 0.5),
     "ef_topk_approx": ("EF topk_approx", "ef", "topk_approx", None),
-    # density="auto" and a fixed 10 % (bench_plan_link.py's comparison; the density comes from ARM_DENSITY)
+    # density="auto", a fixed 10 % and the dense route auto falls back to (bench_plan_link.py's
+    # comparison; the density comes from ARM_DENSITY)
     "gmc_topk_approx_auto": ("GMC topk_approx auto", "gmc", "topk_approx", None),
     "gmc_plus_rbgs_auto": ("GMC+ rbgs (detach 0.5) auto", "gmc", "rbgs", 0.5),
     "gmc_topk_approx_10": ("GMC topk_approx", "gmc", "topk_approx", None),
+    "gmc_dense": ("GMC dense route (compressor none)", "gmc", "none", None),
 }
 #: arms whose density is not the command line's --density
 ARM_DENSITY: dict[str, float | str] = {
     "gmc_topk_approx_auto": "auto",
     "gmc_plus_rbgs_auto": "auto",
     "gmc_topk_approx_10": 0.1,
+    "gmc_dense": 1.0,
 }
 #: the arms bench_link.py runs by default (the others are bench_plan_link.py's)
 DEFAULT_ARMS = [arm for arm in ARMS if arm not in ARM_DENSITY]
