@@ -150,6 +150,27 @@ class Term:
     coefficient: Coefficient = 1.0
 
 
+def stage_onto_zero(x: Tensor, active: Sequence[tuple[Tensor, float]], sl: slice) -> bool:
+    """Error feedback's staged sum ``x = residual + sum_i c_i t_i`` (``active``, left to right) for a
+    residual known to be zero, without reading or writing it, in the cases where that gives the same
+    bits as adding onto the zeros (``0 + t = t``): no term (``x = 0``), or a first coefficient of 1
+    with one more term, or that first term alone when ``x`` is it. Returns False when it did nothing
+    (another case: the caller sums onto the residual)."""
+    if not active:
+        x.zero_()
+        return True
+    (first, c_first), rest = active[0], active[1:]
+    if c_first != 1.0 or len(rest) > 1:
+        return False
+    if not rest:
+        if first[sl] is x or (first[sl].data_ptr() == x.data_ptr() and first[sl].shape == x.shape):
+            return True  # x is the term itself (EF stages onto the gradient)
+        return False
+    last, c_last = rest[0]
+    torch.add(first[sl], last[sl], alpha=c_last, out=x)
+    return True
+
+
 def _coefficient(term: Tensor | Term, hyper: GroupHyper) -> float:
     if isinstance(term, Tensor):
         return 1.0
@@ -297,20 +318,28 @@ class BucketStep:
         """
         staged = self.sends_unchanged(compressor)
         x = staging if staged else residual
+        # the dense route's residual stays zero from step to step: it need not be added nor zeroed
+        zero = staged and self.bucket.holds_zeros(residual)
+        written = False
         for sl, hyper in self.runs():
-            active = [(term, c) for term in terms if (c := _coefficient(term, hyper)) != 0.0]
+            active = [(_tensor(term), c) for term in terms if (c := _coefficient(term, hyper)) != 0.0]
+            if zero and stage_onto_zero(x[sl], active, sl):
+                continue
+            written = True
             for term, coefficient in active[: -1 if staged else None]:
-                residual[sl].add_(_tensor(term)[sl], alpha=coefficient)
+                residual[sl].add_(term[sl], alpha=coefficient)
             if staged and active:
                 term, coefficient = active[-1]
-                torch.add(residual[sl], _tensor(term)[sl], alpha=coefficient, out=x[sl])
+                torch.add(residual[sl], term[sl], alpha=coefficient, out=x[sl])
             elif staged:
                 x[sl].copy_(residual[sl])
         if not staged:
             message = self.compress(compressor, x, decode_into=decode_into)
             self.subtract_own(message, residual)
             return message
-        residual.zero_()  # C(x) = x
+        if written or not zero:
+            residual.zero_()  # C(x) = x
+        self.bucket.note_zeroed(residual)
         return self.send_as_is(compressor, x, decode_into=x)
 
     def send_as_is(self, compressor: Compressor, x: Tensor, decode_into: Tensor | None = None) -> Message:

@@ -55,6 +55,20 @@ class BucketState:
         self._plans: dict[Compressor, CompressionPlan] = {}
         self._scratch = Workspace()
         self._message_slots: list[Workspace] = []
+        # id -> (buffer, its version counter) when a method last left it all zeros
+        self._zeroed: dict[int, tuple[Tensor, int]] = {}
+
+    def note_zeroed(self, buffer: Tensor) -> None:
+        """Remember that ``buffer`` (a state buffer of this bucket) holds zeros now."""
+        self._zeroed[id(buffer)] = (buffer, buffer._version)
+
+    def holds_zeros(self, buffer: Tensor) -> bool:
+        """Whether ``buffer`` still holds the zeros of :meth:`note_zeroed`: torch's version counter,
+        which every in-place write to it or to a view of its storage advances (a checkpoint's load,
+        an undelivered remainder, a refused step's restore), has not moved since. Collectives do not
+        advance it: no collective writes into a method's local buffers."""
+        entry = self._zeroed.get(id(buffer))
+        return entry is not None and entry[0] is buffer and buffer._version == entry[1]
 
     def plan(self, compressor: Compressor) -> CompressionPlan:
         """The compressor's plan for this layout, computed on first use of an equal compressor.
