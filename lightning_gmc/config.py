@@ -133,6 +133,9 @@ class AutoDensity:
         slack: the densest candidate within this fraction of the fastest predicted step is taken.
         hysteresis: the current setting is kept while its predicted step is within this fraction of
             the one the rule picks.
+        explore: a candidate predicted within this fraction of the step of the setting the rule keeps
+            is tried for ``warmup_steps`` steps when it has not been measured in this round (0: never;
+            ignored with ``comm_fraction``).
         warmup_steps: steps before the first decision (the first two after a start or a switch are
             not timed).
         interval: steps between later rounds of decisions; 0 runs one round. A decision that switches
@@ -149,6 +152,7 @@ class AutoDensity:
     comm_fraction: float | None = None
     slack: float = 0.05
     hysteresis: float = 0.1
+    explore: float = 0.2
     warmup_steps: int = 8
     interval: int = 1000
     pin: float | str | None = None
@@ -158,7 +162,7 @@ class AutoDensity:
         low, high = check_density(self.min_density), check_density(self.max_density)
         if low > high:
             raise ValueError(f"auto_density: min_density {low} is above max_density {high}")
-        for name in ("slack", "hysteresis"):
+        for name in ("slack", "hysteresis", "explore"):
             if check_float(f"auto_density {name}", getattr(self, name), "a finite number >= 0") < 0:
                 raise ValueError(
                     f"auto_density: {name} must be a finite number >= 0, got {getattr(self, name)!r}"

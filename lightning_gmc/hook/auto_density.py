@@ -20,9 +20,11 @@ between two steps, on every rank at the same step of the shared step clock. At e
 **Predictions are confirmed by measurement.** A decision that switches to a setting not measured yet
 is a trial: the next decision comes ``warmup_steps`` later and uses the measured step of every
 setting run since the round began (the interval's first decision) instead of its prediction, so a
-setting the cost model thought faster but is not is left again after one trial. When a decision
-keeps a measured setting the round ends: the next one is ``interval`` steps later and starts afresh
-(the link and the load may have changed).
+setting the cost model thought faster but is not is left again after one trial. A decision that
+would keep a measured setting tries a candidate predicted within ``explore`` of it first (a close
+call is settled by measurement, not by the model's error). When a decision keeps a measured setting
+and nothing is close, the round ends: the next one is ``interval`` steps later and starts afresh (the
+link and the load may have changed).
 
 What a change of density does to the method's state: nothing is reset. Residuals are in gradient
 units (``docs/algorithms.md`` 2.2), so they keep their meaning under another density and are sent as
@@ -48,6 +50,7 @@ import torch.distributed as dist
 from lightning_gmc.compressors import Compressor, Identity
 from lightning_gmc.config import AutoDensity
 from lightning_gmc.hook.binding import StepClock
+from lightning_gmc.hook.checkpoint_schema import check_auto_state
 from lightning_gmc.methods import Method, ParameterTable, WorkerState
 from lightning_gmc.plan import (
     Arm,
@@ -59,6 +62,7 @@ from lightning_gmc.plan import (
     density_grid,
     load_profile,
     predict,
+    worth_a_trial,
 )
 from lightning_gmc.transport import ring_allreduce_bytes
 
@@ -93,8 +97,14 @@ def default_profile(device: torch.device) -> DeviceProfile:
     return load_profile("h100")
 
 
-def _is_measured_pair(pair: object) -> bool:
-    return isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[1], float)
+def _log_decision(d: dict[str, Any], compute_s: float) -> None:
+    chosen = "dense (compressor 'none')" if d["density"] is None else f"density {d['density']:g}"
+    log.info(
+        "lightning_gmc: density='auto' at step %d: %s (%s); link %.4g Mbit/s, latency %.3g ms, "
+        "compute %.4g ms, predicted step %.4g ms",
+        *(d["step"], chosen, d["reason"], d["link_bps"] / 1e6, d["latency_s"] * 1e3),
+        *(compute_s * 1e3, d["predicted_step_s"] * 1e3),
+    )
 
 
 def _timed(call: Callable[[], Any], device: torch.device) -> float:
@@ -272,14 +282,7 @@ class AutoDensityController:
         rank = dist.get_rank(self._group) if self.world_size > 1 else 0
         if rank == 0:
             options, running, compute = self.options_for(measured)
-            if self.pinned is not None:
-                chosen, reason = running, "pinned"
-            else:
-                o = self.options
-                # the warm-up setting was not chosen: no hysteresis for it at the first decision
-                current = running if running in options and self.history else None
-                choice = choose_density(options, compute, o.comm_fraction, o.slack, o.hysteresis, current)
-                chosen, reason = choice.option, choice.reason
+            chosen, reason = self._choose(options, running, compute)
             decision = {
                 "step": step,
                 "density": chosen.density,
@@ -303,20 +306,22 @@ class AutoDensityController:
         self.last, self.compute_s = measured, float(decision["compute_s"])
         self._schedule(step, bool(decision["trial"]))
         if rank == 0:
-            log.info(
-                "lightning_gmc: density='auto' at step %d: %s (%s); link %.4g Mbit/s, latency %.3g ms, "
-                "compute %.4g ms, predicted step %.4g ms",
-                step,
-                "dense (compressor 'none')"
-                if decision["density"] is None
-                else f"density {decision['density']:g}",
-                decision["reason"],
-                measured.link_bps / 1e6,
-                measured.latency_s * 1e3,
-                self.compute_s * 1e3,
-                decision["predicted_step_s"] * 1e3,
-            )
+            _log_decision(decision, self.compute_s)
         self._apply(decision["density"])
+
+    def _choose(self, options: list[Option], running: Option, compute: float) -> tuple[Option, str]:
+        """Rank 0's pick among ``options`` and why (:mod:`~lightning_gmc.plan.decide`)."""
+        if self.pinned is not None:
+            return running, "pinned"
+        o = self.options
+        # the warm-up setting was not chosen: no hysteresis for it at the first decision
+        current = running if running in options and self.history else None
+        choice = choose_density(options, compute, o.comm_fraction, o.slack, o.hysteresis, current)
+        if o.comm_fraction is None:
+            trial = worth_a_trial(options, choice.option, self.measured_steps, o.explore)
+            if trial is not None:
+                return trial, f"trial: predicted within {o.explore:g} of the measured {choice.reason}"
+        return choice.option, choice.reason
 
     def _schedule(self, step: int, trial: bool) -> None:
         """The next decision: after a trial's ``warmup_steps``, or the next round's ``interval``."""
@@ -355,31 +360,7 @@ class AutoDensityController:
         Raises:
             ValueError: no state (the checkpoint was written with a fixed density), or a bad field.
         """
-        if state is None:
-            raise ValueError(
-                f"the checkpoint was written with a fixed density ({written_by}); this run has "
-                f"density='auto'. Resume with that density, or start density='auto' afresh"
-            )
-        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
-            raise ValueError(f"unsupported density='auto' state in the checkpoint: {state!r:.200}")
-        density, pinned, upcoming = state.get("density"), state.get("pinned"), state.get("next_decision")
-        if density is not None and not (isinstance(density, float) and 0.0 < density <= 1.0):
-            raise ValueError(
-                f"density='auto' state: density is {density!r}, expected None or a float in (0, 1]"
-            )
-        if pinned not in (None, "none") and not (isinstance(pinned, float) and 0.0 < pinned <= 1.0):
-            raise ValueError(
-                f"density='auto' state: pinned is {pinned!r}, expected None, 'none' or a density"
-            )
-        if isinstance(upcoming, bool) or not isinstance(upcoming, int) or upcoming < 0:
-            raise ValueError(f"density='auto' state: next_decision is {upcoming!r}, expected a step")
-        history = state.get("history")
-        if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
-            raise ValueError("density='auto' state: history must be a list of decisions")
-        measured = state.get("measured_steps", [])  # absent from checkpoints before trials
-        if not isinstance(measured, list) or not all(_is_measured_pair(pair) for pair in measured):
-            raise ValueError("density='auto' state: measured_steps must be a list of [density, seconds]")
-        return state
+        return check_auto_state(state, _STATE_FORMAT, written_by)
 
     def compressor_for(self, density: float | None) -> Compressor:
         """The compressor this controller runs at ``density`` (None: the dense route)."""

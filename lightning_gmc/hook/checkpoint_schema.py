@@ -35,7 +35,7 @@ from torch import Tensor
 from lightning_gmc._arguments import describe_value
 from lightning_gmc.methods import Method, ParameterTable
 
-__all__ = ["MEAN_INVARIANT_RTOL", "STATE_FORMAT", "check_checkpoint"]
+__all__ = ["MEAN_INVARIANT_RTOL", "STATE_FORMAT", "check_auto_state", "check_checkpoint"]
 
 STATE_FORMAT = 1
 
@@ -231,3 +231,35 @@ def check_checkpoint(
     if "topology" in block:  # absent in files written before hierarchy="node"
         _topology(block["topology"], world_size)
     _check_mean_invariants(block, method)
+
+
+def check_auto_state(state: object, expected_format: int, written_by: object = None) -> dict[str, Any]:
+    """The ``density="auto"`` controller's saved state after checking every field (restores nothing).
+
+    Raises:
+        ValueError: no state (the checkpoint was written with a fixed density, ``written_by``), or a
+            bad field.
+    """
+    if state is None:
+        raise ValueError(
+            f"the checkpoint was written with a fixed density ({written_by}); this run has "
+            f"density='auto'. Resume with that density, or start density='auto' afresh"
+        )
+    if not isinstance(state, dict) or state.get("format") != expected_format:
+        raise ValueError(f"unsupported density='auto' state in the checkpoint: {state!r:.200}")
+    density, pinned, upcoming = state.get("density"), state.get("pinned"), state.get("next_decision")
+    if density is not None and not (isinstance(density, float) and 0.0 < density <= 1.0):
+        raise ValueError(f"density='auto' state: density is {density!r}, expected None or a float in (0, 1]")
+    if pinned not in (None, "none") and not (isinstance(pinned, float) and 0.0 < pinned <= 1.0):
+        raise ValueError(f"density='auto' state: pinned is {pinned!r}, expected None, 'none' or a density")
+    if isinstance(upcoming, bool) or not isinstance(upcoming, int) or upcoming < 0:
+        raise ValueError(f"density='auto' state: next_decision is {upcoming!r}, expected a step")
+    history = state.get("history")
+    if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
+        raise ValueError("density='auto' state: history must be a list of decisions")
+    measured = state.get("measured_steps", [])  # absent from checkpoints written before trials
+    if not isinstance(measured, list) or not all(
+        isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[1], float) for pair in measured
+    ):
+        raise ValueError("density='auto' state: measured_steps must be a list of [density, seconds]")
+    return state

@@ -17,7 +17,7 @@ Parts (this package imports layers 1-3 only, so the hook can use it):
 
 from lightning_gmc.plan.arms import default_arms, density_grid
 from lightning_gmc.plan.cost import Cluster, Prediction, comm_seconds, crossover_bps, plan, predict
-from lightning_gmc.plan.decide import Choice, Option, choose_density
+from lightning_gmc.plan.decide import Choice, Option, choose_density, worth_a_trial
 from lightning_gmc.plan.profile import DeviceProfile, load_profile, pipeline_seconds
 from lightning_gmc.plan.traffic import Arm, Traffic, arm_traffic, ddp_buckets
 
@@ -31,6 +31,7 @@ __all__ = [
     "Traffic",
     "arm_traffic",
     "choose_density",
+    "worth_a_trial",
     "comm_seconds",
     "crossover_bps",
     "ddp_buckets",

@@ -14,14 +14,17 @@ with the compute time and link rate measured during the run). The rule, in order
    while its communication stays within ``(1 + hysteresis) f`` of compute and no denser candidate's is
    within ``(1 - hysteresis) f`` (rule 1), so that noise in the measurements does not make the run
    switch back and forth.
+
+:func:`worth_a_trial` then proposes a close candidate the run has not measured yet, which
+``density="auto"`` runs for a few steps before it settles (the measurement replaces the prediction).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Choice", "Option", "choose_density"]
+__all__ = ["Choice", "Option", "choose_density", "worth_a_trial"]
 
 
 @dataclass(frozen=True)
@@ -99,3 +102,19 @@ def choose_density(
         )
     why = "fastest" if best is fastest else f"densest within {slack:g} of the fastest"
     return Choice(best, why)
+
+
+def worth_a_trial(
+    options: Sequence[Option], chosen: Option, measured: Collection[float | None], margin: float
+) -> Option | None:
+    """A candidate to try although the rule kept ``chosen``: when ``chosen`` has been measured and
+    some candidate not measured yet is predicted within ``margin`` of it (``step <= (1 + margin) *
+    chosen``), the fastest of those (the densest on a tie), so that a measurement, not the cost
+    model's error, settles a close call. None when ``margin`` is 0, ``chosen`` is a prediction itself,
+    or no candidate is that close.
+    """
+    if margin <= 0 or chosen.density not in measured:
+        return None
+    bound = (1 + margin) * chosen.step_s
+    close = [o for o in options if o.density not in measured and o.step_s <= bound]
+    return min(close, key=lambda o: (o.step_s, -o.rank)) if close else None

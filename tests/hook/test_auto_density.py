@@ -99,7 +99,7 @@ def _step(state: GMCHookState, optimizer: torch.optim.Optimizer) -> None:
 
 
 def test_decisions_follow_the_schedule_and_switch_between_steps() -> None:
-    state, optimizer, _ = _attached({"warmup_steps": 4, "interval": 5})
+    state, optimizer, _ = _attached({"warmup_steps": 4, "interval": 5, "explore": 0.0})
     auto = state.auto
     assert auto is not None
     auto.measure = lambda: Measurement(step_s=0.01, latency_s=0.0, link_bps=float("inf"))
@@ -126,7 +126,7 @@ def _measured_by_density(auto: Any, steps: dict[float | None, float]) -> None:
 
 
 def test_a_trial_the_measurement_refutes_is_left_again() -> None:
-    state, optimizer, _ = _attached({"warmup_steps": 4, "interval": 20})
+    state, optimizer, _ = _attached({"warmup_steps": 4, "interval": 20, "explore": 0.0})
     auto = state.auto
     assert auto is not None
     # the cost model predicts the dense route fastest on one worker; measured, it is 2.5x slower
@@ -143,7 +143,7 @@ def test_a_trial_the_measurement_refutes_is_left_again() -> None:
 
 
 def test_a_trial_the_measurement_confirms_stays_and_ends_the_round() -> None:
-    state, optimizer, _ = _attached({"warmup_steps": 4, "interval": 20})
+    state, optimizer, _ = _attached({"warmup_steps": 4, "interval": 20, "explore": 0.0})
     auto = state.auto
     assert auto is not None
     _measured_by_density(auto, {0.01: 0.05, None: 0.02})
@@ -153,8 +153,29 @@ def test_a_trial_the_measurement_confirms_stays_and_ends_the_round() -> None:
     assert state.method.compressor == Identity() and auto.next_decision == 28
 
 
+def test_a_close_call_is_tried_before_the_round_ends() -> None:
+    state, optimizer, _ = _attached({"warmup_steps": 4, "interval": 20, "explore": 0.3})
+    auto = state.auto
+    assert auto is not None
+    steps = {None: 0.012, 0.01: 0.010, 0.02: 0.040, 0.05: 0.040, 0.1: 0.040}
+    _measured_by_density(auto, steps)
+    for _ in range(12):
+        _step(state, optimizer)
+    first, second, third = auto.history
+    # step 4: one worker, the rule predicts the dense route fastest: a trial (measured 12 ms)
+    assert (first["step"], first["density"], first["trial"]) == (4, None, True)
+    # step 8: the rule keeps the measured 1 % (10 ms); the denser settings, predicted from the dense
+    # route's 12 ms, are within 30 % of it and unmeasured: the fastest predicted is tried
+    assert second["step"] == 8 and second["trial"] and second["density"] in (0.02, 0.05, 0.1)
+    assert second["reason"].startswith("trial: predicted within 0.3 of the measured")
+    # step 12: it measured 40 ms, the others predicted from it are not close: 1 % is kept, round over
+    assert (third["step"], third["density"], third["trial"]) == (12, 0.01, False)
+    assert state.method.compressor == TopK(density=0.01) and auto.measured_steps == {}
+    assert auto.next_decision == 32
+
+
 def test_a_checkpoint_within_a_trial_keeps_what_was_measured() -> None:
-    state, optimizer, _ = _attached({"warmup_steps": 4, "interval": 20})
+    state, optimizer, _ = _attached({"warmup_steps": 4, "interval": 20, "explore": 0.0})
     auto = state.auto
     assert auto is not None
     _measured_by_density(auto, {0.01: 0.02, None: 0.05})
@@ -162,7 +183,7 @@ def test_a_checkpoint_within_a_trial_keeps_what_was_measured() -> None:
         _step(state, optimizer)
     saved = state.state_dict()
     assert saved["auto_density"]["measured_steps"] == [[0.01, 0.02]]
-    fresh, fresh_optimizer, _ = _attached({"warmup_steps": 4, "interval": 20})
+    fresh, fresh_optimizer, _ = _attached({"warmup_steps": 4, "interval": 20, "explore": 0.0})
     fresh.load_state_dict(saved)
     assert fresh.auto is not None and fresh.auto.measured_steps == {0.01: 0.02}
     saved["auto_density"]["measured_steps"] = [[0.01, "fast"]]

@@ -24,6 +24,7 @@ from lightning_gmc.plan import (
     load_profile,
     plan,
     predict,
+    worth_a_trial,
 )
 from lightning_gmc.plan.profile import compressor_ns, pipeline_seconds, shipped_profiles
 
@@ -216,3 +217,18 @@ def test_decision_with_a_communication_budget() -> None:
 def test_decision_needs_options() -> None:
     with pytest.raises(ValueError):
         choose_density([], 0.1)
+
+
+def test_worth_a_trial_by_hand() -> None:
+    measured = Option(0.01, 0.100, 0.01)  # the kept setting, measured: 100 ms
+    dense, two, five = Option(None, 0.115, 0.05), Option(0.02, 0.110, 0.02), Option(0.05, 0.125, 0.03)
+    options = [dense, measured, two, five]
+    # within 20 % (<= 120 ms), unmeasured: 2 % (110 ms) and dense (115 ms); the fastest is 2 %
+    assert worth_a_trial(options, measured, {0.01}, margin=0.2) == two
+    # 2 % measured already: dense is next; five (125 ms) is never close enough
+    assert worth_a_trial(options, measured, {0.01, 0.02}, margin=0.2) == dense
+    assert worth_a_trial(options, measured, {0.01, 0.02, None}, margin=0.2) is None
+    assert worth_a_trial(options, measured, {0.01}, margin=0.0) is None  # exploring switched off
+    assert worth_a_trial(options, two, {0.01}, margin=0.2) is None  # the rule's pick is a prediction
+    tie = Option(None, 0.110, 0.05)
+    assert worth_a_trial([tie, measured, two], measured, {0.01}, margin=0.2) == tie  # densest on a tie
