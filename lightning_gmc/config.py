@@ -134,13 +134,15 @@ class AutoDensity:
         hysteresis: the current setting is kept while its predicted step is within this fraction of
             the one the rule picks.
         explore: a candidate predicted within this fraction of the step of the setting the rule keeps
-            is tried for ``warmup_steps`` steps when it has not been measured in this round (0: never;
+            is tried for ``trial_steps`` steps when it has not been measured in this round (0: never;
             ignored with ``comm_fraction``).
         warmup_steps: steps before the first decision (the first two after a start or a switch are
             not timed).
         interval: steps between later rounds of decisions; 0 runs one round. A decision that switches
             to a setting not measured yet is a trial, confirmed or undone by measurement at another
-            decision ``warmup_steps`` later, within the same round.
+            decision ``trial_steps`` later, within the same round.
+        trial_steps: steps a trial runs before the decision that measures it (the first two are not
+            timed); more steps measure a noisy machine better.
         pin: a density, or ``"none"`` for the dense route, to run regardless of the measurements
             (they are still taken and logged); change it during a run with ``state.auto.pin(...)``.
         profile: the device profile of per-element costs (a shipped name or a ``--calibrate`` JSON);
@@ -154,6 +156,7 @@ class AutoDensity:
     hysteresis: float = 0.1
     explore: float = 0.2
     warmup_steps: int = 8
+    trial_steps: int = 16
     interval: int = 1000
     pin: float | str | None = None
     profile: str | None = None
@@ -170,8 +173,10 @@ class AutoDensity:
         if self.comm_fraction is not None:
             if check_float("auto_density comm_fraction", self.comm_fraction, "> 0") <= 0:
                 raise ValueError(f"auto_density: comm_fraction must be > 0, got {self.comm_fraction!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 4:
-            raise ValueError(f"auto_density: warmup_steps must be an int >= 4, got {self.warmup_steps!r}")
+        for name in ("warmup_steps", "trial_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 4:
+                raise ValueError(f"auto_density: {name} must be an int >= 4, got {value!r}")
         if not isinstance(self.interval, int) or (self.interval != 0 and self.interval < 4):
             raise ValueError(
                 f"auto_density: interval must be 0 (decide once) or an int >= 4, got {self.interval!r}"

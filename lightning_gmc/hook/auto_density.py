@@ -18,7 +18,7 @@ between two steps, on every rank at the same step of the shared step clock. At e
    plan per bucket, or the identity for the dense route) before the next step.
 
 **Predictions are confirmed by measurement.** A decision that switches to a setting not measured yet
-is a trial: the next decision comes ``warmup_steps`` later and uses the measured step of every
+is a trial: the next decision comes ``trial_steps`` later and uses the measured step of every
 setting run since the round began (the interval's first decision) instead of its prediction, so a
 setting the cost model thought faster but is not is left again after one trial. A decision that
 would keep a measured setting tries a candidate predicted within ``explore`` of it first (a close
@@ -324,9 +324,9 @@ class AutoDensityController:
         return choice.option, choice.reason
 
     def _schedule(self, step: int, trial: bool) -> None:
-        """The next decision: after a trial's ``warmup_steps``, or the next round's ``interval``."""
+        """The next decision: after a trial's ``trial_steps``, or the next round's ``interval``."""
         if trial:
-            self.next_decision = step + self.options.warmup_steps
+            self.next_decision = step + self.options.trial_steps
             return
         self.measured_steps = {}
         interval = self.options.interval

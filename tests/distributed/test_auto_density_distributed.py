@@ -23,7 +23,7 @@ WORLD = 2
 SLOW, FAST = [5e-4, 1e-4, 1e6], [5e-4, 1e-4, 1e11]
 # the dense route's step measured at 1 Mbit/s: ten times the compressed one
 DENSE_ON_SLOW = [5e-3, 1e-4, 1e6]
-AUTO = {"warmup_steps": 4, "interval": 4}
+AUTO = {"warmup_steps": 4, "trial_steps": 4, "interval": 4}
 PINS = {"3": 0.2, "6": "none", "9": 0.02}
 CFG: dict[str, Any] = {
     "lr": 0.1,

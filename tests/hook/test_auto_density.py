@@ -62,6 +62,8 @@ def test_auto_starts_at_min_density_or_the_pin() -> None:
         ({"auto_density": {"min_density": 0.2, "max_density": 0.1}}, "above max_density"),
         ({"auto_density": {"interval": 2}}, "interval"),
         ({"auto_density": {"warmup_steps": 1}}, "warmup_steps"),
+        ({"auto_density": {"trial_steps": 2}}, "trial_steps must be an int >= 4"),
+        ({"auto_density": {"explore": -0.1}}, "explore must be a finite number >= 0"),
         ({"auto_density": {"pin": 1.5}}, r"density must be in \(0, 1\]"),
         ({"auto_density": {"comm_fraction": -1.0}}, "comm_fraction"),
         ({"auto_density": {"minimum": 0.1}}, r"does not take \['minimum'\]"),
@@ -99,7 +101,7 @@ def _step(state: GMCHookState, optimizer: torch.optim.Optimizer) -> None:
 
 
 def test_decisions_follow_the_schedule_and_switch_between_steps() -> None:
-    state, optimizer, _ = _attached({"warmup_steps": 4, "interval": 5, "explore": 0.0})
+    state, optimizer, _ = _attached({"warmup_steps": 4, "trial_steps": 4, "interval": 5, "explore": 0.0})
     auto = state.auto
     assert auto is not None
     auto.measure = lambda: Measurement(step_s=0.01, latency_s=0.0, link_bps=float("inf"))
@@ -126,7 +128,7 @@ def _measured_by_density(auto: Any, steps: dict[float | None, float]) -> None:
 
 
 def test_a_trial_the_measurement_refutes_is_left_again() -> None:
-    state, optimizer, _ = _attached({"warmup_steps": 4, "interval": 20, "explore": 0.0})
+    state, optimizer, _ = _attached({"warmup_steps": 4, "trial_steps": 4, "interval": 20, "explore": 0.0})
     auto = state.auto
     assert auto is not None
     # the cost model predicts the dense route fastest on one worker; measured, it is 2.5x slower
@@ -143,7 +145,7 @@ def test_a_trial_the_measurement_refutes_is_left_again() -> None:
 
 
 def test_a_trial_the_measurement_confirms_stays_and_ends_the_round() -> None:
-    state, optimizer, _ = _attached({"warmup_steps": 4, "interval": 20, "explore": 0.0})
+    state, optimizer, _ = _attached({"warmup_steps": 4, "trial_steps": 4, "interval": 20, "explore": 0.0})
     auto = state.auto
     assert auto is not None
     _measured_by_density(auto, {0.01: 0.05, None: 0.02})
@@ -154,7 +156,7 @@ def test_a_trial_the_measurement_confirms_stays_and_ends_the_round() -> None:
 
 
 def test_a_close_call_is_tried_before_the_round_ends() -> None:
-    state, optimizer, _ = _attached({"warmup_steps": 4, "interval": 20, "explore": 0.3})
+    state, optimizer, _ = _attached({"warmup_steps": 4, "trial_steps": 4, "interval": 20, "explore": 0.3})
     auto = state.auto
     assert auto is not None
     steps = {None: 0.012, 0.01: 0.010, 0.02: 0.040, 0.05: 0.040, 0.1: 0.040}
@@ -175,7 +177,7 @@ def test_a_close_call_is_tried_before_the_round_ends() -> None:
 
 
 def test_a_checkpoint_within_a_trial_keeps_what_was_measured() -> None:
-    state, optimizer, _ = _attached({"warmup_steps": 4, "interval": 20, "explore": 0.0})
+    state, optimizer, _ = _attached({"warmup_steps": 4, "trial_steps": 4, "interval": 20, "explore": 0.0})
     auto = state.auto
     assert auto is not None
     _measured_by_density(auto, {0.01: 0.02, None: 0.05})
@@ -183,7 +185,9 @@ def test_a_checkpoint_within_a_trial_keeps_what_was_measured() -> None:
         _step(state, optimizer)
     saved = state.state_dict()
     assert saved["auto_density"]["measured_steps"] == [[0.01, 0.02]]
-    fresh, fresh_optimizer, _ = _attached({"warmup_steps": 4, "interval": 20, "explore": 0.0})
+    fresh, fresh_optimizer, _ = _attached(
+        {"warmup_steps": 4, "trial_steps": 4, "interval": 20, "explore": 0.0}
+    )
     fresh.load_state_dict(saved)
     assert fresh.auto is not None and fresh.auto.measured_steps == {0.01: 0.02}
     saved["auto_density"]["measured_steps"] = [[0.01, "fast"]]
@@ -192,7 +196,7 @@ def test_a_checkpoint_within_a_trial_keeps_what_was_measured() -> None:
 
 
 def test_only_timed_steps_enter_the_measurement() -> None:
-    state, optimizer, _ = _attached({"warmup_steps": 6, "interval": 0})
+    state, optimizer, _ = _attached({"warmup_steps": 6, "trial_steps": 6, "interval": 0})
     auto = state.auto
     assert auto is not None
     for _ in range(5):
@@ -221,7 +225,7 @@ def test_each_decision_times_only_the_steps_since_the_last_one() -> None:
 
 
 def test_compute_time_is_the_measured_step_minus_the_current_settings_cost() -> None:
-    state, _, _ = _attached({"warmup_steps": 4, "interval": 4})
+    state, _, _ = _attached({"warmup_steps": 4, "trial_steps": 4, "interval": 4})
     auto = state.auto
     assert auto is not None
     measured = Measurement(step_s=0.2, latency_s=1e-4, link_bps=1e8)
@@ -233,7 +237,7 @@ def test_compute_time_is_the_measured_step_minus_the_current_settings_cost() -> 
 
 
 def test_pin_applies_from_the_next_step_and_is_checkpointed() -> None:
-    state, optimizer, _ = _attached({"warmup_steps": 4, "interval": 4})
+    state, optimizer, _ = _attached({"warmup_steps": 4, "trial_steps": 4, "interval": 4})
     auto = state.auto
     assert auto is not None
     auto.measure = lambda: Measurement(step_s=0.01, latency_s=0.0, link_bps=float("inf"))
@@ -244,7 +248,7 @@ def test_pin_applies_from_the_next_step_and_is_checkpointed() -> None:
     assert auto.history[0]["reason"] == "pinned" and state.method.compressor == TopK(density=0.05)
     saved = state.state_dict()
     assert saved["auto_density"]["pinned"] == 0.05 and "density=0.05" in saved["method"]
-    fresh, _, _ = _attached({"warmup_steps": 4, "interval": 4})
+    fresh, _, _ = _attached({"warmup_steps": 4, "trial_steps": 4, "interval": 4})
     fresh.load_state_dict(saved)
     assert fresh.method.compressor == TopK(density=0.05)
     assert fresh.auto is not None and fresh.auto.state_dict() == saved["auto_density"]
