@@ -179,15 +179,30 @@ def validate(
     return result
 
 
-def steady_step(records: list[dict[str, Any]], arm: str) -> float | None:
-    """Median step interval of an auto arm after its first decision (the warm-up steps run the
-    starting density; the interval of the decision's probe and the next one are left out)."""
+def after_decision(records: list[dict[str, Any]], arm: str, settled: bool) -> float | None:
+    """Median step interval of an auto arm after its first decision, or (``settled``) after the
+    decision that ended its round of trials (the setting it then keeps for ``interval`` steps); the
+    interval of a decision's probe is left out. None when no run got that far."""
     after = []
     for r in records:
-        if r["arm"] == arm and r["auto_history"]:
-            first = int(r["auto_history"][0]["step"])
-            after += r["step_s"][first + 1 :]
+        history = r["auto_history"] if r["arm"] == arm else None
+        if not history:
+            continue
+        if settled:
+            ended = [d for d in history if not d.get("trial")]
+            if not ended:
+                continue
+            history = ended[-1:]
+        after += r["step_s"][int(history[0]["step"]) + 1 :]
     return statistics.median(after) if after else None
+
+
+def _shown(decision: dict[str, Any]) -> str:
+    return "dense" if decision["density"] is None else f"{decision['density']:g}"
+
+
+def replace_steps(args: argparse.Namespace, steps: list[int]) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "steps": steps})
 
 
 def same_compressor(arm: str, auto_arm: str) -> bool:
@@ -200,8 +215,9 @@ def auto(link: netns.TwoHostLink, args: argparse.Namespace, tmp: Path) -> dict[s
     arms = [a for a in AUTO_ARMS if a in args.auto_arms]
     print("\n### density='auto' against DDP and the fixed settings (step ms, interleaved)\n")
     print(
-        "Auto arms: median step after the first decision (with the warm-up in brackets); "
-        "auto / best: over the best of DDP and the fixed arms of the same compressor.\n"
+        f"Runs of {args.auto_steps[0]} and {args.auto_steps[1]} steps. Auto arms: median step once its "
+        "round of trials ended (in brackets: from its first decision on, trials included); "
+        "auto / best: the first over the best of DDP and the fixed arms of the same compressor.\n"
     )
     print("| link | " + " | ".join(label(a, args.density) for a in arms) + " | auto / best | auto chose |")
     print("|---|" + "---:|" * len(arms) + "---:|---|")
@@ -209,7 +225,7 @@ def auto(link: netns.TwoHostLink, args: argparse.Namespace, tmp: Path) -> dict[s
     for index, rate_text in enumerate(args.auto_rates):
         rate = netns.parse_rate(rate_text)
         link.shape(rate)
-        records = run_steps(link, arms, args, tmp, f"a{index}")
+        records = run_steps(link, arms, replace_steps(args, args.auto_steps), tmp, f"a{index}")
         summary = link_report.summarise_steps(records)
         steps = {a: summary[a]["step_s"] for a in arms}
         cells, ratios, chose = [], [], []
@@ -217,17 +233,19 @@ def auto(link: netns.TwoHostLink, args: argparse.Namespace, tmp: Path) -> dict[s
             if not a.endswith("_auto"):
                 cells.append("n/a" if steps[a] is None else f"{steps[a] * 1e3:.1f}")
                 continue
-            steady = steady_step(records, a)
-            overall = steps[a]
+            steady = after_decision(records, a, settled=True)
+            overall = after_decision(records, a, settled=False)
             cells.append(
                 "n/a" if steady is None or overall is None else f"{steady * 1e3:.1f} ({overall * 1e3:.1f})"
             )
             fixed = [steps[f] for f in arms if not f.endswith("_auto") and same_compressor(f, a) and steps[f]]
             if steady is not None and fixed:
                 ratios.append(f"{steady / min(fixed):.2f}")  # type: ignore[type-var]
-            decisions = [r["auto_history"][-1] for r in records if r["arm"] == a and r["auto_history"]]
-            picked = {"dense" if d["density"] is None else f"{d['density']:g}" for d in decisions}
-            chose.append(f"{label(a, args.density)}: {', '.join(sorted(picked)) or 'no decision'}")
+            histories = [r["auto_history"] for r in records if r["arm"] == a and r["auto_history"]]
+            kept = {_shown(d) for h in histories for d in h[-1:] if not d.get("trial")}
+            tried = {_shown(d) for h in histories for d in h if d.get("trial")}
+            what = ", ".join(sorted(kept)) or "unsettled"
+            chose.append(f"{label(a, args.density)}: {what} (tried {', '.join(sorted(tried)) or 'none'})")
         print(
             f"| {netns.format_rate(rate)} | {' | '.join(cells)} | {', '.join(ratios)} | {'; '.join(chose)} |"
         )
@@ -244,6 +262,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS)
     p.add_argument("--auto-arms", nargs="+", default=AUTO_ARMS)
     p.add_argument("--steps", type=int, nargs=2, default=[10, 40])
+    p.add_argument(
+        "--auto-steps", type=int, nargs=2, default=[10, 120], help="run lengths of the auto comparison"
+    )
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dims", type=int, nargs="+", default=[64, 1024, 960, 10])
     p.add_argument("--batch", type=int, default=32)
@@ -261,6 +282,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.rates, args.auto_rates = ["none", "100mbit"], ["100mbit", "none"]
         args.steps, args.repeats, args.min_run_time = [12, 24], 1, 0.1
+        args.auto_steps = [12, 60]
     return args
 
 
