@@ -154,7 +154,7 @@ class AutoDensity:
     comm_fraction: float | None = None
     slack: float = 0.05
     hysteresis: float = 0.1
-    explore: float = 0.2
+    explore: float = 0.3
     warmup_steps: int = 8
     trial_steps: int = 16
     interval: int = 1000
