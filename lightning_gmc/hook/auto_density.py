@@ -314,8 +314,10 @@ class AutoDensityController:
         if self.pinned is not None:
             return running, "pinned"
         o = self.options
-        # the warm-up setting was not chosen: no hysteresis for it at the first decision
-        current = running if running in options and self.history else None
+        # No hysteresis for a setting that was not chosen on its merits: the warm-up setting at the
+        # first decision, or a trial (it stays only if its measured step wins).
+        chosen_before = bool(self.history) and not self.history[-1].get("trial")
+        current = running if running in options and chosen_before else None
         choice = choose_density(options, compute, o.comm_fraction, o.slack, o.hysteresis, current)
         if o.comm_fraction is None:
             trial = worth_a_trial(options, choice.option, self.measured_steps, o.explore)
