@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from planted_bug import PlantedBug  # noqa: E402
 from planted_bugs_edges import EDGE_BUGS  # noqa: E402
+from planted_bugs_planner import PLANNER_BUGS  # noqa: E402
 
 BUGS: tuple[PlantedBug, ...] = (
     PlantedBug(
@@ -175,7 +176,7 @@ BUGS: tuple[PlantedBug, ...] = (
         "return None",
         ("tests/transport/test_rank_ordered_sum.py",),
     ),
-) + EDGE_BUGS
+) + EDGE_BUGS + PLANNER_BUGS
 
 
 def _tracked_files() -> list[str]:
