@@ -1,6 +1,6 @@
 """The planted bugs of the planner's fixed costs, ``density="auto"``'s trials, the dense route's zero
 residual and the metrics' cadence: planted by ``tools/planted_bugs.py`` (``--only NAME``) with the
-tests that kill them (docs/testing.md, "Planted bugs, fourth round")."""
+tests that kill them (docs/testing.md, "Planted bugs": the planner's fixed costs, ...)."""
 
 from __future__ import annotations
 
