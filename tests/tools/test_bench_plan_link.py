@@ -42,13 +42,25 @@ def test_the_mlp_tensors_and_a_prediction_per_arm() -> None:
 
 
 def test_auto_arms_are_timed_after_their_decision_and_against_their_own_compressor() -> None:
-    # decision after step 4: intervals 0-4 are the warm-up and the probe; 5 on run the chosen density
+    # a trial decided after step 4, the round ended by the decision after step 7: intervals up to 4
+    # are the warm-up and the probe, 5-7 the trial, 8 on the setting kept
+    history = [{"step": 4, "trial": True}, {"step": 7, "trial": False}]
     records = [
-        {"arm": "gmc_topk_approx_auto", "auto_history": [{"step": 4}], "step_s": [9, 9, 9, 9, 50, 1, 2, 3]},
+        {
+            "arm": "gmc_topk_approx_auto",
+            "auto_history": history,
+            "step_s": [9, 9, 9, 9, 50, 6, 6, 60, 1, 2, 3],
+        },
+        {"arm": "gmc_plus_rbgs_auto", "auto_history": history[:1], "step_s": [9, 9, 9, 9, 50, 6, 6]},
         {"arm": "ddp", "auto_history": None, "step_s": [4, 4]},
     ]
-    assert bench_plan_link.steady_step(records, "gmc_topk_approx_auto") == 2
-    assert bench_plan_link.steady_step(records, "gmc_plus_rbgs_auto") is None
+    assert bench_plan_link.after_decision(records, "gmc_topk_approx_auto", settled=True) == 2
+    # from the first decision on: the median of 6, 6, 60, 1, 2, 3 (trials and later probes included)
+    assert bench_plan_link.after_decision(records, "gmc_topk_approx_auto", settled=False) == 4.5
+    # a run whose round did not end counts only from its first decision on
+    assert bench_plan_link.after_decision(records, "gmc_plus_rbgs_auto", settled=True) is None
+    assert bench_plan_link.after_decision(records, "gmc_plus_rbgs_auto", settled=False) == 6
+    assert bench_plan_link.after_decision(records, "ef_topk_approx", settled=False) is None
     assert bench_plan_link.same_compressor("gmc_topk_approx_10", "gmc_topk_approx_auto")
     assert bench_plan_link.same_compressor("ddp", "gmc_plus_rbgs_auto")
     assert not bench_plan_link.same_compressor("gmc_plus_rbgs", "gmc_topk_approx_auto")
