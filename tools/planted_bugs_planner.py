@@ -22,8 +22,8 @@ PLANNER_BUGS: tuple[PlantedBug, ...] = (
         "zero_residual_coefficient_dropped",
         "the shortcut stages g + m instead of g + beta m",
         "lightning_gmc/methods/base.py",
-        "    torch.add(first[sl], last[sl], alpha=c_last, out=x)",
-        "    torch.add(first[sl], last[sl], out=x)",
+        "    torch.add(first, last, alpha=c_last, out=x)",
+        "    torch.add(first, last, out=x)",
         ("tests/methods/test_dense_route_zero_residual.py",),
     ),
     PlantedBug(

@@ -150,12 +150,13 @@ class Term:
     coefficient: Coefficient = 1.0
 
 
-def stage_onto_zero(x: Tensor, active: Sequence[tuple[Tensor, float]], sl: slice) -> bool:
-    """Error feedback's staged sum ``x = residual + sum_i c_i t_i`` (``active``, left to right) for a
-    residual known to be zero, without reading or writing it, in the cases where that gives the same
-    bits as adding onto the zeros (``0 + t = t``): no term (``x = 0``), or a first coefficient of 1
-    with one more term, or that first term alone when ``x`` is it. Returns False when it did nothing
-    (another case: the caller sums onto the residual)."""
+def stage_onto_zero(x: Tensor, active: Sequence[tuple[Tensor, float]]) -> bool:
+    """Error feedback's staged sum ``x = residual + sum_i c_i t_i`` (``active``, left to right, sliced
+    to one run like ``x``) for a residual known to be zero, without reading or writing it, in the
+    cases where that gives the values of adding onto the zeros: no term (``x = 0``); a first
+    coefficient of 1 and one more term (``x = t_0 + c_1 t_1``); or that first term alone when ``x`` is
+    it (EF stages onto the gradient). Only the sign of a zero may differ (``0 + (-0) = +0``, where the
+    shortcut keeps ``-0``). Returns False in every other case: the caller sums onto the residual."""
     if not active:
         x.zero_()
         return True
@@ -163,11 +164,9 @@ def stage_onto_zero(x: Tensor, active: Sequence[tuple[Tensor, float]], sl: slice
     if c_first != 1.0 or len(rest) > 1:
         return False
     if not rest:
-        if first[sl] is x or (first[sl].data_ptr() == x.data_ptr() and first[sl].shape == x.shape):
-            return True  # x is the term itself (EF stages onto the gradient)
-        return False
+        return first.data_ptr() == x.data_ptr() and first.shape == x.shape
     last, c_last = rest[0]
-    torch.add(first[sl], last[sl], alpha=c_last, out=x)
+    torch.add(first, last, alpha=c_last, out=x)
     return True
 
 
@@ -322,22 +321,22 @@ class BucketStep:
         zero = staged and self.bucket.holds_zeros(residual)
         written = False
         for sl, hyper in self.runs():
-            active = [(_tensor(term), c) for term in terms if (c := _coefficient(term, hyper)) != 0.0]
-            if zero and stage_onto_zero(x[sl], active, sl):
+            active = [(_tensor(term)[sl], c) for term in terms if (c := _coefficient(term, hyper)) != 0.0]
+            if zero and stage_onto_zero(x[sl], active):
                 continue
             written = True
             for term, coefficient in active[: -1 if staged else None]:
-                residual[sl].add_(term[sl], alpha=coefficient)
+                residual[sl].add_(term, alpha=coefficient)
             if staged and active:
                 term, coefficient = active[-1]
-                torch.add(residual[sl], term[sl], alpha=coefficient, out=x[sl])
+                torch.add(residual[sl], term, alpha=coefficient, out=x[sl])
             elif staged:
                 x[sl].copy_(residual[sl])
         if not staged:
             message = self.compress(compressor, x, decode_into=decode_into)
             self.subtract_own(message, residual)
             return message
-        if written or not zero:
+        if written:  # some run summed onto the residual (every run does unless it held zeros)
             residual.zero_()  # C(x) = x
         self.bucket.note_zeroed(residual)
         return self.send_as_is(compressor, x, decode_into=x)

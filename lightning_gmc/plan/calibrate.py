@@ -246,10 +246,9 @@ def calibrate(
             tables[name].append(f"{density:g}")
             if density == (0.01 if has_density else 1.0):
                 timed[f"decode:{name}"] = (decode_more, nnz, False)
+                tiny = _compressor_runners(name, density, TINY_NUMELS)[0]
+                timed[f"fixed:compressor:{name}"] = (tiny, 1, False)
     timed["fixed:method"] = (_method_runner(CALIBRATED_METHODS["gmc"], TINY_NUMELS), 1, False)
-    for name in compressors:
-        density = 0.01 if tables[name] != ["1"] else 1.0
-        timed[f"fixed:compressor:{name}"] = (_compressor_runners(name, density, TINY_NUMELS)[0], 1, False)
     samples: dict[str, list[float]] = {key: [] for key in timed}
     for _ in range(rounds):
         for key, (run, _, _) in timed.items():
